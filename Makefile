@@ -1,0 +1,55 @@
+# Two commands do all set-up on a fresh machine with Python 3.11+ and make:
+#   make demo   run the whole lifecycle on the embedded default and leave it running
+#   make test   lint and the test suite
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+PYTHON_BIN ?= $(shell command -v python3 2>/dev/null)
+VENV := .venv
+export UV_PYTHON_DOWNLOADS := never
+
+.PHONY: help install demo down status test lint unit e2e bench clean
+
+help:
+	@echo "make demo   run the six-stage lifecycle end to end on this machine (leaves services running)"
+	@echo "make down   stop every process make demo started"
+	@echo "make test   ruff + the whole test suite"
+	@echo "make bench  print speed and memory figures (benchmarks/)"
+
+$(UV):
+	@echo "uv not found: installing it into ~/.local/bin with pip"
+	$(PYTHON_BIN) -m pip install --quiet --user uv || $(PYTHON_BIN) -m pip install --quiet --user --break-system-packages uv
+
+$(VENV)/.synced: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen
+	@touch $@
+
+install: $(VENV)/.synced
+
+demo: install
+	$(VENV)/bin/python -m modelops.demo up
+
+down:
+	@if [ -x $(VENV)/bin/python ]; then $(VENV)/bin/python -m modelops.demo down; else echo "nothing to stop"; fi
+
+status: install
+	$(VENV)/bin/python -m modelops.demo status
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(VENV)/bin/pytest
+
+unit: install
+	$(VENV)/bin/pytest tests/dags tests/unit
+
+e2e: install
+	$(VENV)/bin/pytest tests/e2e
+
+bench: install
+	@for script in benchmarks/*.py; do echo "== $$script"; $(VENV)/bin/python $$script || exit 1; done
+
+clean: down
+	rm -rf .demo .modelops

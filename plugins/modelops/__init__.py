@@ -1,0 +1,1 @@
+"""ModelOps: a governed model lifecycle on Apache Airflow 3."""

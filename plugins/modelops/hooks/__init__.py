@@ -1,0 +1,1 @@
+"""Airflow hooks: each wraps one external system behind an Airflow connection."""
