@@ -7,11 +7,15 @@ retries it where retries make sense) while tests and the CLI can catch them by t
 
 from __future__ import annotations
 
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 
 class ModelOpsError(AirflowException):
     """Base class of every error this package raises on purpose."""
+
+
+class GateFailed(ModelOpsError, AirflowFailException):
+    """A gate decided against its input. Deterministic, so Airflow fails the task without retrying it."""
 
 
 class SettingsError(ModelOpsError):
@@ -26,7 +30,7 @@ class DatasetError(ModelOpsError):
     """A dataset cannot be read: missing, empty, or not the expected format."""
 
 
-class DataValidationFailed(ModelOpsError):
+class DataValidationFailed(GateFailed):
     """A dataset was read but fails its expectation suite or the PII scan."""
 
 
@@ -34,7 +38,7 @@ class TrainingError(ModelOpsError):
     """Training or registration could not complete."""
 
 
-class ComplianceGateFailed(ModelOpsError):
+class ComplianceGateFailed(GateFailed):
     """The compliance gate rejected a model version."""
 
 

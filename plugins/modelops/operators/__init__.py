@@ -1,0 +1,1 @@
+"""Operators: thin ``execute()`` methods that delegate to stage functions and hooks."""

@@ -1,0 +1,272 @@
+"""Stage 1: data hashing and validation.
+
+A dataset version is identified by the SHA-256 of its bytes, streamed in fixed-size chunks. It is
+checked against a Great Expectations suite from ``include/expectations/`` and scanned for PII. A passing
+version is copied to a content-addressed snapshot (``<storage_root>/datasets/<name>/<sha256>/data.csv``)
+with a data card beside it, so training and monitoring read exactly the bytes that were validated even
+if the incoming file is later overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modelops.errors import DatasetError
+from modelops.settings import DatasetSpec, expectation_suite_path
+from modelops.storage import as_storage_path, copy_file, sha256_of, storage_root
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from airflow.sdk import ObjectStoragePath
+
+
+@dataclass(frozen=True)
+class ExpectationOutcome:
+    expectation: str
+    column: str | None
+    success: bool
+    detail: str
+
+    def describe(self) -> str:
+        where = f" on column '{self.column}'" if self.column else ""
+        return f"{self.expectation}{where}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class PiiFinding:
+    column: str
+    pattern: str
+    matching_rows: int
+    example: str
+
+    def describe(self) -> str:
+        return f"column '{self.column}' holds {self.pattern} values ({self.matching_rows} rows, e.g. {self.example})"
+
+
+@dataclass
+class DatasetValidationReport:
+    dataset: str
+    source_uri: str
+    sha256: str
+    size_bytes: int
+    row_count: int
+    columns: list[str]
+    suite: str
+    expectations: list[ExpectationOutcome]
+    pii_findings: list[PiiFinding]
+    validated_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    snapshot_uri: str | None = None
+    data_card_uri: str | None = None
+
+    @property
+    def failed_expectations(self) -> list[ExpectationOutcome]:
+        return [outcome for outcome in self.expectations if not outcome.success]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed_expectations and not self.pii_findings
+
+    def problems(self) -> list[str]:
+        return [o.describe() for o in self.failed_expectations] + [f.describe() for f in self.pii_findings]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["passed"] = self.passed
+        return data
+
+    def lineage(self) -> dict[str, Any]:
+        """What downstream stages need, small enough for an Asset event's extra and an XCom."""
+        return {
+            "dataset": self.dataset,
+            "uri": self.source_uri,
+            "snapshot_uri": self.snapshot_uri,
+            "sha256": self.sha256,
+            "row_count": self.row_count,
+            "columns": self.columns,
+            "suite": self.suite,
+        }
+
+
+def snapshot_dir(dataset: str, sha256: str) -> ObjectStoragePath:
+    return storage_root() / "datasets" / dataset / sha256
+
+
+def snapshot_uri(dataset: str, sha256: str) -> str:
+    return str(snapshot_dir(dataset, sha256) / "data.csv")
+
+
+def read_dataset(uri: str) -> pd.DataFrame:
+    """Read a CSV dataset; a missing, empty or unreadable file is a ``DatasetError`` that says so."""
+    import pandas as pd
+
+    path = as_storage_path(uri)
+    if not path.exists():
+        raise DatasetError(f"dataset not found at {uri}; check the dataset_uri param or drop the file there")
+    try:
+        with path.open("rb") as stream:
+            frame = pd.read_csv(stream)
+    except pd.errors.EmptyDataError as exc:
+        raise DatasetError(
+            f"dataset {uri} is empty (0 bytes or no header); it needs a header row and data"
+        ) from exc
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"dataset {uri} is not a readable CSV file: {exc}") from exc
+    if frame.empty:
+        raise DatasetError(f"dataset {uri} has a header but no data rows; a dataset needs at least one row")
+    return frame
+
+
+def _observed(result: dict[str, Any]) -> str:
+    if "observed_value" in result:
+        return f"observed {result['observed_value']!r}"
+    if result.get("unexpected_count") is not None:
+        sample = result.get("partial_unexpected_list") or []
+        pct = result.get("unexpected_percent")
+        share = f" ({pct:.2f}%)" if isinstance(pct, int | float) else ""
+        return f"{result['unexpected_count']} unexpected values{share}, e.g. {sample[:3]!r}"
+    return "failed"
+
+
+def run_expectations(frame: pd.DataFrame, suite_file: Path) -> tuple[str, list[ExpectationOutcome]]:
+    """Validate ``frame`` with the GX suite in ``suite_file``; one outcome per expectation."""
+    import great_expectations as gx
+
+    try:
+        suite_data = json.loads(suite_file.read_text())
+        suite = gx.ExpectationSuite(**suite_data)
+    except (OSError, json.JSONDecodeError, TypeError, ValueError) as exc:
+        from modelops.errors import SettingsError
+
+        raise SettingsError(f"{suite_file}: not a valid Great Expectations suite: {exc}") from exc
+    context = gx.get_context(mode="ephemeral")
+    batch = (
+        context.data_sources.add_pandas("modelops")
+        .add_dataframe_asset(suite.name)
+        .add_batch_definition_whole_dataframe("whole")
+        .get_batch(batch_parameters={"dataframe": frame})
+    )
+    result = batch.validate(suite, result_format="SUMMARY")
+    outcomes = []
+    for item in result.results:
+        config = item.expectation_config
+        if item.exception_info and item.exception_info.get("raised_exception"):
+            detail = f"could not be evaluated: {item.exception_info.get('exception_message')}"
+        else:
+            detail = "passed" if item.success else _observed(item.result or {})
+        outcomes.append(
+            ExpectationOutcome(
+                expectation=config.type,
+                column=config.kwargs.get("column"),
+                success=bool(item.success),
+                detail=detail,
+            )
+        )
+    return suite.name, outcomes
+
+
+def scan_pii(frame: pd.DataFrame, spec: DatasetSpec) -> list[PiiFinding]:
+    """Look for PII patterns in the text columns of a sample of rows."""
+    sample = frame.head(spec.pii_sample_rows)
+    findings = []
+    for column in sample.columns:
+        if sample[column].dtype != object:
+            continue
+        values = sample[column].dropna().astype(str)
+        for pattern in spec.pii_patterns:
+            hits = values[values.str.contains(re.compile(pattern.regex), regex=True)]
+            if len(hits):
+                findings.append(
+                    PiiFinding(
+                        column=column,
+                        pattern=pattern.name,
+                        matching_rows=len(hits),
+                        example=_mask(hits.iloc[0]),
+                    )
+                )
+    return findings
+
+
+def _mask(value: str) -> str:
+    # The finding goes into logs and the audit record; never copy the PII itself there.
+    return value[:2] + "***" if len(value) > 2 else "***"
+
+
+def validate_dataset(uri: str, spec: DatasetSpec) -> DatasetValidationReport:
+    """Hash, validate and PII-scan a dataset; on success write the snapshot and the data card.
+
+    The report is returned whether or not the dataset passed: the caller records it in the audit log
+    and then fails the task, so the evidence of a rejection is never lost.
+    """
+    source = as_storage_path(uri)
+    if not source.exists():
+        raise DatasetError(f"dataset not found at {uri}; check the dataset_uri param or drop the file there")
+    sha256, size = sha256_of(source)
+    if size == 0:
+        raise DatasetError(f"dataset {uri} is empty (0 bytes); it needs a header row and data")
+    frame = read_dataset(uri)
+    suite_name, outcomes = run_expectations(frame, expectation_suite_path(spec))
+    report = DatasetValidationReport(
+        dataset=spec.name,
+        source_uri=str(source),
+        sha256=sha256,
+        size_bytes=size,
+        row_count=len(frame),
+        columns=[str(c) for c in frame.columns],
+        suite=suite_name,
+        expectations=outcomes,
+        pii_findings=scan_pii(frame, spec),
+    )
+    if report.passed:
+        _write_snapshot(report, source, frame)
+    return report
+
+
+def _write_snapshot(report: DatasetValidationReport, source: ObjectStoragePath, frame: pd.DataFrame) -> None:
+    target_dir = snapshot_dir(report.dataset, report.sha256)
+    target = target_dir / "data.csv"
+    # Content-addressed: an existing snapshot with the right hash is the same bytes (a retry, or the
+    # same file dropped twice), so it is kept rather than rewritten.
+    if not (target.exists() and sha256_of(target)[0] == report.sha256):
+        written = copy_file(source, target)
+        if written != report.sha256:
+            raise DatasetError(
+                f"dataset {report.source_uri} changed while it was being validated "
+                f"(hashed {report.sha256[:12]}, copied {written[:12]}); drop the file again and rerun"
+            )
+    report.snapshot_uri = str(target)
+    card = target_dir / "data_card.json"
+    card.write_text(json.dumps(data_card(report, frame), indent=2, sort_keys=True, default=str))
+    report.data_card_uri = str(card)
+
+
+def data_card(report: DatasetValidationReport, frame: pd.DataFrame) -> dict[str, Any]:
+    """A data card: what the dataset is, where it came from and what it looks like."""
+    columns = {}
+    for name in frame.columns:
+        series = frame[name]
+        entry: dict[str, Any] = {"dtype": str(series.dtype), "nulls": int(series.isna().sum())}
+        if series.dtype.kind in "if":
+            entry.update(
+                min=float(series.min()), max=float(series.max()), mean=round(float(series.mean()), 6)
+            )
+        else:
+            entry["distinct"] = int(series.nunique())
+            entry["top_values"] = {str(k): int(v) for k, v in series.value_counts().head(10).items()}
+        columns[str(name)] = entry
+    return {
+        "dataset": report.dataset,
+        "sha256": report.sha256,
+        "source_uri": report.source_uri,
+        "size_bytes": report.size_bytes,
+        "row_count": report.row_count,
+        "validated_at": report.validated_at,
+        "expectation_suite": report.suite,
+        "expectations_evaluated": len(report.expectations),
+        "pii_scan": "no PII pattern found",
+        "columns": columns,
+    }
