@@ -35,7 +35,7 @@ from modelops.operators.compliance import ComplianceGateOperator
     doc_md=__doc__,
     params={
         "model_version": Param(
-            "", type="string", title="Model version", description="Blank: alias candidate."
+            "", type=["string", "integer"], title="Model version", description="Blank: alias candidate."
         ),
         "model": Param("", type="string", title="Model spec", description="Blank: the platform default."),
     },

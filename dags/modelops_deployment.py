@@ -34,7 +34,7 @@ from modelops.operators.deployment import DeployModelOperator
     doc_md=__doc__,
     params={
         "model_version": Param(
-            "", type="string", title="Model version", description="Blank: alias challenger."
+            "", type=["string", "integer"], title="Model version", description="Blank: alias challenger."
         ),
         "model": Param("", type="string", title="Model spec", description="Blank: the platform default."),
     },

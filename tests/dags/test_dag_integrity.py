@@ -80,5 +80,7 @@ def test_parse_time_and_no_heavy_imports(dag_file: Path) -> None:
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     probe = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert probe["heavy"] == [], f"{dag_file.name} imports {probe['heavy']} at parse time; import inside tasks"
+    assert probe["heavy"] == [], (
+        f"{dag_file.name} imports {probe['heavy']} at parse time; import inside tasks"
+    )
     assert probe["seconds"] < PARSE_BUDGET_SECONDS, f"{dag_file.name} took {probe['seconds']:.3f}s to parse"

@@ -80,7 +80,9 @@ class MlflowRegistryHook(BaseHook):
 
     def aliases_of(self, name: str) -> dict[str, str]:
         """alias -> version for a registered model."""
-        return dict(self.client.get_registered_model(name).aliases)
+        return {
+            alias: str(version) for alias, version in self.client.get_registered_model(name).aliases.items()
+        }
 
     def set_tags(self, name: str, version: str | int, tags: dict[str, Any]) -> None:
         for key, value in tags.items():

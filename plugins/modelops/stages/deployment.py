@@ -90,19 +90,19 @@ def deploy_version(
     """Stage, smoke-test, promote. Safe to retry: a version that is already champion is only re-verified."""
     now = datetime.now(UTC).isoformat()
     current = registry.version_by_alias(model, CHAMPION_ALIAS)
-    if current is not None and current.version == str(version):
+    if current is not None and str(current.version) == str(version):
         gateway.reload(model)
         _verify_live(gateway, model, version)
         previous = registry.version_by_alias(model, PREVIOUS_CHAMPION_ALIAS)
         return DeploymentResult(
             model,
             str(version),
-            previous.version if previous else None,
+            str(previous.version) if previous else None,
             SmokeTest(rows=0),
             now,
             already_live=True,
         )
-    previous_version = current.version if current is not None else None
+    previous_version = str(current.version) if current is not None else None
 
     gateway.stage(model, version)
     check = smoke_test(gateway, model, version, smoke_rows)
@@ -136,7 +136,7 @@ def deploy_version(
 
 
 def _verify_live(gateway: GatewayHook, model: str, version: str) -> None:
-    live = gateway.status().get(model, {}).get("live")
+    live = gateway.status().get("models", {}).get(model, {}).get("live_version")
     if str(live) != str(version):
         raise DeploymentFailed(f"gateway reports {model} live version {live!r}, expected {version!r}")
 

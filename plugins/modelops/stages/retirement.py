@@ -59,7 +59,7 @@ def select_for_retirement(
     """Decide for every version that is not retired yet; a refusal carries its reason too."""
     if requested and not reason.strip():
         raise RetirementError("a manual retirement request needs a reason; fill in the 'reason' field")
-    known = {v.version for v in versions}
+    known = {str(v.version) for v in versions}
     unknown = sorted(set(requested) - known, key=int)
     if unknown:
         raise RetirementError(
@@ -72,20 +72,19 @@ def select_for_retirement(
         tags = dict(version.tags)
         if tags.get("retired") == "true":
             continue
-        if version.version == serving:
-            if version.version in requested:
-                decisions.append(
-                    RetirementDecision(version.version, False, "refused: it is the serving champion")
-                )
+        number = str(version.version)
+        if number == serving:
+            if number in requested:
+                decisions.append(RetirementDecision(number, False, "refused: it is the serving champion"))
             continue
-        if version.version in requested:
-            decisions.append(RetirementDecision(version.version, True, f"manual request: {reason.strip()}"))
+        if number in requested:
+            decisions.append(RetirementDecision(number, True, f"manual request: {reason.strip()}"))
             continue
         superseded_at = tags.get("superseded_at")
         if superseded_at and datetime.fromisoformat(superseded_at) <= cutoff:
             decisions.append(
                 RetirementDecision(
-                    version.version,
+                    number,
                     True,
                     f"superseded since {superseded_at}, more than {policy.superseded_for_days} days",
                 )

@@ -145,11 +145,11 @@ def train_and_register(
     existing = registry.find_versions(spec.name, airflow_dag_id=dag_id, airflow_run_id=run_id)
     if existing:
         version = existing[0]
-        registry.client.set_registered_model_alias(spec.name, CANDIDATE_ALIAS, version.version)
+        registry.client.set_registered_model_alias(spec.name, CANDIDATE_ALIAS, str(version.version))
         run = registry.client.get_run(version.run_id)
         return TrainingResult(
             spec.name,
-            version.version,
+            str(version.version),
             version.run_id,
             dict(run.data.metrics),
             dict(version.tags),
@@ -206,5 +206,5 @@ def train_and_register(
         )
         # Registering with the tags in one call: a version never exists without its lineage.
         version = mlflow.register_model(logged.model_uri, spec.name, tags=tags)
-    registry.client.set_registered_model_alias(spec.name, CANDIDATE_ALIAS, version.version)
-    return TrainingResult(spec.name, version.version, run.info.run_id, metrics, tags, reused=False)
+    registry.client.set_registered_model_alias(spec.name, CANDIDATE_ALIAS, str(version.version))
+    return TrainingResult(spec.name, str(version.version), run.info.run_id, metrics, tags, reused=False)

@@ -1,0 +1,1 @@
+"""Demo data for the CTR recommender: synthetic click data and simulated scoring traffic."""
