@@ -46,12 +46,20 @@ class DeploymentFailed(ModelOpsError):
     """A deployment did not complete; the previous champion keeps serving."""
 
 
+class DeploymentRefused(GateFailed):
+    """The version may not deploy (not approved by the compliance gate); retrying cannot change that."""
+
+
 class MonitoringError(ModelOpsError):
     """Drift monitoring could not produce a verdict."""
 
 
 class RetirementError(ModelOpsError):
     """A retirement was refused or could not be completed safely."""
+
+
+class RetirementRefused(GateFailed):
+    """Every version asked for was refused (e.g. the serving champion); retrying cannot change that."""
 
 
 class AuditChainBroken(ModelOpsError):

@@ -181,6 +181,12 @@ class MonitoringPolicy(StrictModel):
         gt=0, le=1, description="Share of rows with a numeric value outside the training range"
     )
     reference_sample_rows: int = Field(default=5000, gt=0)
+    numerical_method: str = Field(
+        default="wasserstein", description="Evidently stat test for numeric features"
+    )
+    numerical_threshold: float = Field(default=0.25, gt=0)
+    categorical_method: str = Field(default="jensenshannon", description="Evidently stat test for categories")
+    categorical_threshold: float = Field(default=0.1, gt=0)
     request_retraining_on: list[Literal["warning", "critical"]] = Field(default_factory=lambda: ["critical"])
 
     @model_validator(mode="after")

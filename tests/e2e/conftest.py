@@ -28,10 +28,15 @@ class Stack:
     audit_url: str
     predictions_url: str
     dags: dict
+    param_defaults: dict
 
-    def run(self, dag_id: str, conf: dict | None = None):
-        """Run one DAG with ``dag.test()`` and return the finished DagRun."""
-        return self.dags[dag_id].test(run_conf=conf or {})
+    def run(self, dag_id: str, conf: dict | None = None, **kwargs):
+        """Run one DAG with ``dag.test()`` and return the finished DagRun.
+
+        Every param is passed, defaults included: ``dag.test()`` keeps the previous run's conf on the
+        in-memory DAG's params, so an omitted param would silently reuse the last run's value.
+        """
+        return self.dags[dag_id].test(run_conf={**self.param_defaults[dag_id], **(conf or {})}, **kwargs)
 
 
 def _free_port() -> int:
@@ -112,6 +117,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             audit_url=audit_url,
             predictions_url=predictions_url,
             dags=bag.dags,
+            param_defaults={dag_id: dag.params.dump() for dag_id, dag in bag.dags.items()},
         )
     finally:
         server.should_exit = True

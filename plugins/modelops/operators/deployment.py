@@ -8,7 +8,7 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context
 
 from modelops.assets import MODEL_APPROVED
-from modelops.errors import DeploymentFailed
+from modelops.errors import DeploymentFailed, DeploymentRefused
 from modelops.hooks.audit import AuditHook
 from modelops.hooks.gateway import GatewayHook
 from modelops.hooks.registry import MlflowRegistryHook
@@ -62,7 +62,7 @@ class DeployModelOperator(BaseOperator):
                 details={"reason": "not approved", "compliance_status": tags.get("compliance_status")},
                 context=context,
             )
-            raise DeploymentFailed(
+            raise DeploymentRefused(
                 f"{spec.name} v{version} has compliance_status={tags.get('compliance_status')!r}; only versions "
                 "approved by the compliance gate deploy. Run modelops_compliance_gate on it first."
             )

@@ -8,7 +8,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 
-from modelops.errors import RetirementError
+from modelops.errors import RetirementError, RetirementRefused
 from modelops.hooks.audit import AuditHook
 from modelops.hooks.registry import MlflowRegistryHook
 from modelops.operators._common import sha256_json
@@ -155,7 +155,7 @@ class RetireModelsOperator(BaseOperator):
         }
         if refused and not retired and not planned and _as_versions(self.versions):
             # Everything that was asked for was refused: say so as a failure, with the reasons.
-            raise RetirementError(
+            raise RetirementRefused(
                 "nothing retired: " + "; ".join(f"v{r['version']} {r['reason']}" for r in refused)
             )
         return result

@@ -84,7 +84,13 @@ def assess_drift(
     definition = DataDefinition(
         numerical_columns=spec.numeric_features, categorical_columns=spec.categorical_features
     )
-    snapshot = Report([DataDriftPreset()]).run(
+    preset = DataDriftPreset(
+        num_method=policy.numerical_method,
+        num_threshold=policy.numerical_threshold,
+        cat_method=policy.categorical_method,
+        cat_threshold=policy.categorical_threshold,
+    )
+    snapshot = Report([preset]).run(
         current_data=Dataset.from_pandas(current, data_definition=definition),
         reference_data=Dataset.from_pandas(reference.reset_index(drop=True), data_definition=definition),
     )

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelops.errors import RetirementError
+from modelops.errors import RetirementError, RetirementRefused
 from modelops.settings import RetirementPolicy
 from modelops.stages.deployment import CHAMPION_ALIAS
 from modelops.storage import as_storage_path, copy_file, sha256_of
@@ -58,7 +58,7 @@ def select_for_retirement(
 ) -> list[RetirementDecision]:
     """Decide for every version that is not retired yet; a refusal carries its reason too."""
     if requested and not reason.strip():
-        raise RetirementError("a manual retirement request needs a reason; fill in the 'reason' field")
+        raise RetirementRefused("a manual retirement request needs a reason; fill in the 'reason' field")
     known = {str(v.version) for v in versions}
     unknown = sorted(set(requested) - known, key=int)
     if unknown:
