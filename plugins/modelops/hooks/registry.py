@@ -79,10 +79,16 @@ class MlflowRegistryHook(BaseHook):
         return self.client.get_model_version(name, str(version))
 
     def aliases_of(self, name: str) -> dict[str, str]:
-        """alias -> version for a registered model."""
-        return {
-            alias: str(version) for alias, version in self.client.get_registered_model(name).aliases.items()
-        }
+        """alias -> version of a registered model; empty when nothing is registered under ``name`` yet."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            aliases = self.client.get_registered_model(name).aliases
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return {}
+            raise
+        return {alias: str(version) for alias, version in aliases.items()}
 
     def set_tags(self, name: str, version: str | int, tags: dict[str, Any]) -> None:
         for key, value in tags.items():
