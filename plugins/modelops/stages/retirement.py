@@ -103,6 +103,9 @@ def archive_version(
     target = archive_root / name / f"v{version}"
     files: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
+        # MLflow resolves models:/ URIs through the process-wide registry URI whatever is passed here,
+        # so point it at the hook's server first (a task process would otherwise read the default).
+        registry.activate()
         local = Path(
             mlflow.artifacts.download_artifacts(
                 artifact_uri=f"models:/{name}/{version}", dst_path=tmp, tracking_uri=registry.tracking_uri

@@ -132,6 +132,22 @@ def _observed(result: dict[str, Any]) -> str:
     return "failed"
 
 
+def _exception_message(info: dict[str, Any] | None) -> str | None:
+    """The message of an exception GX raised while evaluating an expectation, or None.
+
+    GX 1.x reports a failed metric (e.g. a missing column) nested under its metric id rather than at
+    the top level of ``exception_info``; both shapes are read.
+    """
+    if not info:
+        return None
+    if info.get("raised_exception"):
+        return str(info.get("exception_message"))
+    for value in info.values():
+        if isinstance(value, dict) and value.get("raised_exception"):
+            return str(value.get("exception_message"))
+    return None
+
+
 def run_expectations(frame: pd.DataFrame, suite_file: Path) -> tuple[str, list[ExpectationOutcome]]:
     """Validate ``frame`` with the GX suite in ``suite_file``; one outcome per expectation."""
     import great_expectations as gx
@@ -154,8 +170,9 @@ def run_expectations(frame: pd.DataFrame, suite_file: Path) -> tuple[str, list[E
     outcomes = []
     for item in result.results:
         config = item.expectation_config
-        if item.exception_info and item.exception_info.get("raised_exception"):
-            detail = f"could not be evaluated: {item.exception_info.get('exception_message')}"
+        error = _exception_message(item.exception_info)
+        if error is not None:
+            detail = f"could not be evaluated: {error}"
         else:
             detail = "passed" if item.success else _observed(item.result or {})
         outcomes.append(
