@@ -122,6 +122,10 @@ def read_dataset(uri: str) -> pd.DataFrame:
 
 
 def _observed(result: dict[str, Any]) -> str:
+    mismatched = (result.get("details") or {}).get("mismatched") or {}
+    if mismatched.get("missing") or mismatched.get("unexpected"):
+        parts = [f"{kind} columns {sorted(cols)}" for kind, cols in sorted(mismatched.items()) if cols]
+        return "; ".join(parts)
     if "observed_value" in result:
         return f"observed {result['observed_value']!r}"
     if result.get("unexpected_count") is not None:
@@ -151,6 +155,7 @@ def _exception_message(info: dict[str, Any] | None) -> str | None:
 def run_expectations(frame: pd.DataFrame, suite_file: Path) -> tuple[str, list[ExpectationOutcome]]:
     """Validate ``frame`` with the GX suite in ``suite_file``; one outcome per expectation."""
     import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     try:
         suite_data = json.loads(suite_file.read_text())
@@ -160,6 +165,8 @@ def run_expectations(frame: pd.DataFrame, suite_file: Path) -> tuple[str, list[E
 
         raise SettingsError(f"{suite_file}: not a valid Great Expectations suite: {exc}") from exc
     context = gx.get_context(mode="ephemeral")
+    # Progress bars would fill the task log (read as audit evidence) with carriage-return noise.
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch = (
         context.data_sources.add_pandas("modelops")
         .add_dataframe_asset(suite.name)
