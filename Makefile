@@ -49,7 +49,7 @@ e2e: install
 	$(VENV)/bin/pytest tests/e2e
 
 bench: install
-	@for script in benchmarks/*.py; do echo "== $$script"; $(VENV)/bin/python $$script || exit 1; done
+	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(VENV)/bin/python $$script || exit 1; done
 
 clean: down
 	rm -rf .demo .modelops

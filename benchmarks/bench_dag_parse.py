@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _common import header  # benchmarks/ is on sys.path when a script runs
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DAGS_DIR = PROJECT_ROOT / "dags"
@@ -49,16 +50,6 @@ heavy = sorted(tops & {"pandas", "numpy", "mlflow", "sklearn", "evidently", "gre
 print(json.dumps({"sdk": sdk_seconds, "parse": parse_seconds, "dags": sorted(dags),
                   "modules": len(set(sys.modules) - before), "heavy": heavy}))
 """
-
-
-def header(title: str) -> None:
-    print(f"# {title}")
-    print(
-        f"# machine: nproc {len(os.sched_getaffinity(0))}, Python {platform.python_version()}, "
-        f"{platform.system()} {platform.release()}"
-    )
-    # Figures from a shared or busy machine are noisy, tails most of all: the load says how busy it was.
-    print("# load average (1/5/15 min) at start: " + " / ".join(f"{value:.2f}" for value in os.getloadavg()))
 
 
 def child_env(tmp: Path) -> dict[str, str]:

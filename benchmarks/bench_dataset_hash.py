@@ -17,7 +17,6 @@ import contextlib
 import io
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,8 @@ import time
 import tracemalloc
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from _common import header  # benchmarks/ is on sys.path when a script runs
 
 if TYPE_CHECKING:
     from modelops.settings import DatasetSpec
@@ -37,16 +38,6 @@ SMALL_FILE_MIB = 50
 CHUNK_SIZES = (64 * 1024, MIB, 8 * MIB)
 HASH_RUNS = 3
 VALIDATION_ROWS = (20_000, 200_000)
-
-
-def header(title: str) -> None:
-    print(f"# {title}")
-    print(
-        f"# machine: nproc {len(os.sched_getaffinity(0))}, Python {platform.python_version()}, "
-        f"{platform.system()} {platform.release()}"
-    )
-    # Figures from a shared or busy machine are noisy, tails most of all: the load says how busy it was.
-    print("# load average (1/5/15 min) at start: " + " / ".join(f"{value:.2f}" for value in os.getloadavg()))
 
 
 def write_file(path: Path, mib: int) -> None:

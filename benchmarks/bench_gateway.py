@@ -12,7 +12,6 @@ call is also written to the prediction log (SQLite), so the latency includes tha
 from __future__ import annotations
 
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -23,6 +22,8 @@ import time
 import warnings
 from pathlib import Path
 
+from _common import header  # benchmarks/ is on sys.path when a script runs
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_ROWS = 5_000
 WARMUP_REQUESTS = 20
@@ -31,16 +32,6 @@ BATCH_REQUESTS = 100
 BATCH_ROWS = 100
 START_TIMEOUT_SECONDS = 120
 REQUEST_TIMEOUT_SECONDS = 30
-
-
-def header(title: str) -> None:
-    print(f"# {title}")
-    print(
-        f"# machine: nproc {len(os.sched_getaffinity(0))}, Python {platform.python_version()}, "
-        f"{platform.system()} {platform.release()}"
-    )
-    # Figures from a shared or busy machine are noisy, tails most of all: the load says how busy it was.
-    print("# load average (1/5/15 min) at start: " + " / ".join(f"{value:.2f}" for value in os.getloadavg()))
 
 
 def free_loopback_port() -> int:
