@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -13,6 +14,12 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # Airflow reads its home and config when first imported, so this must happen before any test module
 # imports airflow. One metadata DB per test session, in a temporary folder.
+if "airflow" in sys.modules:
+    raise RuntimeError(
+        "airflow was imported before tests/conftest.py could point AIRFLOW_HOME at a temporary folder, so "
+        "tests would use ~/airflow; look for a pytest option or plugin that imports it (e.g. a warning "
+        "filter naming an Airflow class in pyproject.toml)"
+    )
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="modelops-tests-"))
 os.environ["AIRFLOW_HOME"] = str(_SESSION_DIR / "airflow")
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(PROJECT_ROOT / "dags")
