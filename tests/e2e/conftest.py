@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.support import serve_in_thread
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MODEL_NAME = "ctr_recommender"
@@ -39,12 +38,6 @@ class Stack:
         return self.dags[dag_id].test(run_conf={**self.param_defaults[dag_id], **(conf or {})}, **kwargs)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _airflow(*args: str) -> None:
     completed = subprocess.run(
         [str(Path(sys.executable).parent / "airflow"), *args], capture_output=True, text=True, timeout=300
@@ -54,15 +47,12 @@ def _airflow(*args: str) -> None:
 
 @pytest.fixture(scope="package")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    import uvicorn
-
     root = tmp_path_factory.mktemp("lifecycle")
     home = root / "modelops-home"
     home.mkdir()
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     audit_url = f"sqlite:///{home / 'audit.db'}"
     predictions_url = f"sqlite:///{home / 'predictions.db'}"
-    port = _free_port()
     env = {
         "MODELOPS_HOME": str(home),
         "MLFLOW_TRACKING_URI": tracking_uri,
@@ -73,7 +63,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "AIRFLOW_CONN_MODELOPS_PREDICTIONS": json.dumps(
             {"conn_type": "sqlite", "host": str(home / "predictions.db")}
         ),
-        "AIRFLOW_CONN_MODELOPS_GATEWAY": json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": port}),
     }
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
@@ -96,32 +85,28 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     app = create_app(
         GatewayConfig(tracking_uri=tracking_uri, predictions_url=predictions_url, default_model=MODEL_NAME)
     )
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "gateway did not start"
-        time.sleep(0.05)
-
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags"))
     assert bag.import_errors == {}
     try:
-        yield Stack(
-            root=root,
-            home=home,
-            tracking_uri=tracking_uri,
-            gateway_url=f"http://127.0.0.1:{port}",
-            audit_url=audit_url,
-            predictions_url=predictions_url,
-            dags=bag.dags,
-            param_defaults={dag_id: dag.params.dump() for dag_id, dag in bag.dags.items()},
-        )
+        with serve_in_thread(app) as gateway_url:
+            host, port = gateway_url.removeprefix("http://").split(":")
+            os.environ["AIRFLOW_CONN_MODELOPS_GATEWAY"] = json.dumps(
+                {"conn_type": "http", "host": host, "port": int(port)}
+            )
+            yield Stack(
+                root=root,
+                home=home,
+                tracking_uri=tracking_uri,
+                gateway_url=gateway_url,
+                audit_url=audit_url,
+                predictions_url=predictions_url,
+                dags=bag.dags,
+                param_defaults={dag_id: dag.params.dump() for dag_id, dag in bag.dags.items()},
+            )
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        os.environ.pop("AIRFLOW_CONN_MODELOPS_GATEWAY", None)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

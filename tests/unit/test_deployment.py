@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +33,7 @@ from modelops.stages.deployment import (
     smoke_test,
 )
 from modelops.stages.training import train_and_register
+from tests.support import serve_in_thread
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -79,12 +77,6 @@ class Stack:
     sources: dict[str, str]  # kind of model -> model URI to register versions from
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _log_bad_models(frame: pd.DataFrame) -> dict[str, str]:
     from sklearn.compose import ColumnTransformer
     from sklearn.linear_model import LinearRegression
@@ -115,21 +107,14 @@ def _log_bad_models(frame: pd.DataFrame) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    import uvicorn
-
     from modelops.serving.gateway import GatewayConfig, create_app
 
     root = tmp_path_factory.mktemp("deployment")
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
-    port = _free_port()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(
             "AIRFLOW_CONN_MLFLOW_DEFAULT",
             json.dumps({"conn_type": "http", "extra": {"tracking_uri": tracking_uri}}),
-        )
-        patch.setenv(
-            "AIRFLOW_CONN_MODELOPS_GATEWAY",
-            json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": port}),
         )
         client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
         client.create_experiment(
@@ -158,27 +143,22 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 default_model=NAME,
             )
         )
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline, "gateway did not start"
-            time.sleep(0.05)
-        try:
+        with serve_in_thread(app) as gateway_url:
+            host, port = gateway_url.removeprefix("http://").split(":")
+            patch.setenv(
+                "AIRFLOW_CONN_MODELOPS_GATEWAY",
+                json.dumps({"conn_type": "http", "host": host, "port": int(port)}),
+            )
             yield Stack(
                 root=root,
                 tracking_uri=tracking_uri,
                 client=client,
-                gateway_url=f"http://127.0.0.1:{port}",
+                gateway_url=gateway_url,
                 csv=csv,
                 sha256=sha,
                 smoke_rows=frame[model_spec().features].head(SMOKE_ROWS),
                 sources=sources,
             )
-        finally:
-            server.should_exit = True
-            thread.join(timeout=10)
 
 
 def register(stack: Stack, name: str, kind: str, tags: dict[str, str] | None = None) -> str:

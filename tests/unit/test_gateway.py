@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import io
-import socket
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from modelops.errors import ConfigurationError
 from modelops.serving.gateway import GatewayConfig, create_app
 from modelops.serving.prediction_log import PredictionLog
+from tests.support import serve_in_thread
 
 # skops resolves names through module attributes, which trips Airflow's deprecated-import shims.
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -485,24 +483,10 @@ def test_module_entry_point_has_a_cli() -> None:
 
 @pytest.fixture(scope="module")
 def live_server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
-    import uvicorn
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     config = make_config(registry, tmp_path_factory.mktemp("server"))
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield "127.0.0.1", port
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(create_app(config)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        yield host, int(port)
 
 
 def test_real_uvicorn_server_scores_over_http(live_server: tuple[str, int], registry: Registry) -> None:

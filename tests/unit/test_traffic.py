@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -13,7 +10,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -25,6 +21,7 @@ from modelops.data.traffic import (
     main,
     simulate_traffic,
 )
+from tests.support import free_port, serve_in_thread
 
 FAILING_CALLER = "broken-caller"
 
@@ -87,29 +84,11 @@ def _gateway_app(log: GatewayLog) -> FastAPI:
     return app
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gateway() -> Iterator[tuple[str, GatewayLog]]:
     log = GatewayLog()
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(_gateway_app(log), host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("the test gateway did not start")
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", log
-    server.should_exit = True
-    thread.join(timeout=5)
+    with serve_in_thread(_gateway_app(log), lifespan="off") as url:
+        yield url, log
 
 
 @pytest.fixture
@@ -171,7 +150,7 @@ def test_rejected_label_delivery_is_skipped(gateway_url: str) -> None:
 
 
 def test_unreachable_gateway_raises_a_clear_error() -> None:
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(GatewayUnreachable, match="unreachable") as info:
         simulate_traffic(url, requests=3, timeout=2.0)
     assert isinstance(info.value, ConnectionError)
@@ -205,5 +184,5 @@ def test_cli_prints_a_json_summary(
 
 
 def test_cli_reports_an_unreachable_gateway(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--url", f"http://127.0.0.1:{_free_port()}", "--requests", "2", "--timeout", "2"]) == 2
+    assert main(["--url", f"http://127.0.0.1:{free_port()}", "--requests", "2", "--timeout", "2"]) == 2
     assert "unreachable" in capsys.readouterr().err
