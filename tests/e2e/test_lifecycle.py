@@ -147,6 +147,8 @@ def test_5_monitoring_ok_on_stationary_traffic_and_critical_on_drift(stack: Stac
         .startswith("<!doctype html>")
     )
     assert task_state(run, "request_retraining") == TaskInstanceState.SKIPPED
+    artifacts = [a.path for a in registry(stack).list_artifacts(verdict.details["mlflow_run_id"], "drift")]
+    assert {"drift/drift_report.html", "drift/assessment.json"} <= set(artifacts)
 
     start = datetime.now(UTC)
     drift = DriftShift(
@@ -195,7 +197,15 @@ def test_5b_backfilled_hour_reproduces_its_verdict(stack: Stack) -> None:
         assert run.state == DagRunState.SUCCESS
         record = audit(stack).last(action="drift.assessed")
         assert record.details["window_start"] == hour.isoformat()
-        verdicts.append((record.decision, record.details["rows"], record.details["drift_share"]))
+        verdicts.append(
+            (
+                record.decision,
+                record.details["rows"],
+                record.details["drift_share"],
+                record.details["mlflow_run_id"],
+            )
+        )
+    # Same verdict, and the rerun of the window reused its MLflow run rather than adding another.
     assert verdicts[0] == verdicts[1] and verdicts[0][1] == 300
 
 

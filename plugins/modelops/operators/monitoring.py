@@ -14,7 +14,7 @@ from modelops.hooks.audit import AuditHook
 from modelops.hooks.prediction_log import PredictionLogHook
 from modelops.hooks.registry import MlflowRegistryHook
 from modelops.operators._common import sha256_json
-from modelops.settings import model_spec, monitoring_policy
+from modelops.settings import model_spec, monitoring_policy, platform_settings
 from modelops.storage import sha256_of, storage_root
 
 
@@ -66,7 +66,7 @@ class DriftMonitorOperator(BaseOperator):
         self.audit_conn_id = audit_conn_id
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from modelops.stages.monitoring import DriftAssessment, assess_drift
+        from modelops.stages.monitoring import DriftAssessment, assess_drift, log_assessment_run
         from modelops.stages.validation import read_dataset
 
         spec = model_spec(self.model or None)
@@ -84,7 +84,7 @@ class DriftMonitorOperator(BaseOperator):
                 reference_rows=0,
                 reasons=["no predictions in the window"],
             )
-            version, train_sha, html_uri = None, None, None
+            version, train_sha, html_uri, mlflow_run_id = None, None, None, None
         else:
             # The version that served most of the window is the one whose training data is the reference.
             version = str(window["model_version"].mode().iloc[0])
@@ -114,6 +114,16 @@ class DriftMonitorOperator(BaseOperator):
                 )
                 if local_html.exists():
                     html.write_bytes(local_html.read_bytes())
+                mlflow_run_id = log_assessment_run(
+                    registry=registry,
+                    experiment_name=platform_settings().experiment_name,
+                    model_name=spec.name,
+                    version=version,
+                    window_start=start,
+                    window_end=end,
+                    assessment=assessment,
+                    html_path=local_html if local_html.exists() else None,
+                )
             html_uri = str(html) if html.exists() else None
         report_dir.mkdir(parents=True, exist_ok=True)
         (report_dir / "assessment.json").write_text(
@@ -134,6 +144,7 @@ class DriftMonitorOperator(BaseOperator):
                 "window_start": start.isoformat(),
                 "window_end": end.isoformat(),
                 "report_uri": html_uri,
+                "mlflow_run_id": mlflow_run_id,
                 **assessment.to_dict(),
             },
             evidence=evidence,
@@ -150,6 +161,7 @@ class DriftMonitorOperator(BaseOperator):
             "drifted_features": assessment.drifted_features,
             "out_of_range_share": assessment.out_of_range_share,
             "report_uri": html_uri,
+            "mlflow_run_id": mlflow_run_id,
             "request_retraining": assessment.verdict in policy.request_retraining_on,
             "summary": f"{assessment.verdict}: {assessment.rows} rows, "
             f"{len(assessment.drifted_features)} drifted features, window {start:%Y-%m-%d %H:%M}-{end:%H:%M} UTC",

@@ -10,12 +10,16 @@ its ``train_data_sha256`` lineage. Evidently measures per-feature drift; the thr
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from modelops.settings import ModelSpec, MonitoringPolicy
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from modelops.hooks.registry import MlflowRegistryHook
 
 Verdict = Literal["ok", "warning", "critical", "insufficient_data"]
 
@@ -140,3 +144,55 @@ def assess_drift(
         out_of_range_features=oor_features,
         reasons=reasons or ["no feature drifted beyond the thresholds"],
     )
+
+
+def log_assessment_run(
+    *,
+    registry: MlflowRegistryHook,
+    experiment_name: str,
+    model_name: str,
+    version: str,
+    window_start: datetime,
+    window_end: datetime,
+    assessment: DriftAssessment,
+    html_path: Path | None,
+) -> str:
+    """Log one window's assessment as an MLflow run (metrics, verdict, Evidently's HTML report).
+
+    One run per model and window: a retry or a backfill rerun of the same window reuses its run, so the
+    MLflow UI shows each hour once.
+    """
+    import mlflow
+
+    registry.activate()
+    experiment = mlflow.set_experiment(experiment_name)
+    window = f"{window_start.isoformat()}--{window_end.isoformat()}"
+    existing = registry.client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.modelops_kind = 'drift_assessment' and tags.modelops_model = '{model_name}' "
+        f"and tags.modelops_window = '{window}'",
+        max_results=1,
+    )
+    tags = {
+        "modelops_kind": "drift_assessment",
+        "modelops_model": model_name,
+        "modelops_model_version": version,
+        "modelops_window": window,
+        "modelops_verdict": assessment.verdict,
+    }
+    with mlflow.start_run(
+        run_id=existing[0].info.run_id if existing else None,
+        run_name=f"drift-{model_name}-v{version}-{window_start:%Y%m%dT%H%M}",
+        tags=tags,
+    ) as run:
+        mlflow.set_tags(tags)
+        metrics = {"rows": float(assessment.rows)}
+        if assessment.drift_share is not None:
+            metrics["drift_share"] = assessment.drift_share
+        if assessment.out_of_range_share is not None:
+            metrics["out_of_range_share"] = assessment.out_of_range_share
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict(assessment.to_dict(), "drift/assessment.json")
+        if html_path is not None and html_path.exists():
+            mlflow.log_artifact(str(html_path), artifact_path="drift")
+        return run.info.run_id
