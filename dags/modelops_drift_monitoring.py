@@ -4,8 +4,9 @@
 Every hour, reads the prediction log for exactly the run's data interval, so a backfill over past hours
 reproduces the same verdict, and compares it with the training data of the version that served it
 (found through its `train_data_sha256` lineage) using Evidently. The HTML report is kept under
-`<storage_root>/monitoring/`; the verdict (ok / warning / critical / insufficient_data, thresholds in
-`include/policies/monitoring.yaml`) goes to the audit log. A verdict listed in `request_retraining_on`
+`<storage_root>/monitoring/` and, with the metrics, in one MLflow run per window; the verdict (ok /
+warning / critical / insufficient_data, thresholds in `include/policies/monitoring.yaml`) goes to the
+audit log. A verdict listed in `request_retraining_on`
 emits a `modelops_retraining_request` Asset event, which starts training.
 
 The timetable is `CronDataIntervalTimetable`: Airflow 3 makes a bare `@hourly` a point-in-time
