@@ -158,8 +158,9 @@ def ensure_admin_password(passwords_file: Path) -> str:
     if not passwords.get(ADMIN_USER):
         passwords[ADMIN_USER] = secrets.token_urlsafe(12)
         passwords_file.parent.mkdir(parents=True, exist_ok=True)
-        passwords_file.touch(mode=0o600, exist_ok=True)
         passwords_file.write_text(json.dumps(passwords) + "\n")
+        # A file that already existed keeps its mode on write; it holds a password, so narrow it.
+        passwords_file.chmod(0o600)
     return passwords[ADMIN_USER]
 
 
@@ -303,25 +304,26 @@ def services(
 # --- facts (pure functions over API answers) -----------------------------------------------------
 
 
-def unwrap_xcom(value: Any) -> Any:
+def unwrap_xcom(value: Any, *, top_level: bool = True) -> Any:
     """An XCom value as the REST API returns it, decoded to plain JSON data.
 
     The API returns the stored serialized form: plain JSON for simple values, sometimes a JSON string,
-    and Airflow's serde envelopes for typed ones.
+    and Airflow's serde envelopes for typed ones. Only the stored value itself may be a JSON string:
+    strings inside it are data (a summary reading "1.50" stays a string).
     """
-    if isinstance(value, str):
+    if isinstance(value, str) and top_level:
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
             return value
     if isinstance(value, dict):
         if "__data__" in value and "__classname__" in value:
-            return unwrap_xcom(value["__data__"])
+            return unwrap_xcom(value["__data__"], top_level=False)
         if "__var" in value and "__type" in value:
-            return unwrap_xcom(value["__var"])
-        return {key: unwrap_xcom(item) for key, item in value.items()}
+            return unwrap_xcom(value["__var"], top_level=False)
+        return {key: unwrap_xcom(item, top_level=False) for key, item in value.items()}
     if isinstance(value, list):
-        return [unwrap_xcom(item) for item in value]
+        return [unwrap_xcom(item, top_level=False) for item in value]
     return value
 
 
@@ -451,16 +453,23 @@ class AirflowApi:
             raise ConfigurationError(f"cannot trigger {dag_id}: Airflow does not know the DAG")
         return str(answer.json()["dag_run_id"])
 
+    def _found(self, path: str, what: str, **kwargs: Any) -> dict[str, Any]:
+        answer = self._call("GET", path, **kwargs)
+        if answer.status_code == 404:
+            raise ConfigurationError(f"Airflow does not know {what}; check the Airflow UI and `make status`")
+        return answer.json()
+
     def latest_run_since(self, dag_id: str, since: datetime) -> dict[str, Any] | None:
         params = {"run_after_gte": since.isoformat(), "order_by": "-run_after", "limit": 1}
-        runs = self._call("GET", f"/dags/{dag_id}/dagRuns", params=params).json()["dag_runs"]
+        runs = self._found(f"/dags/{dag_id}/dagRuns", f"DAG {dag_id}", params=params)["dag_runs"]
         return runs[0] if runs else None
 
     def run(self, dag_id: str, run_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/dags/{dag_id}/dagRuns/{run_id}").json()
+        return self._found(f"/dags/{dag_id}/dagRuns/{run_id}", f"run {run_id} of {dag_id}")
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
-        return self._call("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
+        path = f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances"
+        return self._found(path, f"run {run_id} of {dag_id}")["task_instances"]
 
     def return_values(self, dag_id: str, run_id: str) -> dict[str, Any]:
         values = {}
