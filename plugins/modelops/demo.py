@@ -164,6 +164,21 @@ def ensure_admin_password(passwords_file: Path) -> str:
     return passwords[ADMIN_USER]
 
 
+def ensure_gateway_token(token_file: Path) -> str:
+    """The scoring gateway's admin token, created once per ``.demo/`` (owner-only file).
+
+    Even on loopback, staging and promoting a model version takes the token: the deployment DAG sends
+    it as the ``modelops_gateway`` connection's password.
+    """
+    if token_file.is_file() and token_file.read_text().strip():
+        return token_file.read_text().strip()
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(24)
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    return token
+
+
 def stack_env(layout: Layout, ports: Ports, base: Mapping[str, str]) -> dict[str, str]:
     """The environment of every process of the stack (Airflow's settings as ``AIRFLOW__`` variables)."""
     env = dict(base)
@@ -198,6 +213,9 @@ def stack_env(layout: Layout, ports: Ports, base: Mapping[str, str]) -> dict[str
             "MODELOPS_MLFLOW_PORT": str(ports.mlflow),
             "MODELOPS_GATEWAY_PORT": str(ports.gateway),
             "MODELOPS_AIRFLOW_PORT": str(ports.airflow),
+            "MODELOPS_GATEWAY_ADMIN_TOKEN": ensure_gateway_token(
+                layout.modelops_home / "gateway_admin_token"
+            ),
             "MLFLOW_TRACKING_URI": ports.mlflow_url,
             "GIT_PYTHON_REFRESH": "quiet",
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
