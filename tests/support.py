@@ -6,7 +6,12 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pytest
+    from mlflow import MlflowClient
 
 
 @contextmanager
@@ -40,3 +45,27 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def use_sqlite_registry(root: Path, patch: pytest.MonkeyPatch) -> tuple[str, MlflowClient, str]:
+    """A real MLflow registry in ``root`` that the hooks reach through ``mlflow_default``.
+
+    Returns (tracking URI, client, id of the platform's experiment). The experiment is created with an
+    artifact location under ``root``: without one, MLflow would write to ./mlruns.
+    """
+    import json
+
+    from mlflow import MlflowClient
+
+    from modelops.settings import platform_settings
+
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    patch.setenv(
+        "AIRFLOW_CONN_MLFLOW_DEFAULT",
+        json.dumps({"conn_type": "http", "extra": {"tracking_uri": tracking_uri}}),
+    )
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    experiment_id = client.create_experiment(
+        platform_settings().experiment_name, artifact_location=(root / "artifacts").as_uri()
+    )
+    return tracking_uri, client, experiment_id

@@ -33,6 +33,7 @@ from modelops.settings import (
 )
 from modelops.stages.compliance import APPROVED, REJECTED, evaluate_policy
 from modelops.stages.training import train_and_register
+from tests.support import use_sqlite_registry
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::FutureWarning", "ignore:Hint. Inferred schema contains integer column:UserWarning"
@@ -234,16 +235,8 @@ class Registry:
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     root = tmp_path_factory.mktemp("compliance")
-    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(
-            "AIRFLOW_CONN_MLFLOW_DEFAULT",
-            json.dumps({"conn_type": "http", "extra": {"tracking_uri": tracking_uri}}),
-        )
-        client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-        client.create_experiment(
-            platform_settings().experiment_name, artifact_location=(root / "artifacts").as_uri()
-        )
+        tracking_uri, client, _ = use_sqlite_registry(root, patch)
         csv = write_csv(generate_clicks(2500, seed=7), root / "clicks.csv")
         sha = hashlib.sha256(csv.read_bytes()).hexdigest()
         result = train_and_register(

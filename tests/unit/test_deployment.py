@@ -33,7 +33,7 @@ from modelops.stages.deployment import (
     smoke_test,
 )
 from modelops.stages.training import train_and_register
-from tests.support import serve_in_thread
+from tests.support import serve_in_thread, use_sqlite_registry
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -110,16 +110,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     from modelops.serving.gateway import GatewayConfig, create_app
 
     root = tmp_path_factory.mktemp("deployment")
-    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(
-            "AIRFLOW_CONN_MLFLOW_DEFAULT",
-            json.dumps({"conn_type": "http", "extra": {"tracking_uri": tracking_uri}}),
-        )
-        client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-        client.create_experiment(
-            platform_settings().experiment_name, artifact_location=(root / "artifacts").as_uri()
-        )
+        tracking_uri, client, _ = use_sqlite_registry(root, patch)
         csv = write_csv(generate_clicks(2500, seed=7), root / "clicks.csv")
         sha = hashlib.sha256(csv.read_bytes()).hexdigest()
         frame = pd.read_csv(csv)

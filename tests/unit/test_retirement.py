@@ -21,7 +21,7 @@ from modelops.data.synthetic import generate_clicks
 from modelops.errors import RetirementError, RetirementRefused
 from modelops.hooks.registry import MlflowRegistryHook
 from modelops.operators.retirement import RetireModelsOperator
-from modelops.settings import RetirementPolicy, model_spec, platform_settings, retirement_policy
+from modelops.settings import RetirementPolicy, model_spec, retirement_policy
 from modelops.stages.deployment import CHAMPION_ALIAS, PREVIOUS_CHAMPION_ALIAS
 from modelops.stages.retirement import (
     archive_version,
@@ -31,6 +31,7 @@ from modelops.stages.retirement import (
 )
 from modelops.stages.training import CANDIDATE_ALIAS
 from modelops.storage import as_storage_path
+from tests.support import use_sqlite_registry
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -53,7 +54,6 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     from sklearn.pipeline import Pipeline
 
     root = tmp_path_factory.mktemp("retirement")
-    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     spec = model_spec()
     frame = generate_clicks(1000, seed=5)
     model = Pipeline(
@@ -63,14 +63,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
         ]
     ).fit(frame[spec.features], frame[spec.target])
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(
-            "AIRFLOW_CONN_MLFLOW_DEFAULT",
-            json.dumps({"conn_type": "http", "extra": {"tracking_uri": tracking_uri}}),
-        )
-        client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-        experiment = client.create_experiment(
-            platform_settings().experiment_name, artifact_location=(root / "artifacts").as_uri()
-        )
+        tracking_uri, client, experiment = use_sqlite_registry(root, patch)
         MlflowRegistryHook().activate()
         with mlflow.start_run(experiment_id=experiment, run_name="retirement-fixture"):
             mlflow.log_params({"estimator": "LogisticRegression"})

@@ -31,6 +31,7 @@ from modelops.stages.training import (
     train_and_register,
     untrusted_types,
 )
+from tests.support import use_sqlite_registry
 
 # skops resolves names through module attributes, which trips Airflow's deprecated-import shims.
 pytestmark = pytest.mark.filterwarnings(
@@ -76,18 +77,9 @@ class Trained:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
     """One registry for the module and one version trained by ``train_and_register`` (the expensive part)."""
     root = tmp_path_factory.mktemp("training")
-    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(
-            "AIRFLOW_CONN_MLFLOW_DEFAULT",
-            json.dumps({"conn_type": "http", "extra": {"tracking_uri": tracking_uri}}),
-        )
+        tracking_uri, client, _ = use_sqlite_registry(root, patch)
         patch.setenv("MODELOPS_CODE_COMMIT", "0123abc-test")
-        client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-        # Without an explicit artifact location MLflow would write to ./mlruns.
-        client.create_experiment(
-            platform_settings().experiment_name, artifact_location=(root / "artifacts").as_uri()
-        )
         csv = write_csv(generate_clicks(ROWS, seed=7), root / "clicks.csv")
         sha = hashlib.sha256(csv.read_bytes()).hexdigest()
         frame = pd.read_csv(csv)
