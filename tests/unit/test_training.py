@@ -333,3 +333,44 @@ def test_operator_retry_on_a_validated_dataset_reuses_the_version_and_records_it
     finally:
         store.dispose()
     assert versions_of(trained.client, model_spec().name) == ["1"]
+
+
+def test_the_trigger_and_dataset_come_from_what_started_the_run(
+    trained: Trained, modelops_home: Path
+) -> None:
+    """New data trains on the event's dataset; a retraining request on the latest validated dataset."""
+    from modelops.assets import RETRAINING_REQUEST
+    from modelops.hooks.audit import AuditHook
+    from modelops.operators.training import resolve_training_data
+
+    lineage = ValidateDatasetOperator(task_id="validate", dataset_uri=str(trained.csv)).execute(
+        task_context("modelops_data_validation", "manual__v2", "validate")
+    )
+    audit = AuditHook()
+
+    new_data = task_context(
+        DAG_ID,
+        "asset_triggered__1",
+        "train",
+        triggering_asset_events={VALIDATED_DATASET: [SimpleNamespace(extra=lineage)]},
+    )
+    sha, record, trigger = resolve_training_data(new_data, audit, "")
+    assert (sha, trigger) == (trained.sha256, "new_data") and record["snapshot_uri"] == lineage[
+        "snapshot_uri"
+    ]
+
+    request = {"model_name": "ctr_recommender", "version": "1", "verdict": "critical", "reason": "drift"}
+    retrain = task_context(
+        DAG_ID,
+        "asset_triggered__2",
+        "train",
+        triggering_asset_events={RETRAINING_REQUEST: [SimpleNamespace(extra=request)]},
+    )
+    sha, record, trigger = resolve_training_data(retrain, audit, "")
+    assert (sha, trigger) == (trained.sha256, "retraining_request")
+
+    sha, _, trigger = resolve_training_data(task_context(DAG_ID, "manual__3", "train"), audit, "")
+    assert (sha, trigger) == (trained.sha256, "manual")
+
+    with pytest.raises(TrainingError, match="has no passing validation record"):
+        resolve_training_data(task_context(DAG_ID, "manual__4", "train"), audit, "0" * 64)
