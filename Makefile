@@ -7,6 +7,8 @@ UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PYTHON_BIN ?= $(shell command -v python3 2>/dev/null)
 VENV := .venv
 export UV_PYTHON_DOWNLOADS := never
+# Every Airflow import creates $AIRFLOW_HOME (default ~/airflow): keep the demo's inside the project.
+DEMO_ENV := AIRFLOW_HOME=$(CURDIR)/.demo/airflow
 
 .PHONY: help install demo down status test lint unit e2e bench clean
 
@@ -27,13 +29,13 @@ $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
 install: $(VENV)/.synced
 
 demo: install
-	$(VENV)/bin/python -m modelops.demo up
+	$(DEMO_ENV) $(VENV)/bin/python -m modelops.demo up
 
 down:
-	@if [ -x $(VENV)/bin/python ]; then $(VENV)/bin/python -m modelops.demo down; else echo "nothing to stop"; fi
+	@if [ -x $(VENV)/bin/python ]; then $(DEMO_ENV) $(VENV)/bin/python -m modelops.demo down; else echo "nothing to stop"; fi
 
 status: install
-	$(VENV)/bin/python -m modelops.demo status
+	$(DEMO_ENV) $(VENV)/bin/python -m modelops.demo status
 
 lint: install
 	$(VENV)/bin/ruff check .
