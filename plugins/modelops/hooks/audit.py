@@ -7,10 +7,10 @@ from functools import cached_property
 from typing import Any
 
 from airflow.sdk import BaseHook, get_current_context
-from airflow.sdk.exceptions import AirflowNotFoundException
 
 from modelops.audit import AuditStore
 from modelops.errors import ConfigurationError
+from modelops.hooks._connections import defined_connection
 from modelops.hooks._db import sqlalchemy_url
 
 
@@ -32,15 +32,11 @@ class AuditHook(BaseHook):
 
     @cached_property
     def url(self) -> str:
-        try:
-            conn = self.get_connection(self.audit_conn_id)
-        except AirflowNotFoundException as exc:
-            env_var = f"AIRFLOW_CONN_{self.audit_conn_id.upper()}"
-            raise ConfigurationError(
-                f"Airflow connection {self.audit_conn_id!r} for the audit log is not defined; define it "
-                f"in airflow_settings.yaml or set the environment variable {env_var}, e.g. "
-                f'{env_var}=\'{{"conn_type": "sqlite", "host": "/path/to/audit.db"}}\''
-            ) from exc
+        conn = defined_connection(
+            self.audit_conn_id,
+            what="the audit log",
+            example='{"conn_type": "sqlite", "host": "/path/to/audit.db"}',
+        )
         return sqlalchemy_url(conn)
 
     @cached_property

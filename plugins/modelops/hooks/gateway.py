@@ -6,9 +6,9 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseHook
-from airflow.sdk.exceptions import AirflowNotFoundException
 
 from modelops.errors import ConfigurationError, DeploymentFailed
+from modelops.hooks._connections import defined_connection
 
 if TYPE_CHECKING:
     import httpx
@@ -34,13 +34,9 @@ class GatewayHook(BaseHook):
 
     @cached_property
     def connection(self):
-        try:
-            return self.get_connection(self.gateway_conn_id)
-        except AirflowNotFoundException as exc:
-            raise ConfigurationError(
-                f"Airflow connection {self.gateway_conn_id!r} is not defined; add it to airflow_settings.yaml "
-                f"or set AIRFLOW_CONN_{self.gateway_conn_id.upper()} (e.g. http://127.0.0.1:8008)"
-            ) from exc
+        return defined_connection(
+            self.gateway_conn_id, what="the scoring gateway", example="http://127.0.0.1:8008"
+        )
 
     @cached_property
     def base_url(self) -> str:

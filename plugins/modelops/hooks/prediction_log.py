@@ -6,9 +6,8 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 from airflow.sdk import BaseHook
-from airflow.sdk.exceptions import AirflowNotFoundException
 
-from modelops.errors import ConfigurationError
+from modelops.hooks._connections import defined_connection
 from modelops.hooks._db import sqlalchemy_url
 
 if TYPE_CHECKING:
@@ -35,15 +34,11 @@ class PredictionLogHook(BaseHook):
 
     @cached_property
     def connection(self) -> Connection:
-        try:
-            return self.get_connection(self.predictions_conn_id)
-        except AirflowNotFoundException as exc:
-            env_var = f"AIRFLOW_CONN_{self.predictions_conn_id.upper()}"
-            raise ConfigurationError(
-                f"Airflow connection {self.predictions_conn_id!r} (the prediction log) is not defined; "
-                f"define it in airflow_settings.yaml or set {env_var}, e.g. "
-                f'{env_var}=\'{{"conn_type": "sqlite", "host": "/path/to/predictions.db"}}\''
-            ) from exc
+        return defined_connection(
+            self.predictions_conn_id,
+            what="the prediction log",
+            example='{"conn_type": "sqlite", "host": "/path/to/predictions.db"}',
+        )
 
     # Named prediction_log, not log: BaseHook's ``log`` is Airflow's task logger, and shadowing it would
     # break every ``self.log.info(...)`` in Airflow's own hook code.

@@ -6,9 +6,9 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseHook
-from airflow.sdk.exceptions import AirflowNotFoundException
 
 from modelops.errors import ConfigurationError
+from modelops.hooks._connections import defined_connection
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -33,13 +33,9 @@ class MlflowRegistryHook(BaseHook):
 
     @cached_property
     def tracking_uri(self) -> str:
-        try:
-            conn = self.get_connection(self.mlflow_conn_id)
-        except AirflowNotFoundException as exc:
-            raise ConfigurationError(
-                f"Airflow connection {self.mlflow_conn_id!r} is not defined; add it to airflow_settings.yaml "
-                f"or set AIRFLOW_CONN_{self.mlflow_conn_id.upper()} (e.g. http://127.0.0.1:5000)"
-            ) from exc
+        conn = defined_connection(
+            self.mlflow_conn_id, what="the MLflow server", example="http://127.0.0.1:5000"
+        )
         extra = conn.extra_dejson
         if extra.get("tracking_uri"):
             return str(extra["tracking_uri"])
