@@ -12,6 +12,7 @@ from modelops.errors import ComplianceGateFailed, ModelOpsError
 from modelops.hooks.audit import AuditHook
 from modelops.hooks.registry import MlflowRegistryHook
 from modelops.operators._common import emit, sha256_json, triggering_extras
+from modelops.operators.validation import latest_passed_validation
 from modelops.settings import compliance_policy, model_spec
 from modelops.stages.training import CANDIDATE_ALIAS
 
@@ -70,14 +71,7 @@ class ComplianceGateOperator(BaseOperator):
         tags = dict(model_version.tags)
         metrics = dict(registry.client.get_run(model_version.run_id).data.metrics)
         sha = tags.get("train_data_sha256", "")
-        validated = (
-            any(
-                r.decision == "passed"
-                for r in audit.store.records(action="dataset.validated", subject=f"dataset:sha256:{sha}")
-            )
-            if sha
-            else False
-        )
+        validated = bool(sha) and latest_passed_validation(audit.store, sha) is not None
         report = evaluate_policy(
             policy=policy,
             model_name=name,

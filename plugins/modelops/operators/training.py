@@ -12,6 +12,7 @@ from modelops.errors import TrainingError
 from modelops.hooks.audit import AuditHook
 from modelops.hooks.registry import MlflowRegistryHook
 from modelops.operators._common import emit, sha256_json, triggering_extras
+from modelops.operators.validation import latest_passed_validation
 from modelops.settings import model_spec, platform_settings
 
 
@@ -33,31 +34,18 @@ def resolve_training_data(
     else:
         trigger = "manual"
     sha = dataset_sha256 or (dataset_events[-1]["sha256"] if dataset_events else "")
-    store = audit.store
-    if sha:
-        record = next(
-            (
-                r
-                for r in reversed(store.records(action="dataset.validated", subject=f"dataset:sha256:{sha}"))
-                if r.decision == "passed"
-            ),
-            None,
+    record = latest_passed_validation(audit.store, sha)
+    if record is None and sha:
+        raise TrainingError(
+            f"dataset sha256 {sha} has no passing validation record; validate it with the "
+            "modelops_data_validation DAG before training on it"
         )
-        if record is None:
-            raise TrainingError(
-                f"dataset sha256 {sha} has no passing validation record; validate it with the "
-                "modelops_data_validation DAG before training on it"
-            )
-    else:
-        record = next(
-            (r for r in reversed(store.records(action="dataset.validated")) if r.decision == "passed"), None
+    if record is None:
+        raise TrainingError(
+            "no dataset has passed validation yet; run the modelops_data_validation DAG first, "
+            "or give dataset_sha256"
         )
-        if record is None:
-            raise TrainingError(
-                "no dataset has passed validation yet; run the modelops_data_validation DAG first, "
-                "or give dataset_sha256"
-            )
-        sha = record.subject.rsplit(":", 1)[-1]
+    sha = sha or record.subject.rsplit(":", 1)[-1]
     return sha, record.details, trigger
 
 

@@ -7,11 +7,29 @@ from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 
+from modelops.audit import AuditRecord, AuditStore
 from modelops.errors import DatasetError, DataValidationFailed
 from modelops.hooks.audit import AuditHook
 from modelops.operators._common import emit, sha256_json
 from modelops.settings import dataset_spec, expectation_suite_path
 from modelops.storage import as_storage_path, sha256_of
+
+VALIDATED_ACTION = "dataset.validated"
+
+
+def dataset_subject(sha256: str) -> str:
+    """How a dataset version is named in the audit log."""
+    return f"dataset:sha256:{sha256}"
+
+
+def latest_passed_validation(store: AuditStore, sha256: str = "") -> AuditRecord | None:
+    """The newest passing validation record of ``sha256`` (of any dataset when blank), or None.
+
+    The audit log is the system of record for which dataset versions passed validation.
+    """
+    subject = dataset_subject(sha256) if sha256 else None
+    records = store.records(action=VALIDATED_ACTION, subject=subject)
+    return next((record for record in reversed(records) if record.decision == "passed"), None)
 
 
 class ValidateDatasetOperator(BaseOperator):
@@ -46,7 +64,7 @@ class ValidateDatasetOperator(BaseOperator):
             report = validate_dataset(uri, spec)
         except DatasetError as exc:
             audit.record(
-                action="dataset.validated",
+                action=VALIDATED_ACTION,
                 subject=f"dataset-uri:{uri}",
                 decision="unreadable",
                 details={"dataset": spec.name, "uri": uri, "error": str(exc)},
@@ -66,8 +84,8 @@ class ValidateDatasetOperator(BaseOperator):
             "problems": report.problems(),
         }
         audit.record(
-            action="dataset.validated",
-            subject=f"dataset:sha256:{report.sha256}",
+            action=VALIDATED_ACTION,
+            subject=dataset_subject(report.sha256),
             decision="passed" if report.passed else "failed",
             details=details,
             evidence={
