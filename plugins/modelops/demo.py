@@ -10,7 +10,6 @@ until ``down``. Facts are extracted by functions that return data; printing is k
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import secrets
@@ -394,14 +393,6 @@ def registered_model_facts(answer: Mapping[str, Any]) -> RegisteredModelFacts:
     return RegisteredModelFacts(name=model["name"], latest_version=latest, aliases=aliases)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @dataclass
 class StageResult:
     stage: str
@@ -709,7 +700,9 @@ def up() -> int:
     from modelops.data.synthetic import generate_clicks, write_csv
 
     write_csv(generate_clicks(DATASET_ROWS, seed=DATASET_SEED), layout.dataset_csv)
-    dataset_hash = file_sha256(layout.dataset_csv)
+    from modelops.storage import as_storage_path, sha256_of
+
+    dataset_hash, _ = sha256_of(as_storage_path(layout.dataset_csv))
     say(f"dataset {layout.dataset_csv} ({DATASET_ROWS} rows, sha256 {dataset_hash[:12]})")
 
     api = AirflowApi(ports.airflow_url, ADMIN_USER, password)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -288,8 +289,11 @@ def test_8_audit_chain_verifies_and_catches_tampering(stack: Stack, tmp_path: Pa
 
     db = Path(stack.audit_url.removeprefix("sqlite:///"))
     edited, deleted = tmp_path / "edited.db", tmp_path / "deleted.db"
-    shutil.copy(db, edited)
-    shutil.copy(db, deleted)
+    # SQLite's backup API, not a file copy: the log runs in WAL mode, so recent records may still sit
+    # in the -wal file beside the database.
+    for target in (edited, deleted):
+        with sqlite3.connect(db) as source, sqlite3.connect(target) as copy:
+            source.backup(copy)
     engine = sa.create_engine(f"sqlite:///{edited}")
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE modelops_audit_log SET decision = 'approved' WHERE seq = 3"))

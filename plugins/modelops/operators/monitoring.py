@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseOperator, Context
@@ -15,7 +17,7 @@ from modelops.hooks.prediction_log import PredictionLogHook
 from modelops.hooks.registry import MlflowRegistryHook
 from modelops.operators._common import sha256_json
 from modelops.settings import model_spec, monitoring_policy, platform_settings
-from modelops.storage import sha256_of, storage_root
+from modelops.storage import as_storage_path, copy_file, storage_root
 
 
 def monitoring_window(context: Context, window_start: str, window_end: str) -> tuple[datetime, datetime]:
@@ -71,6 +73,7 @@ class DriftMonitorOperator(BaseOperator):
 
         spec = model_spec(self.model or None)
         policy = monitoring_policy()
+        html_uri = html_sha256 = None
         start, end = monitoring_window(context, str(self.window_start).strip(), str(self.window_end).strip())
         window = PredictionLogHook(predictions_conn_id=self.predictions_conn_id).prediction_log.window(
             spec.name, start, end
@@ -84,7 +87,7 @@ class DriftMonitorOperator(BaseOperator):
                 reference_rows=0,
                 reasons=["no predictions in the window"],
             )
-            version, train_sha, html_uri, mlflow_run_id = None, None, None, None
+            version, train_sha, mlflow_run_id = None, None, None
         else:
             # The version that served most of the window is the one whose training data is the reference.
             version = str(window["model_version"].mode().iloc[0])
@@ -97,12 +100,7 @@ class DriftMonitorOperator(BaseOperator):
                     "no reference data to compare with"
                 )
             reference = read_dataset(tags["train_data_uri"])
-            report_dir.mkdir(parents=True, exist_ok=True)
-            html = report_dir / "drift_report.html"
             # Evidently writes local files only; render locally, then copy through ObjectStoragePath.
-            import tempfile
-            from pathlib import Path
-
             with tempfile.TemporaryDirectory() as tmp:
                 local_html = Path(tmp) / "drift_report.html"
                 assessment = assess_drift(
@@ -113,7 +111,9 @@ class DriftMonitorOperator(BaseOperator):
                     html_path=str(local_html),
                 )
                 if local_html.exists():
-                    html.write_bytes(local_html.read_bytes())
+                    html = report_dir / "drift_report.html"
+                    html_sha256 = copy_file(as_storage_path(local_html), html)
+                    html_uri = str(html)
                 mlflow_run_id = log_assessment_run(
                     registry=registry,
                     experiment_name=platform_settings().experiment_name,
@@ -124,7 +124,6 @@ class DriftMonitorOperator(BaseOperator):
                     assessment=assessment,
                     html_path=local_html if local_html.exists() else None,
                 )
-            html_uri = str(html) if html.exists() else None
         report_dir.mkdir(parents=True, exist_ok=True)
         (report_dir / "assessment.json").write_text(
             json.dumps(assessment.to_dict(), indent=2, sort_keys=True)
@@ -132,7 +131,7 @@ class DriftMonitorOperator(BaseOperator):
 
         evidence = {"assessment": sha256_json(assessment.to_dict())}
         if html_uri:
-            evidence["drift_report_html"] = sha256_of(report_dir / "drift_report.html")[0]
+            evidence["drift_report_html"] = html_sha256
         if train_sha:
             evidence["reference_dataset"] = train_sha
         subject = f"model:{spec.name}@{version}" if version else f"model:{spec.name}"

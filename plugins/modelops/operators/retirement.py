@@ -75,12 +75,13 @@ class RetireModelsOperator(BaseOperator):
         registry = MlflowRegistryHook(mlflow_conn_id=self.mlflow_conn_id)
         audit = AuditHook(audit_conn_id=self.audit_conn_id)
         now = datetime.now(UTC)
+        requested = _as_versions(self.versions)
         decisions = select_for_retirement(
             versions=registry.client.search_model_versions(f"name = '{name}'"),
             aliases=registry.aliases_of(name),
             policy=policy,
             now=now,
-            requested=_as_versions(self.versions),
+            requested=requested,
             reason=str(self.reason),
         )
         archive_root = storage_root() / policy.archive_subdir
@@ -153,7 +154,7 @@ class RetireModelsOperator(BaseOperator):
             "refused": refused,
             "summary": summary,
         }
-        if refused and not retired and not planned and _as_versions(self.versions):
+        if refused and not retired and not planned and requested:
             # Everything that was asked for was refused: say so as a failure, with the reasons.
             raise RetirementRefused(
                 "nothing retired: " + "; ".join(f"v{r['version']} {r['reason']}" for r in refused)
