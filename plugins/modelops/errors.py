@@ -1,29 +1,36 @@
-"""Domain exceptions.
+"""Domain exceptions: plain Python, so the gateway, the CLI and the audit store import no Airflow.
 
 Every failure a user can cause or a gate can decide has its own exception, and each message names the
-problem and the fix. They subclass ``AirflowException`` so that Airflow marks the task failed (and
-retries it where retries make sense) while tests and the CLI can catch them by type.
+problem and the fix. Inside Airflow, :class:`~modelops.operators.base.ModelOpsBaseOperator` is the one
+place that turns a :class:`GateFailed` (a deterministic refusal) into ``AirflowFailException`` so the
+task fails without a retry; any other error fails the task and is retried as Airflow is configured.
 """
 
 from __future__ import annotations
 
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-
-class ModelOpsError(AirflowException):
+class ModelOpsError(Exception):
     """Base class of every error this package raises on purpose."""
 
 
-class GateFailed(ModelOpsError, AirflowFailException):
-    """A gate decided against its input. Deterministic, so Airflow fails the task without retrying it."""
+class GateFailed(ModelOpsError):
+    """A gate decided against its input. Deterministic: retrying cannot change the decision."""
 
 
 class SettingsError(ModelOpsError):
-    """A settings, policy, suite or model-spec file is missing or invalid."""
+    """A settings, policy, suite, dataset or model-spec file is missing or invalid."""
+
+
+class UnknownModel(SettingsError):
+    """A model name that no spec in include/models/ declares."""
 
 
 class ConfigurationError(ModelOpsError):
     """A connection, environment variable or other deployment setting is missing or wrong."""
+
+
+class RegistryError(ModelOpsError):
+    """The model registry has no such model, version or alias, or refused a call."""
 
 
 class DatasetError(ModelOpsError):

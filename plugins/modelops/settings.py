@@ -12,15 +12,20 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from modelops.errors import SettingsError
+from modelops.errors import SettingsError, UnknownModel
+from modelops.vocabulary import Tag
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+"""Model and dataset names: safe in a URL path, an MLflow name and a file name."""
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^${}]*))?\}")
 
@@ -69,7 +74,7 @@ class StrictModel(BaseModel):
 
 
 class PlatformSettings(StrictModel):
-    """``include/modelops.yaml``: where state lives and what the platform serves."""
+    """``include/modelops.yaml``: where state lives and which model ``/invocations`` serves."""
 
     storage_root: str = Field(
         description="Root URI for snapshots and archives: a local path, file:// or s3://"
@@ -77,10 +82,9 @@ class PlatformSettings(StrictModel):
     storage_conn_id: str | None = Field(
         default=None, description="Airflow connection for the storage root's filesystem (s3://)"
     )
-    experiment_name: str = "modelops"
-    served_model: str = Field(description="Registered model name the gateway answers at /invocations")
-    dataset: str = Field(description="Name of the dataset spec the lifecycle trains on (include/datasets/)")
-    model: str = Field(description="Name of the model spec (include/models/)")
+    default_model: str = Field(
+        description="The model the gateway answers at /invocations (MLflow's own scoring path)"
+    )
 
 
 # --- datasets ------------------------------------------------------------------------------------
@@ -101,11 +105,14 @@ class PiiPattern(StrictModel):
 
 
 class DatasetSpec(StrictModel):
-    """``include/datasets/<name>.yaml``: one governed dataset."""
+    """``include/datasets/<file>.yaml``: one governed dataset."""
 
-    name: str
+    name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
-    incoming_uri: str = Field(description="Where new versions of the dataset are dropped")
+    incoming_uri: str = Field(
+        description="The folder new versions of the dataset are dropped in (a local path or s3://)"
+    )
+    file_pattern: str = Field(default="*.csv", description="Which files in incoming_uri are versions")
     expectation_suite: str = Field(description="GX suite file, relative to include/expectations/")
     pii_patterns: list[PiiPattern] = Field(default_factory=list)
     pii_sample_rows: int = Field(default=10_000, gt=0)
@@ -113,41 +120,24 @@ class DatasetSpec(StrictModel):
 
 # --- models --------------------------------------------------------------------------------------
 
+TaskKind = Literal["binary_classification", "regression"]
+
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "binary_classification": (
+        "holdout_roc_auc",
+        "holdout_log_loss",
+        "holdout_accuracy",
+        "holdout_positive_rate",
+        "holdout_rows",
+    ),
+    "regression": ("holdout_rmse", "holdout_mae", "holdout_r2", "holdout_target_mean", "holdout_rows"),
+}
+"""The holdout metrics training logs for each task kind; thresholds may name only these."""
+
 
 class EstimatorSpec(StrictModel):
-    class_path: str = Field(description="Import path of a scikit-learn classifier")
+    class_path: str = Field(description="Import path of a scikit-learn estimator")
     params: dict[str, Any] = Field(default_factory=dict)
-
-
-class ModelSpec(StrictModel):
-    """``include/models/<name>.yaml``: what to train and how."""
-
-    name: str = Field(description="Registered model name in MLflow")
-    description: str = ""
-    dataset: str
-    target: str
-    numeric_features: list[str]
-    categorical_features: list[str] = Field(default_factory=list)
-    estimator: EstimatorSpec
-    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
-    random_seed: int = 42
-    skops_trusted_types: list[str] = Field(
-        default_factory=list,
-        description="Types reviewed as safe to load from the skops file; anything else fails training",
-    )
-
-    @property
-    def features(self) -> list[str]:
-        return [*self.numeric_features, *self.categorical_features]
-
-    @model_validator(mode="after")
-    def _target_not_a_feature(self) -> ModelSpec:
-        if self.target in self.features:
-            raise ValueError(f"target {self.target!r} is also listed as a feature")
-        return self
-
-
-# --- policies ------------------------------------------------------------------------------------
 
 
 class MetricThreshold(StrictModel):
@@ -161,19 +151,104 @@ class MetricThreshold(StrictModel):
         return self
 
 
-class CompliancePolicy(StrictModel):
-    """``include/policies/compliance.yaml``: what a version needs to be approved."""
+class PolicyChoice(StrictModel):
+    """Per-model override of the policies its risk tier picks; blank fields follow the tier."""
 
-    name: str
+    compliance: str | None = None
+    monitoring: str | None = None
+    retirement: str | None = None
+
+
+class ServingSpec(StrictModel):
+    enabled: bool = Field(default=True, description="Deploy approved versions to the scoring gateway")
+    smoke_rows: int = Field(default=20, gt=0, le=1000, description="Rows of training data scored before go-live")
+
+
+class ModelSpec(StrictModel):
+    """``include/models/<file>.yaml``: one model, what it is for, who answers for it, how it is trained."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Registered model name in MLflow")
+    description: str = ""
+    owner: str = Field(min_length=1, description="Who answers for the model (person or mailbox)")
+    team: str = Field(min_length=1, description="The business owner: the team the model serves")
+    department: str = Field(min_length=1)
+    risk_tier: str = Field(description="A tier of include/policies/risk_tiers.yaml")
+    compliance_labels: list[str] = Field(default_factory=list, description="e.g. GDPR, EU-AI-Act-limited")
+    task: TaskKind
+    dataset: str = Field(description="A dataset spec's name (include/datasets/)")
+    target: str
+    numeric_features: list[str]
+    categorical_features: list[str] = Field(default_factory=list)
+    estimator: EstimatorSpec
+    metric_thresholds: dict[str, MetricThreshold] = Field(
+        default_factory=dict, description="This model's own bounds, on top of its compliance policy's"
+    )
+    policies: PolicyChoice = Field(default_factory=PolicyChoice)
+    serving: ServingSpec = Field(default_factory=ServingSpec)
+    experiment: str | None = Field(default=None, description="MLflow experiment; default modelops/<name>")
+    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
+    random_seed: int = 42
+    skops_trusted_types: list[str] = Field(
+        default_factory=list,
+        description="Types reviewed as safe to load from the skops file; anything else fails training",
+    )
+
+    @property
+    def features(self) -> list[str]:
+        return [*self.numeric_features, *self.categorical_features]
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or f"modelops/{self.name}"
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return TASK_METRICS[self.task]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        if self.target in self.features:
+            raise ValueError(f"target {self.target!r} is also listed as a feature")
+        if not self.features:
+            raise ValueError("list at least one feature in numeric_features or categorical_features")
+        unknown = sorted(set(self.metric_thresholds) - set(TASK_METRICS[self.task]))
+        if unknown:
+            raise ValueError(
+                f"metric_thresholds names {unknown}, which a {self.task} model does not log; "
+                f"use {list(TASK_METRICS[self.task])}"
+            )
+        return self
+
+
+# --- policies ------------------------------------------------------------------------------------
+
+
+class CompliancePolicy(StrictModel):
+    """``include/policies/compliance/<file>.yaml``: what a version needs to be approved."""
+
+    name: str = Field(pattern=NAME_PATTERN)
     version: str
-    required_tags: list[str]
-    metric_thresholds: dict[str, MetricThreshold]
+    required_tags: list[Tag]
+    metric_thresholds: dict[TaskKind, dict[str, MetricThreshold]] = Field(
+        default_factory=dict, description="Per task kind: holdout metric bounds every such model must meet"
+    )
     require_validated_dataset: bool = True
+
+    @model_validator(mode="after")
+    def _known_metrics(self) -> CompliancePolicy:
+        for task, thresholds in self.metric_thresholds.items():
+            unknown = sorted(set(thresholds) - set(TASK_METRICS[task]))
+            if unknown:
+                raise ValueError(
+                    f"metric_thresholds.{task} names {unknown}; a {task} model logs {list(TASK_METRICS[task])}"
+                )
+        return self
 
 
 class MonitoringPolicy(StrictModel):
-    """``include/policies/monitoring.yaml``: when drift is a warning and when it is critical."""
+    """``include/policies/monitoring/<file>.yaml``: when drift is a warning and when it is critical."""
 
+    name: str = Field(pattern=NAME_PATTERN)
     min_rows: int = Field(gt=0, description="Fewer rows in the window gives insufficient_data")
     drift_share_warning: float = Field(gt=0, le=1)
     drift_share_critical: float = Field(gt=0, le=1)
@@ -197,15 +272,40 @@ class MonitoringPolicy(StrictModel):
 
 
 class RetirementPolicy(StrictModel):
-    """``include/policies/retirement.yaml``: which versions leave service."""
+    """``include/policies/retirement/<file>.yaml``: which versions leave service."""
 
+    name: str = Field(pattern=NAME_PATTERN)
     superseded_for_days: int = Field(ge=0)
     archive_subdir: str = "archive"
+
+
+class TierPolicies(StrictModel):
+    """The policies a risk tier governs its models by (names of files under include/policies/)."""
+
+    compliance: str
+    monitoring: str
+    retirement: str
+
+
+class RiskTiers(StrictModel):
+    """``include/policies/risk_tiers.yaml``."""
+
+    tiers: dict[str, TierPolicies]
+
+
+@dataclass(frozen=True)
+class ModelPolicies:
+    """The three policies one model is governed by, after its risk tier and its own override."""
+
+    compliance: CompliancePolicy
+    monitoring: MonitoringPolicy
+    retirement: RetirementPolicy
 
 
 # --- loading -------------------------------------------------------------------------------------
 
 M = TypeVar("M", bound=BaseModel)
+N = TypeVar("N", bound=BaseModel)
 
 
 def _describe(error: Mapping[str, Any]) -> str:
@@ -248,25 +348,197 @@ def platform_settings() -> PlatformSettings:
     return _load("modelops.yaml", PlatformSettings)
 
 
-def dataset_spec(name: str | None = None) -> DatasetSpec:
-    return _load(f"datasets/{name or platform_settings().dataset}.yaml", DatasetSpec)
+def _spec_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
 
 
-def model_spec(name: str | None = None) -> ModelSpec:
-    return _load(f"models/{name or platform_settings().model}.yaml", ModelSpec)
+def _load_named(folder: Path, model: type[N], what: str) -> tuple[dict[str, N], dict[str, Path]]:
+    """Every file in ``folder`` as ``model``, keyed by its ``name``; two files claiming one name fail."""
+    found: dict[str, N] = {}
+    sources: dict[str, Path] = {}
+    for path in _spec_files(folder):
+        item = load_model_file(path, model)
+        if item.name in found:
+            raise SettingsError(
+                f"{path}: field 'name': {what} {item.name!r} is already declared in {sources[item.name]}; "
+                "give one of them another name or remove it"
+            )
+        found[item.name] = item
+        sources[item.name] = path
+    return found, sources
 
 
-def compliance_policy() -> CompliancePolicy:
-    return _load("policies/compliance.yaml", CompliancePolicy)
+def model_names(root: Path | None = None) -> list[str]:
+    """The names the model specs declare, read cheaply (no validation) for DAG trigger-form drop-downs.
+
+    A file that does not even parse is skipped here; the first task that loads the catalog reports it
+    with its file and field.
+    """
+    names = []
+    for path in _spec_files((root or include_dir()) / "models"):
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("name"), str):
+            names.append(data["name"])
+    return sorted(set(names))
 
 
-def monitoring_policy() -> MonitoringPolicy:
-    return _load("policies/monitoring.yaml", MonitoringPolicy)
+def dataset_names(root: Path | None = None) -> list[str]:
+    """The names the dataset specs declare, read cheaply (see :func:`model_names`)."""
+    names = []
+    for path in _spec_files((root or include_dir()) / "datasets"):
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("name"), str):
+            names.append(data["name"])
+    return sorted(set(names))
 
 
-def retirement_policy() -> RetirementPolicy:
-    return _load("policies/retirement.yaml", RetirementPolicy)
+def _normalised_location(uri: str) -> str:
+    text = str(uri)
+    if text.startswith("file://"):
+        text = text.removeprefix("file://")
+    if "://" not in text:
+        text = str(Path(text).expanduser().resolve())
+    return text.rstrip("/")
 
 
-def expectation_suite_path(spec: DatasetSpec) -> Path:
-    return include_dir() / "expectations" / spec.expectation_suite
+@dataclass(frozen=True)
+class Catalog:
+    """Everything under ``include/``: the platform, every model, dataset and policy, cross-checked.
+
+    Adding a model is adding files; :func:`load_catalog` refuses a catalog in which any reference
+    (a model's dataset or risk tier, a tier's policy, a dataset's suite) points at nothing.
+    """
+
+    root: Path
+    platform: PlatformSettings
+    models: dict[str, ModelSpec]
+    datasets: dict[str, DatasetSpec]
+    compliance_policies: dict[str, CompliancePolicy]
+    monitoring_policies: dict[str, MonitoringPolicy]
+    retirement_policies: dict[str, RetirementPolicy]
+    risk_tiers: dict[str, TierPolicies]
+    sources: dict[str, Path] = field(default_factory=dict)
+    """``"models/NAME"`` (or datasets/, compliance/...) -> the file that declared it."""
+
+    def model(self, name: str) -> ModelSpec:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise UnknownModel(
+                f"no model spec declares the model {name!r}; known models: {sorted(self.models)}. "
+                f"Add include/models/{name}.yaml (see README, 'Add your own model') or pick a known one"
+            ) from None
+
+    def dataset(self, name: str) -> DatasetSpec:
+        try:
+            return self.datasets[name]
+        except KeyError:
+            raise SettingsError(
+                f"no dataset spec declares the dataset {name!r}; known datasets: {sorted(self.datasets)}. "
+                f"Add include/datasets/{name}.yaml or pick a known one"
+            ) from None
+
+    def models_for_dataset(self, dataset: str) -> list[ModelSpec]:
+        """Every model whose spec trains on ``dataset``, by name."""
+        return [spec for name, spec in sorted(self.models.items()) if spec.dataset == dataset]
+
+    def policies_for(self, model: str | ModelSpec) -> ModelPolicies:
+        spec = self.model(model) if isinstance(model, str) else model
+        tier = self.risk_tiers[spec.risk_tier]
+        return ModelPolicies(
+            compliance=self.compliance_policies[spec.policies.compliance or tier.compliance],
+            monitoring=self.monitoring_policies[spec.policies.monitoring or tier.monitoring],
+            retirement=self.retirement_policies[spec.policies.retirement or tier.retirement],
+        )
+
+    def suite_path(self, dataset: str | DatasetSpec) -> Path:
+        spec = self.dataset(dataset) if isinstance(dataset, str) else dataset
+        return self.root / "expectations" / spec.expectation_suite
+
+    def source_of(self, kind: str, name: str) -> Path:
+        return self.sources[f"{kind}/{name}"]
+
+    def dataset_for_location(self, uri: str) -> DatasetSpec:
+        """The dataset whose incoming folder holds ``uri``; a file under no such folder is refused."""
+        location = _normalised_location(uri)
+        for spec in self.datasets.values():
+            folder = _normalised_location(spec.incoming_uri)
+            if location == folder or location.startswith(folder + "/"):
+                return spec
+        folders = {name: spec.incoming_uri for name, spec in sorted(self.datasets.items())}
+        raise SettingsError(
+            f"{uri} is in no dataset's incoming folder {folders}; drop it into one of them or name the "
+            "dataset in the trigger form's 'dataset' field"
+        )
+
+
+def load_catalog(root: Path | None = None) -> Catalog:
+    """Load and cross-check every settings file under ``root`` (default :func:`include_dir`)."""
+    root = root or include_dir()
+    platform = load_model_file(root / "modelops.yaml", PlatformSettings)
+    sources: dict[str, Path] = {}
+
+    def named(kind: str, folder: Path, model: type[N], what: str) -> dict[str, N]:
+        items, files = _load_named(folder, model, what)
+        sources.update({f"{kind}/{name}": path for name, path in files.items()})
+        return items
+
+    models = named("models", root / "models", ModelSpec, "model")
+    datasets = named("datasets", root / "datasets", DatasetSpec, "dataset")
+    compliance = named("compliance", root / "policies" / "compliance", CompliancePolicy, "compliance policy")
+    monitoring = named("monitoring", root / "policies" / "monitoring", MonitoringPolicy, "monitoring policy")
+    retirement = named("retirement", root / "policies" / "retirement", RetirementPolicy, "retirement policy")
+    tiers_file = root / "policies" / "risk_tiers.yaml"
+    tiers = load_model_file(tiers_file, RiskTiers).tiers
+
+    def require(found: Mapping[str, Any], name: str, where: str, what: str, folder: str) -> None:
+        if name not in found:
+            raise SettingsError(
+                f"{where}: {what} {name!r} does not exist; known: {sorted(found)}. "
+                f"Add it under {folder} or use a known one"
+            )
+
+    for tier_name, tier in tiers.items():
+        where = f"{tiers_file}: field 'tiers.{tier_name}"
+        require(compliance, tier.compliance, f"{where}.compliance'", "compliance policy", "policies/compliance/")
+        require(monitoring, tier.monitoring, f"{where}.monitoring'", "monitoring policy", "policies/monitoring/")
+        require(retirement, tier.retirement, f"{where}.retirement'", "retirement policy", "policies/retirement/")
+    for name, spec in datasets.items():
+        suite = root / "expectations" / spec.expectation_suite
+        if not suite.is_file():
+            raise SettingsError(
+                f"{sources['datasets/' + name]}: field 'expectation_suite': {suite} does not exist; "
+                "write the Great Expectations suite there or fix the file name"
+            )
+    for name, spec in models.items():
+        path = sources[f"models/{name}"]
+        require(datasets, spec.dataset, f"{path}: field 'dataset'", "dataset", "include/datasets/")
+        require(tiers, spec.risk_tier, f"{path}: field 'risk_tier'", "risk tier", "policies/risk_tiers.yaml")
+        for kind, found in (("compliance", compliance), ("monitoring", monitoring), ("retirement", retirement)):
+            chosen = getattr(spec.policies, kind)
+            if chosen is not None:
+                require(found, chosen, f"{path}: field 'policies.{kind}'", f"{kind} policy", f"policies/{kind}/")
+    if platform.default_model not in models:
+        raise SettingsError(
+            f"{root / 'modelops.yaml'}: field 'default_model': model {platform.default_model!r} has no spec; "
+            f"known models: {sorted(models)}"
+        )
+    return Catalog(
+        root=root,
+        platform=platform,
+        models=models,
+        datasets=datasets,
+        compliance_policies=compliance,
+        monitoring_policies=monitoring,
+        retirement_policies=retirement,
+        risk_tiers=tiers,
+        sources=sources,
+    )

@@ -1,0 +1,185 @@
+"""The platform's shared names: registry aliases, tag keys, audit actions and subjects, event fields.
+
+Every stage, operator, hook, the gateway and the CLI import these; no other module spells one of them
+as a literal. A typo in a literal alias or tag key fails silently (MLflow accepts any string), while a
+typo in an attribute of these enums fails on import. Imports nothing of Airflow or MLflow.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from modelops.audit import AuditRecord, AuditStore
+
+
+class Alias(StrEnum):
+    """Registry aliases: where a version stands in the lifecycle."""
+
+    CANDIDATE = "candidate"
+    """Registered by training, not yet through the compliance gate."""
+    CHALLENGER = "challenger"
+    """Approved by the compliance gate, waiting for deployment."""
+    CHAMPION = "champion"
+    """The version that serves."""
+    PREVIOUS_CHAMPION = "previous_champion"
+    """The champion before the current one, kept for rollback."""
+
+
+class Tag(StrEnum):
+    """Model-version tag keys."""
+
+    # lineage, set at registration
+    TRAIN_DATA_SHA256 = "train_data_sha256"
+    TRAIN_DATA_URI = "train_data_uri"
+    DATASET = "dataset"
+    FRAMEWORK = "framework"
+    FRAMEWORK_VERSION = "framework_version"
+    PYTHON_VERSION = "python_version"
+    CODE_COMMIT = "code_commit"
+    AIRFLOW_DAG_ID = "airflow_dag_id"
+    AIRFLOW_RUN_ID = "airflow_run_id"
+    TRIGGER = "trigger"
+    MODEL_SPEC = "model_spec"
+    TASK = "task"
+    ESTIMATOR = "estimator"
+    SKOPS_TRUSTED_TYPES = "skops_trusted_types"
+    # compliance gate
+    COMPLIANCE_STATUS = "compliance_status"
+    COMPLIANCE_POLICY = "compliance_policy"
+    COMPLIANCE_REPORT_SHA256 = "compliance_report_sha256"
+    # deployment
+    DEPLOYMENT_STATUS = "deployment_status"
+    DEPLOYED_AT = "deployed_at"
+    DEPLOYMENT_CHECKED_AT = "deployment_checked_at"
+    PREVIOUS_CHAMPION = "previous_champion"
+    SUPERSEDED_AT = "superseded_at"
+    SUPERSEDED_BY = "superseded_by"
+    # retirement
+    RETIRED = "retired"
+    RETIRED_AT = "retired_at"
+    RETIRED_REASON = "retired_reason"
+    RETIRED_ARCHIVE_URI = "retired_archive_uri"
+
+
+class ModelTag(StrEnum):
+    """Registered-model tag keys, copied from the model spec at every registration."""
+
+    OWNER = "owner"
+    TEAM = "team"
+    DEPARTMENT = "department"
+    RISK_TIER = "risk_tier"
+    COMPLIANCE_LABELS = "compliance_labels"
+    TASK = "task"
+    DATASET = "dataset"
+    COMPLIANCE_POLICY = "compliance_policy"
+    MONITORING_POLICY = "monitoring_policy"
+    RETIREMENT_POLICY = "retirement_policy"
+
+
+class RunTag(StrEnum):
+    """MLflow run tag keys of the runs the platform logs besides training (one per monitoring window)."""
+
+    KIND = "modelops_kind"
+    MODEL = "modelops_model"
+    MODEL_VERSION = "modelops_model_version"
+    WINDOW = "modelops_window"
+    VERDICT = "modelops_verdict"
+
+
+class ComplianceStatus(StrEnum):
+    APPROVED = "approved"
+    REJECTED = "rejected"
+
+
+class DeploymentStatus(StrEnum):
+    LIVE = "live"
+    SMOKE_TEST_FAILED = "smoke_test_failed"
+    ROLLED_BACK = "rolled_back"
+
+
+class Trigger(StrEnum):
+    """Why a training run trains."""
+
+    NEW_DATA = "new_data"
+    RETRAINING_REQUEST = "retraining_request"
+    MANUAL = "manual"
+
+
+class AuditAction(StrEnum):
+    """What an audit record records. One action per lifecycle decision."""
+
+    DATASET_VALIDATED = "dataset.validated"
+    MODEL_REGISTERED = "model.registered"
+    GATE_DECIDED = "gate.decided"
+    MODEL_DEPLOYED = "model.deployed"
+    DRIFT_ASSESSED = "drift.assessed"
+    RETRAINING_REQUESTED = "retraining.requested"
+    MODEL_RETIRED = "model.retired"
+
+
+class Decision(StrEnum):
+    """The ``decision`` of an audit record."""
+
+    PASSED = "passed"
+    FAILED = "failed"
+    UNREADABLE = "unreadable"
+    CANDIDATE = "candidate"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    DEPLOYED = "deployed"
+    REFUSED = "refused"
+    SMOKE_TEST_FAILED = "smoke_test_failed"
+    REQUESTED = "requested"
+    RETIRED = "retired"
+    WOULD_RETIRE = "would_retire"
+
+
+class EventField(StrEnum):
+    """Keys of Asset event extras. Every event about a model carries ``model_name``."""
+
+    MODEL_NAME = "model_name"
+    VERSION = "version"
+    DATASET = "dataset"
+    SHA256 = "sha256"
+    TRAIN_DATA_SHA256 = "train_data_sha256"
+
+
+def model_subject(name: str, version: str | int | None = None) -> str:
+    """How a model (``model:NAME``) or one version (``model:NAME@VERSION``) is named in the audit log."""
+    return f"model:{name}" if version is None else f"model:{name}@{version}"
+
+
+def dataset_subject(sha256: str) -> str:
+    """How a dataset version is named in the audit log: by the SHA-256 of its bytes."""
+    return f"dataset:{sha256}"
+
+
+def dataset_location_subject(uri: str) -> str:
+    """A dataset file that could not be read (so has no hash), named by where it was."""
+    return f"dataset-uri:{uri}"
+
+
+def sha256_from_subject(subject: str) -> str:
+    return subject.removeprefix("dataset:")
+
+
+def latest_passed_validation(
+    store: AuditStore, sha256: str | None = None, *, dataset: str | None = None
+) -> AuditRecord | None:
+    """The newest passing validation record of ``sha256``, or of the newest version of ``dataset``.
+
+    The audit log is the system of record for which dataset versions passed validation. With neither
+    argument any dataset's newest passing version is returned; callers that train a model always name
+    the model's own dataset, so one model's retraining never picks up another model's data.
+    """
+    subject = dataset_subject(sha256) if sha256 else None
+    records = store.records(action=AuditAction.DATASET_VALIDATED, subject=subject)
+    for record in reversed(records):
+        if record.decision != Decision.PASSED:
+            continue
+        if dataset is not None and record.details.get("dataset") != dataset:
+            continue
+        return record
+    return None
