@@ -8,13 +8,16 @@ PYTHON_BIN ?= $(shell command -v python3 2>/dev/null)
 VENV := .venv
 export UV_PYTHON_DOWNLOADS := never
 # Every Airflow import creates $AIRFLOW_HOME (default ~/airflow): keep the demo's inside the project.
-DEMO_ENV := AIRFLOW_HOME=$(CURDIR)/.demo/airflow
+# The local stack is a development tool in devstack/ (package modelops_dev), outside the runtime package:
+# neither the wheel nor the Docker image ships it, so it is put on PYTHONPATH here.
+DEMO_ENV := AIRFLOW_HOME=$(CURDIR)/.demo/airflow PYTHONPATH=$(CURDIR)/devstack$${PYTHONPATH:+:$$PYTHONPATH}
 
 .PHONY: help install demo down status test lint unit e2e bench clean
 
 help:
-	@echo "make demo   run the six-stage lifecycle end to end on this machine (leaves services running)"
+	@echo "make demo   run two models through the six-stage lifecycle on this machine (leaves services running)"
 	@echo "make down   stop every process make demo started"
+	@echo "make status show what make demo started and where it listens"
 	@echo "make test   ruff + the whole test suite"
 	@echo "make bench  print speed and memory figures (benchmarks/)"
 
@@ -29,13 +32,13 @@ $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
 install: $(VENV)/.synced
 
 demo: install
-	$(DEMO_ENV) $(VENV)/bin/python -m modelops.demo up
+	$(DEMO_ENV) $(VENV)/bin/python -m modelops_dev up
 
 down:
-	@if [ -x $(VENV)/bin/python ]; then $(DEMO_ENV) $(VENV)/bin/python -m modelops.demo down; else echo "nothing to stop"; fi
+	@if [ -x $(VENV)/bin/python ]; then $(DEMO_ENV) $(VENV)/bin/python -m modelops_dev down; else echo "nothing to stop"; fi
 
 status: install
-	$(DEMO_ENV) $(VENV)/bin/python -m modelops.demo status
+	$(DEMO_ENV) $(VENV)/bin/python -m modelops_dev status
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -89,10 +89,13 @@ def bench_hash(tmp: Path) -> None:
 
 def quiet_validate(uri: str, spec: DatasetSpec) -> DatasetValidationReport:
     """validate_dataset without GX's INFO logs and progress bars ."""
+    from modelops.settings import load_catalog
     from modelops.stages.validation import validate_dataset
+    from modelops.storage import storage_root
 
+    catalog = load_catalog()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return validate_dataset(uri, spec)
+        return validate_dataset(uri, spec, catalog.suite_path(spec), storage_root(catalog.platform))
 
 
 def bench_validation(tmp: Path) -> None:
@@ -108,9 +111,9 @@ def bench_validation(tmp: Path) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
     from modelops.data.synthetic import generate_clicks, write_csv
-    from modelops.settings import dataset_spec
+    from modelops.settings import load_catalog
 
-    spec = dataset_spec()
+    spec = load_catalog().dataset("ctr_clicks")
     print()
     print(f"validate_dataset (dataset spec {spec.name!r}; hash + GX suite + PII scan + snapshot + data card)")
     print(f"{'rows':>8} {'CSV MB':>7} {'generate s':>10} {'validate s':>10} {'rows/s':>9}  passed")

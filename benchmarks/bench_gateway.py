@@ -1,8 +1,9 @@
 """Scoring gateway latency and throughput over real HTTP, against a real MLflow registry.
 
-Trains the project's pipeline (``modelops.stages.training.build_pipeline`` with the model spec of
-include/models/) on synthetic clicks, logs and registers it in a SQLite MLflow registry under a temporary
-folder, sets the ``champion`` alias, starts ``python -m modelops.serving`` on a free loopback port and
+Trains the project's pipeline (``modelops.stages.training.build_pipeline`` with the spec of the platform's
+default model, include/models/) on synthetic clicks, logs and registers it in a SQLite MLflow registry under
+a temporary folder, sets the ``champion`` alias, starts ``python -m modelops.serving`` (default model:
+``MODELOPS_DEFAULT_MODEL``) on a free loopback port and
 sends sequential requests with httpx: 500 of 1 row, then 100 of 100 rows (after a short warm-up). Every
 call is also written to the prediction log (SQLite), so the latency includes that write.
 
@@ -41,17 +42,24 @@ def free_loopback_port() -> int:
 
 
 def register_champion(tracking_uri: str, artifacts: Path) -> tuple[str, str, list[str]]:
-    """Train, log and register one version of the spec's model; alias it champion. (name, version, features)"""
+    """Train, log and register a version of the default model; alias it champion. (name, version, features)"""
     import mlflow
     from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
 
     from modelops.data.synthetic import generate_clicks
-    from modelops.settings import model_spec
+    from modelops.settings import load_catalog
     from modelops.stages.training import build_pipeline, split_frame, untrusted_types
+    from modelops.vocabulary import Alias
 
-    spec = model_spec()
+    catalog = load_catalog()
+    spec = catalog.model(catalog.platform.default_model)
     frame = generate_clicks(TRAIN_ROWS, seed=11)
+    missing = sorted({*spec.features, spec.target} - set(frame.columns))
+    if missing:
+        raise SystemExit(
+            f"the default model {spec.name!r} is not a clicks model (synthetic clicks lack {missing})"
+        )
     x_train, _, y_train, _ = split_frame(frame, spec)
     model = build_pipeline(spec).fit(x_train, y_train)
     unreviewed = untrusted_types(model, spec.skops_trusted_types)
@@ -76,7 +84,7 @@ def register_champion(tracking_uri: str, artifacts: Path) -> tuple[str, str, lis
             pip_requirements=["scikit-learn", "skops"],
         )
     version = str(info.registered_model_version)
-    client.set_registered_model_alias(spec.name, "champion", version)
+    client.set_registered_model_alias(spec.name, Alias.CHAMPION, version)
     return spec.name, version, spec.features
 
 
@@ -155,7 +163,7 @@ def main() -> int:
             **os.environ,
             "MLFLOW_TRACKING_URI": tracking_uri,
             "MODELOPS_PREDICTIONS_URL": predictions_url,
-            "MODELOPS_SERVED_MODEL": name,
+            "MODELOPS_DEFAULT_MODEL": name,
             "PYTHONPATH": str(PROJECT_ROOT / "plugins"),
             "NO_PROXY": "127.0.0.1,localhost",
             "no_proxy": "127.0.0.1,localhost",

@@ -1,54 +1,66 @@
 """
 ### Stage 1 · Data validation
 
-Hashes a dataset version (SHA-256, streamed in fixed-size chunks), validates it with the Great
-Expectations suite named in `include/datasets/<dataset>.yaml`, scans it for PII, and on success writes a
-content-addressed snapshot and a data card. The Asset event `modelops_validated_dataset` carries the
-lineage (uri, snapshot, sha256, row count, columns, suite) and starts training.
+Every five minutes (or when triggered), looks in the incoming folder of every dataset spec
+(`include/datasets/*.yaml`, field `incoming_uri`) for files whose bytes were never validated, and
+validates each one against the spec of the folder it was dropped in: SHA-256 (streamed), the Great
+Expectations suite the spec names, a PII scan; a passing file gets a content-addressed snapshot and a
+data card. One mapped task per file, named after its dataset. The Asset event `modelops_validated_dataset`
+carries the lineage (dataset, uri, snapshot, sha256, row count, columns, suite) and starts training of
+every model whose spec names that dataset.
 
-A failure names every failed expectation and PII finding; the full result is in the audit log either way.
+A failure names the dataset spec and suite it used, and every failed expectation and PII finding; the
+full result is in the audit log either way. A file already validated (passed or failed) is not redone.
 
-**Trigger form:** `dataset_uri` (blank = the dataset spec's `incoming_uri`), `dataset` (blank = the
-platform default).
+**Trigger form:** `datasets` (empty = every dataset), `dataset_uri` (one file anywhere; its dataset is
+the one named, else the one whose incoming folder holds it).
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import pendulum
-from airflow.sdk import Param, dag
+from airflow.sdk import dag, task
 
 from modelops.assets import VALIDATED_DATASET
 from modelops.operators.validation import ValidateDatasetOperator
+from modelops.params import datasets_param, optional_text_param
 
 
 @dag(
     dag_id="modelops_data_validation",
-    schedule=None,
+    schedule="*/5 * * * *",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    render_template_as_native_obj=True,
     tags=["modelops", "stage-1", "data"],
     default_args={"owner": "ml-platform", "retries": 1, "retry_delay": timedelta(seconds=30)},
     doc_md=__doc__,
     params={
-        "dataset_uri": Param(
-            "",
-            type="string",
-            title="Dataset URI",
-            description="CSV to validate: a local path, file:// or s3:// URI. Blank: the spec's incoming_uri.",
+        "datasets": datasets_param("Whose incoming folders to look in. Empty: every dataset."),
+        "dataset_uri": optional_text_param(
+            "Dataset file",
+            "One CSV to validate (a local path, file:// or s3:// URI). Empty: the incoming folders.",
         ),
-        "dataset": Param("", type="string", title="Dataset spec", description="Blank: the platform default."),
     },
 )
 def modelops_data_validation() -> None:
-    ValidateDatasetOperator(
+    @task
+    def find_new_files(**context: Any) -> list[dict[str, Any]]:
+        """The files to validate, each with its dataset spec; none means nothing new was dropped."""
+        from modelops.operators.planning import validation_plan
+
+        params = context["params"]
+        return validation_plan(datasets=params["datasets"], dataset_uri=params["dataset_uri"])
+
+    ValidateDatasetOperator.partial(
         task_id="validate_dataset",
-        dataset_uri="{{ params.dataset_uri }}",
-        dataset="{{ params.dataset }}",
         outlets=[VALIDATED_DATASET],
-    )
+        map_index_template="{{ task.dataset }}",
+    ).expand_kwargs(find_new_files())
 
 
 modelops_data_validation()

@@ -1,26 +1,28 @@
 """
 ### Stage 4 · Deployment
 
-Runs when a version is approved (`modelops_model_approved`). Refuses any version the compliance gate did
-not approve. Stages the version in the scoring gateway next to the live champion, smoke-tests it
-through HTTP with rows from its own training snapshot, then moves alias `champion` (the old one keeps
-alias `previous_champion` for rollback) and has the gateway serve it. A failed smoke test leaves the
-previous champion serving and fails the task; a failed switch rolls the alias back.
+Runs when a version is approved (`modelops_model_approved`), once per model the events name (one mapped
+task per model, named after it). Refuses any version the compliance gate did not approve, or a model
+whose spec disables serving. Stages the version in the scoring gateway next to the model's live
+champion, smoke-tests it through HTTP with rows of its own training data, then moves the model's alias
+`champion` (the old one keeps alias `previous_champion` for rollback) and has the gateway serve it at
+`/models/<model>/invocations`. A failed smoke test leaves the previous champion serving and fails the
+task; a failed switch rolls the alias back.
 
-The gateway speaks the MLflow scoring protocol: `POST /invocations`, `GET /ping`, `/health`, `/version`.
-
-**Trigger form:** `model_version` (blank = the triggering event, else alias `challenger`).
+**Trigger form** (a manual run): `model`, `model_version` (empty = the model's alias `challenger`).
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import pendulum
-from airflow.sdk import Param, dag
+from airflow.sdk import dag, task
 
 from modelops.assets import MODEL_APPROVED, MODEL_DEPLOYED
 from modelops.operators.deployment import DeployModelOperator
+from modelops.params import model_param, version_param
 
 
 @dag(
@@ -29,23 +31,31 @@ from modelops.operators.deployment import DeployModelOperator
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    render_template_as_native_obj=True,
     tags=["modelops", "stage-4", "deployment"],
     default_args={"owner": "ml-platform", "retries": 1, "retry_delay": timedelta(seconds=30)},
     doc_md=__doc__,
     params={
-        "model_version": Param(
-            "", type=["string", "integer"], title="Model version", description="Blank: alias challenger."
-        ),
-        "model": Param("", type="string", title="Model spec", description="Blank: the platform default."),
+        "model": model_param("The model to deploy (Asset-triggered runs deploy the events' versions)."),
+        "model_version": version_param("Empty: the model's alias challenger."),
     },
 )
 def modelops_deployment() -> None:
-    DeployModelOperator(
+    @task
+    def plan_deployment(**context: Any) -> list[dict[str, Any]]:
+        """The newest approved version per model from the triggering events, or the form's."""
+        from modelops.operators.planning import version_plan
+
+        params = context["params"]
+        return version_plan(
+            context, asset=MODEL_APPROVED, model=params["model"], model_version=params["model_version"]
+        )
+
+    DeployModelOperator.partial(
         task_id="deploy_to_gateway",
-        model_version="{{ params.model_version }}",
-        model="{{ params.model }}",
         outlets=[MODEL_DEPLOYED],
-    )
+        map_index_template="{{ task.model }}",
+    ).expand_kwargs(plan_deployment())
 
 
 modelops_deployment()

@@ -1,19 +1,21 @@
 """
 ### Stage 5 · Drift monitoring (hourly)
 
-Every hour, reads the prediction log for exactly the run's data interval, so a backfill over past hours
-reproduces the same verdict, and compares it with the training data of the version that served it
+Every hour, for every model with a serving version (one mapped task per model, named after it), reads
+that model's prediction log for exactly the run's data interval, so a backfill over past hours
+reproduces the same verdicts, and compares it with the training data of the version that served it
 (found through its `train_data_sha256` lineage) using Evidently. The HTML report is kept under
-`<storage_root>/monitoring/` and, with the metrics, in one MLflow run per window; the verdict (ok /
-warning / critical / insufficient_data, thresholds in `include/policies/monitoring.yaml`) goes to the
-audit log. A verdict listed in `request_retraining_on`
-emits a `modelops_retraining_request` Asset event, which starts training.
+`<storage_root>/monitoring/<model>/` and, with the metrics, in one MLflow run per model and window in the
+model's experiment; the verdict (ok / warning / critical / insufficient_data, thresholds from the model's
+monitoring policy) goes to the audit log. A verdict the policy lists in `request_retraining_on` emits a
+`modelops_retraining_request` Asset event naming the model, which retrains that model only.
 
 The timetable is `CronDataIntervalTimetable`: Airflow 3 makes a bare `@hourly` a point-in-time
 schedule with no data interval.
 
 **Backfill:** `airflow backfill create --dag-id modelops_drift_monitoring --from-date ... --to-date ...`.
-**Trigger form:** `window_start` / `window_end` (ISO 8601) to assess any other window.
+**Trigger form:** `models` (empty = every serving model), `window_start` / `window_end` (ISO 8601) to
+assess any other window.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from datetime import timedelta
 from typing import Any
 
 import pendulum
-from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
+from airflow.sdk import CronDataIntervalTimetable, dag, task
 
 from modelops.assets import RETRAINING_REQUEST
-from modelops.operators.monitoring import DriftMonitorOperator
+from modelops.operators.monitoring import DriftMonitorOperator, RequestRetrainingOperator
+from modelops.params import models_param, optional_text_param
 
 
 @dag(
@@ -34,35 +37,39 @@ from modelops.operators.monitoring import DriftMonitorOperator
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=2,
+    render_template_as_native_obj=True,
     tags=["modelops", "stage-5", "monitoring"],
     default_args={"owner": "ml-platform", "retries": 2, "retry_delay": timedelta(minutes=2)},
     doc_md=__doc__,
     params={
-        "window_start": Param(
-            "", type="string", title="Window start", description="ISO 8601; blank: the run's interval."
+        "models": models_param("Which models to assess. Empty: every model with a serving version."),
+        "window_start": optional_text_param(
+            "Window start", "ISO 8601; empty: the run's data interval.", format="date-time"
         ),
-        "window_end": Param(
-            "", type="string", title="Window end", description="ISO 8601; blank: the run's interval."
+        "window_end": optional_text_param(
+            "Window end", "ISO 8601; empty: the run's data interval.", format="date-time"
         ),
-        "model": Param("", type="string", title="Model spec", description="Blank: the platform default."),
     },
 )
 def modelops_drift_monitoring() -> None:
-    assessment = DriftMonitorOperator(
+    @task
+    def find_serving_models(**context: Any) -> list[dict[str, Any]]:
+        """Every model (of those asked for) with a serving version."""
+        from modelops.operators.planning import monitoring_plan
+
+        return monitoring_plan(models=context["params"]["models"])
+
+    assessments = DriftMonitorOperator.partial(
         task_id="assess_drift",
         window_start="{{ params.window_start }}",
         window_end="{{ params.window_end }}",
-        model="{{ params.model }}",
-    )
+        map_index_template="{{ task.model }}",
+    ).expand_kwargs(find_serving_models())
 
-    @task(outlets=[RETRAINING_REQUEST])
-    def request_retraining(result: dict[str, Any], **context: Any) -> dict[str, Any]:
-        """Ask for a retrain when the verdict calls for one; otherwise skip (no Asset event)."""
-        from modelops.operators.monitoring import retraining_request
-
-        return retraining_request(result, context)
-
-    request_retraining(assessment.output)
+    RequestRetrainingOperator.partial(
+        task_id="request_retraining",
+        outlets=[RETRAINING_REQUEST],
+    ).expand(assessment=assessments.output)
 
 
 modelops_drift_monitoring()

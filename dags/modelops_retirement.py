@@ -1,24 +1,28 @@
 """
 ### Stage 6 · Retirement (monthly)
 
-Selects the versions `include/policies/retirement.yaml` retires (superseded as champion for longer than
+Every month, for every registered model (one mapped task per model, named after it), selects the
+versions the model's retirement policy retires (superseded as champion for longer than
 `superseded_for_days`) plus any named in a manual request. Each is archived (model files and metadata,
-with a manifest of every file's sha256) under `<storage_root>/archive/` through `ObjectStoragePath` (a
-local folder by default, `s3://` by configuration only), the archive is read back and verified, and only
-then are its aliases removed and it is tagged `retired` with the archive URI. The serving champion is
-never retired.
+with a manifest of every file's sha256) under `<storage_root>/archive/<model>/` through
+`ObjectStoragePath` (a local folder by default, `s3://` by configuration only), the archive is read back
+and verified, and only then are its aliases removed and it is tagged `retired` with the archive URI.
+The serving champion is never retired.
 
-**Trigger form:** `versions` (e.g. `3, 4`), `reason` (required with versions), `dry_run` (report only).
+**Trigger form:** `models` (empty = every registered model), `versions` (e.g. `[3, 4]`, with exactly one
+model), `reason` (required with versions), `dry_run` (report only).
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import pendulum
-from airflow.sdk import Param, dag
+from airflow.sdk import Param, dag, task
 
 from modelops.operators.retirement import RetireModelsOperator
+from modelops.params import models_param, optional_text_param
 
 
 @dag(
@@ -27,28 +31,43 @@ from modelops.operators.retirement import RetireModelsOperator
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    render_template_as_native_obj=True,
     tags=["modelops", "stage-6", "retirement"],
     default_args={"owner": "ml-platform", "retries": 1, "retry_delay": timedelta(minutes=5)},
     doc_md=__doc__,
     params={
+        "models": models_param("Whose versions to consider. Empty: every registered model."),
         "versions": Param(
-            "", type="string", title="Versions to retire", description="Comma-separated; blank: policy only."
+            [],
+            type="array",
+            items={"type": "integer", "minimum": 1},
+            title="Versions to retire",
+            description="With exactly one model. Empty: the policy decides.",
         ),
-        "reason": Param("", type="string", title="Reason", description="Required when versions are named."),
+        "reason": optional_text_param("Reason", "Required when versions are named."),
         "dry_run": Param(
             False, type="boolean", title="Dry run", description="Show what would happen; change nothing."
         ),
-        "model": Param("", type="string", title="Model spec", description="Blank: the platform default."),
     },
 )
 def modelops_retirement() -> None:
-    RetireModelsOperator(
+    @task
+    def find_registered_models(**context: Any) -> list[dict[str, Any]]:
+        """Every registered model (of those asked for), with the form's request."""
+        from modelops.operators.planning import retirement_plan
+
+        params = context["params"]
+        return retirement_plan(
+            models=params["models"],
+            versions=params["versions"],
+            reason=params["reason"],
+            dry_run=params["dry_run"],
+        )
+
+    RetireModelsOperator.partial(
         task_id="retire_versions",
-        versions="{{ params.versions }}",
-        reason="{{ params.reason }}",
-        dry_run="{{ params.dry_run }}",
-        model="{{ params.model }}",
-    )
+        map_index_template="{{ task.model }}",
+    ).expand_kwargs(find_registered_models())
 
 
 modelops_retirement()

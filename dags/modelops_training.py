@@ -1,25 +1,31 @@
 """
 ### Stage 2 · Training and registration
 
-Runs when a dataset passes validation (`modelops_validated_dataset`) or monitoring requests a retrain
-(`modelops_retraining_request`), or by hand. Trains the model spec in `include/models/`, logs the run to
-MLflow (params, holdout metrics, signature, input example) and registers a version tagged with its
-lineage: `train_data_sha256`, `train_data_uri`, framework and version, Python version, code commit,
-Airflow dag/run id and the trigger. Alias `candidate` moves to it; the Asset event
-`modelops_model_candidate` starts the compliance gate. A retry of the same run reuses its version.
+Runs when a dataset passes validation (`modelops_validated_dataset`): trains every model whose spec
+(`include/models/*.yaml`) names that dataset, on that version. Runs when monitoring asks for a retrain
+(`modelops_retraining_request`): trains the model the request names, on the newest validated version of
+that model's own dataset. One mapped task per model, named after it. Each logs a run to the model's own
+MLflow experiment (params, holdout metrics of its task kind, signature, input example) and registers a
+version tagged with its lineage: `train_data_sha256`, `train_data_uri`, dataset, framework and version,
+Python version, code commit, Airflow dag/run id and the trigger. Alias `candidate` moves to it; the Asset
+event `modelops_model_candidate` (with the model name) starts the compliance gate. A retry of the same
+run reuses its version.
 
-**Trigger form:** `dataset_sha256` (blank = the triggering event, else the latest validated dataset).
+**Trigger form** (a manual run): `model`, and `dataset_sha256` (empty = the newest validated version of
+the model's dataset).
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import pendulum
-from airflow.sdk import Param, dag
+from airflow.sdk import dag, task
 
 from modelops.assets import MODEL_CANDIDATE, RETRAINING_REQUEST, VALIDATED_DATASET
 from modelops.operators.training import TrainModelOperator
+from modelops.params import model_param, optional_text_param
 
 
 @dag(
@@ -28,26 +34,33 @@ from modelops.operators.training import TrainModelOperator
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    render_template_as_native_obj=True,
     tags=["modelops", "stage-2", "training"],
     default_args={"owner": "ml-platform", "retries": 1, "retry_delay": timedelta(seconds=30)},
     doc_md=__doc__,
     params={
-        "dataset_sha256": Param(
-            "",
-            type="string",
-            title="Dataset SHA-256",
-            description="A dataset version that passed validation. Blank: the triggering event or the latest.",
+        "model": model_param("The model to train (Asset-triggered runs train the events' models)."),
+        "dataset_sha256": optional_text_param(
+            "Dataset SHA-256",
+            "A validated version of the model's dataset. Empty: the newest one.",
+            pattern="^[0-9a-f]{64}$",
         ),
-        "model": Param("", type="string", title="Model spec", description="Blank: the platform default."),
     },
 )
 def modelops_training() -> None:
-    TrainModelOperator(
+    @task
+    def plan_training(**context: Any) -> list[dict[str, Any]]:
+        """Which models to train on which data, from the triggering events or the form."""
+        from modelops.operators.planning import training_plan
+
+        params = context["params"]
+        return training_plan(context, model=params["model"], dataset_sha256=params["dataset_sha256"])
+
+    TrainModelOperator.partial(
         task_id="train_and_register",
-        dataset_sha256="{{ params.dataset_sha256 }}",
-        model="{{ params.model }}",
         outlets=[MODEL_CANDIDATE],
-    )
+        map_index_template="{{ task.model }}",
+    ).expand_kwargs(plan_training())
 
 
 modelops_training()

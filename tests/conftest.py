@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +34,9 @@ os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_SESSION_DIR / 
 os.environ["MODELOPS_HOME"] = str(_SESSION_DIR / "modelops-home")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+# One OpenMP thread per process: on 2 cores with other test processes (MLflow server, gateway threads)
+# a HistGradientBoosting fit took 45-89 s with the default threads and 2 s with one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -83,3 +90,106 @@ def modelops_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "AIRFLOW_CONN_MODELOPS_PREDICTIONS", f'{{"conn_type": "sqlite", "host": "{home}/predictions.db"}}'
     )
     return home
+
+
+def _start_mlflow_server(root: Path, port: int) -> subprocess.Popen[bytes]:
+    """``mlflow server`` as the demo runs it (SQLite backend store, proxied artifacts, one worker)."""
+    argv = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--serve-artifacts",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    env = {
+        **os.environ,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with (root / "mlflow-server.log").open("ab") as log:
+        # Its own process group: ``mlflow server`` runs uvicorn as a child, and both must stop at the end.
+        return subprocess.Popen(
+            argv, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _stop_process_group(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float) -> bool:
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        try:
+            with opener.open(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    return False
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` over HTTP with proxied artifacts (``mlflow-artifacts:/``), as the demo and
+    production run it; started once per session, yields its base URL (``http://127.0.0.1:<port>``).
+
+    It is shared by every test of the session: use unique model and experiment names, or
+    :func:`tests.support.use_http_registry` for the catalog's models.
+    """
+    from tests.support import free_port
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    log_file = root / "mlflow-server.log"
+    healthy = False
+    for _attempt in range(3):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        process = _start_mlflow_server(root, port)
+        healthy = _wait_healthy(url, process, timeout=180)
+        if healthy:
+            break
+        exited = process.poll() is not None
+        _stop_process_group(process)
+        if not exited:
+            break  # alive but not healthy in time: starting another would not help
+        # It exited: perhaps another process took the free port before the server bound it; try again.
+    if not healthy:
+        tail = log_file.read_text(errors="replace")[-3000:] if log_file.is_file() else ""
+        pytest.fail(f"mlflow server did not become healthy; the end of {log_file}:\n{tail}")
+    try:
+        # MLflow's client must reach the server directly even where an HTTP proxy is configured.
+        with pytest.MonkeyPatch.context() as patch:
+            for name in ("NO_PROXY", "no_proxy"):
+                patch.setenv(name, ",".join(filter(None, [os.environ.get(name), "127.0.0.1", "localhost"])))
+            yield url
+    finally:
+        _stop_process_group(process)

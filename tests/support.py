@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Iterator
@@ -12,6 +13,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pytest
     from mlflow import MlflowClient
+
+    from modelops.registry import ModelRegistry
+    from modelops.settings import Catalog
 
 
 @contextmanager
@@ -47,25 +51,111 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def use_sqlite_registry(root: Path, patch: pytest.MonkeyPatch) -> tuple[str, MlflowClient, str]:
+def mlflow_client(tracking_uri: str) -> MlflowClient:
+    """A raw MLflow client of ``tracking_uri``, for a test acting as an outside user or attacker (who
+    bypasses :class:`~modelops.registry.ModelRegistry`)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri, registry_uri=tracking_uri)
+
+
+@functools.cache
+def _migrated_mlflow_sqlite() -> Path:
+    """An empty MLflow SQLite store with every schema migration applied, made once per process."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="modelops-mlflow-template-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    template = folder / "mlflow.db"
+    client = mlflow_client(f"sqlite:///{template}")
+    client.search_experiments()
+    client.search_registered_models()
+    return template
+
+
+def sqlite_tracking_uri(root: Path) -> str:
+    """The URI of an MLflow SQLite store at ``root/mlflow.db``, created as a copy of an already migrated
+    one: migrating a new database takes seconds, copying one milliseconds. An existing file is kept."""
+    import sqlite3
+    from contextlib import closing
+
+    database = root / "mlflow.db"
+    if not database.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        with (
+            closing(sqlite3.connect(_migrated_mlflow_sqlite())) as src,
+            closing(sqlite3.connect(database)) as dst,
+        ):
+            src.backup(dst)
+    return f"sqlite:///{database}"
+
+
+def _catalog_experiments(catalog: Catalog | None) -> dict[str, str]:
+    """model name -> its experiment's name, for every model of ``catalog`` (default: the loaded one)."""
+    if catalog is None:
+        from modelops.settings import load_catalog
+
+        catalog = load_catalog()
+    return {name: spec.experiment_name for name, spec in sorted(catalog.models.items())}
+
+
+def use_sqlite_registry(
+    root: Path, patch: pytest.MonkeyPatch, *, catalog: Catalog | None = None
+) -> tuple[str, ModelRegistry, dict[str, str]]:
     """A real MLflow registry in ``root`` that the hooks reach through ``mlflow_default``.
 
-    Returns (tracking URI, client, id of the platform's experiment). The experiment is created with an
-    artifact location under ``root``: without one, MLflow would write to ./mlruns.
+    Returns (tracking URI, registry, model name -> id of that model's experiment). The experiment of
+    every model of ``catalog`` (default :func:`~modelops.settings.load_catalog`) is created up front
+    with an artifact location under ``root``: without one, a SQLite-backed MLflow would write to ./mlruns.
     """
     import json
 
-    from mlflow import MlflowClient
+    from modelops.registry import ModelRegistry
 
-    from modelops.settings import platform_settings
-
-    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    tracking_uri = sqlite_tracking_uri(root)
     patch.setenv(
         "AIRFLOW_CONN_MLFLOW_DEFAULT",
         json.dumps({"conn_type": "http", "extra": {"tracking_uri": tracking_uri}}),
     )
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    experiment_id = client.create_experiment(
-        platform_settings().experiment_name, artifact_location=(root / "artifacts").as_uri()
+    client = mlflow_client(tracking_uri)
+    experiment_ids = {
+        name: client.create_experiment(experiment, artifact_location=(root / "artifacts" / name).as_uri())
+        for name, experiment in _catalog_experiments(catalog).items()
+    }
+    return tracking_uri, ModelRegistry(tracking_uri), experiment_ids
+
+
+def use_http_registry(
+    url: str, patch: pytest.MonkeyPatch, *, fresh: bool = True, catalog: Catalog | None = None
+) -> tuple[str, ModelRegistry, dict[str, str]]:
+    """The MLflow server at ``url`` (the session's ``mlflow_server`` fixture) as ``mlflow_default``.
+
+    Returns (tracking URI, registry, model name -> id of that model's experiment) like
+    :func:`use_sqlite_registry`; the server gives every experiment its (proxied) artifact location.
+    The server lives for the whole session, so with ``fresh`` (the default) the registered model of
+    every catalog model is deleted and the active runs of its experiment are deleted, leaving the test
+    the state of a new server for the catalog's models. Other names persist between tests.
+    """
+    import json
+    from urllib.parse import urlsplit
+
+    from modelops.registry import ModelRegistry
+
+    parts = urlsplit(url)
+    patch.setenv(
+        "AIRFLOW_CONN_MLFLOW_DEFAULT",
+        json.dumps({"conn_type": "http", "host": parts.hostname, "port": parts.port, "schema": parts.scheme}),
     )
-    return tracking_uri, client, experiment_id
+    registry = ModelRegistry(url)
+    client = mlflow_client(url)
+    experiment_ids: dict[str, str] = {}
+    for name, experiment in _catalog_experiments(catalog).items():
+        experiment_ids[name] = registry.experiment_id(experiment)
+        if fresh:
+            if registry.model(name) is not None:
+                client.delete_registered_model(name)
+            for run in client.search_runs([experiment_ids[name]], max_results=1000):
+                client.delete_run(run.info.run_id)
+    return url, registry, experiment_ids

@@ -1,5 +1,8 @@
 """``airflow_settings.yaml``: the local stack's connections, pools and variables (Astro CLI format).
 
+Used by the production image (docker-compose's airflow-init loads pools and variables with it)
+and by ``make demo``.
+
 The file is validated by typed models (unknown fields are errors naming the file and the field), then
 converted to Airflow's own import formats and loaded with Airflow's CLI import commands, so the metadata
 DB ends up exactly as if an operator had typed the imports. :func:`as_env` gives the same connections

@@ -11,12 +11,16 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import sqlalchemy as sa
-
-from modelops.audit import AuditStore
-from modelops.audit.chain import canonical_json
 from modelops.errors import ModelOpsError
+from modelops.vocabulary import AuditAction
+
+if TYPE_CHECKING:
+    from modelops.audit import AuditStore
+
+# SQLAlchemy and the audit store are imported by the commands, not here: `modelops --help` and a usage
+# error answer without them, and no command imports Airflow unless it must resolve an Airflow connection.
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
@@ -27,6 +31,8 @@ AUDIT_URL_ENV = "MODELOPS_AUDIT_URL"
 
 def _open_audit_store(url: str | None) -> AuditStore:
     """``--url``, else ``$MODELOPS_AUDIT_URL``, else the Airflow connection ``modelops_audit``."""
+    from modelops.audit import AuditStore
+
     url = url or os.environ.get(AUDIT_URL_ENV)
     if not url:
         # Imported here: Airflow is slow to import and not needed when a URL is given.
@@ -60,6 +66,8 @@ def _cmd_audit_show(args: argparse.Namespace) -> int:
         records = store.records(action=args.action, subject=args.subject, limit=args.limit)
     finally:
         store.dispose()
+    from modelops.audit.chain import canonical_json
+
     for record in records:
         print(canonical_json(record.to_dict()))
     return EXIT_OK
@@ -94,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     show = audit_commands.add_parser("show", help="print records as JSON lines, oldest first")
     _add_url_option(show)
     show.add_argument("--limit", type=_positive_int, help="only the newest N matching records")
-    show.add_argument("--action", help="only records with this action, e.g. model.registered")
+    show.add_argument(
+        "--action", choices=[action.value for action in AuditAction], help="only records with this action"
+    )
     show.add_argument("--subject", help="only records about this subject, e.g. model:ctr_recommender@3")
     show.set_defaults(handler=_cmd_audit_show)
 
@@ -107,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
         return int(exc.code or 0)
+    import sqlalchemy as sa
+
     try:
         return args.handler(args)
     except ModelOpsError as exc:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -146,16 +146,26 @@ class ModelRegistry:
 
     def versions(self, name: str) -> list[VersionInfo]:
         """Every version of ``name``, oldest first (empty when the model is not registered)."""
-        found = self._client.search_model_versions(f"name = '{_quoted(name)}'")
-        return sorted((VersionInfo.from_mlflow(v) for v in found), key=lambda v: int(v.version))
+        found = self._client.search_model_versions(f"name = {_literal(name)}")
+        return self._with_aliases(name, sorted(found, key=lambda v: int(v.version)))
 
     def find_versions(self, name: str, **tags: str) -> list[VersionInfo]:
         """Versions of ``name`` carrying all the given tags, newest first."""
-        clauses = [f"name = '{_quoted(name)}'"] + [
-            f"tags.`{key}` = '{_quoted(str(value))}'" for key, value in tags.items()
+        clauses = [f"name = {_literal(name)}"] + [
+            f"tags.`{key}` = {_literal(str(value))}" for key, value in tags.items()
         ]
         found = self._client.search_model_versions(" AND ".join(clauses))
-        return sorted((VersionInfo.from_mlflow(v) for v in found), key=lambda v: int(v.version), reverse=True)
+        return self._with_aliases(name, sorted(found, key=lambda v: int(v.version), reverse=True))
+
+    def _with_aliases(self, name: str, found: list[Any]) -> list[VersionInfo]:
+        # MLflow's version search returns no aliases; fill them from the registered model.
+        by_version: dict[str, list[str]] = {}
+        for alias, version in (self.aliases(name) if found else {}).items():
+            by_version.setdefault(version, []).append(alias)
+        return [
+            replace(info, aliases=tuple(sorted(by_version.get(info.version, ()))))
+            for info in (VersionInfo.from_mlflow(v) for v in found)
+        ]
 
     def register_version(
         self, name: str, *, run_id: str, artifact_path: str, tags: Mapping[str, str]
@@ -235,8 +245,12 @@ class ModelRegistry:
 
     def find_run(self, experiment: str, tags: Mapping[str, str]) -> str | None:
         """The id of a run in ``experiment`` carrying all ``tags``, or None."""
-        clauses = " and ".join(f"tags.{key} = '{_quoted(str(value))}'" for key, value in tags.items())
-        found = self._client.search_runs([self.experiment_id(experiment)], filter_string=clauses, max_results=1)
+        if not tags:
+            raise ValueError("find_run needs at least one tag to match")
+        clauses = " and ".join(f"tags.`{key}` = {_literal(str(value))}" for key, value in tags.items())
+        found = self._client.search_runs(
+            [self.experiment_id(experiment)], filter_string=clauses, max_results=1
+        )
         return found[0].info.run_id if found else None
 
     def log_run(
@@ -301,9 +315,14 @@ class ModelRegistry:
         return mlflow.pyfunc.load_model(str(self.download_version(name, version, dst)))
 
 
-def _quoted(value: str) -> str:
-    # MLflow's search grammar takes single-quoted strings; a quote inside is doubled away.
-    return value.replace("'", "\\'")
+def _literal(value: str) -> str:
+    """A string literal for MLflow's search grammar, which has no escape for a quote inside a literal:
+    single quotes, or double quotes when the value holds a single quote."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise RegistryError(f"cannot search the registry for {value!r}: it holds both ' and \"; rename it")
 
 
 def json_tag(value: Any) -> str:

@@ -161,7 +161,9 @@ class PolicyChoice(StrictModel):
 
 class ServingSpec(StrictModel):
     enabled: bool = Field(default=True, description="Deploy approved versions to the scoring gateway")
-    smoke_rows: int = Field(default=20, gt=0, le=1000, description="Rows of training data scored before go-live")
+    smoke_rows: int = Field(
+        default=20, gt=0, le=1000, description="Rows of training data scored before go-live"
+    )
 
 
 class ModelSpec(StrictModel):
@@ -508,9 +510,15 @@ def load_catalog(root: Path | None = None) -> Catalog:
 
     for tier_name, tier in tiers.items():
         where = f"{tiers_file}: field 'tiers.{tier_name}"
-        require(compliance, tier.compliance, f"{where}.compliance'", "compliance policy", "policies/compliance/")
-        require(monitoring, tier.monitoring, f"{where}.monitoring'", "monitoring policy", "policies/monitoring/")
-        require(retirement, tier.retirement, f"{where}.retirement'", "retirement policy", "policies/retirement/")
+        require(
+            compliance, tier.compliance, f"{where}.compliance'", "compliance policy", "policies/compliance/"
+        )
+        require(
+            monitoring, tier.monitoring, f"{where}.monitoring'", "monitoring policy", "policies/monitoring/"
+        )
+        require(
+            retirement, tier.retirement, f"{where}.retirement'", "retirement policy", "policies/retirement/"
+        )
     for name, spec in datasets.items():
         suite = root / "expectations" / spec.expectation_suite
         if not suite.is_file():
@@ -522,10 +530,16 @@ def load_catalog(root: Path | None = None) -> Catalog:
         path = sources[f"models/{name}"]
         require(datasets, spec.dataset, f"{path}: field 'dataset'", "dataset", "include/datasets/")
         require(tiers, spec.risk_tier, f"{path}: field 'risk_tier'", "risk tier", "policies/risk_tiers.yaml")
-        for kind, found in (("compliance", compliance), ("monitoring", monitoring), ("retirement", retirement)):
+        for kind, found in (
+            ("compliance", compliance),
+            ("monitoring", monitoring),
+            ("retirement", retirement),
+        ):
             chosen = getattr(spec.policies, kind)
             if chosen is not None:
-                require(found, chosen, f"{path}: field 'policies.{kind}'", f"{kind} policy", f"policies/{kind}/")
+                require(
+                    found, chosen, f"{path}: field 'policies.{kind}'", f"{kind} policy", f"policies/{kind}/"
+                )
     if platform.default_model not in models:
         raise SettingsError(
             f"{root / 'modelops.yaml'}: field 'default_model': model {platform.default_model!r} has no spec; "

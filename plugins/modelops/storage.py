@@ -6,12 +6,19 @@ The same code writes both; only ``storage_root`` (and ``storage_conn_id`` for S3
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from airflow.sdk import ObjectStoragePath
 
-from modelops.settings import platform_settings
+from modelops.errors import DatasetError
+from modelops.settings import PlatformSettings, platform_settings
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CHUNK_BYTES = 1024 * 1024
 
@@ -24,9 +31,55 @@ def as_storage_path(uri: str | Path, conn_id: str | None = None) -> ObjectStorag
     return ObjectStoragePath(text, conn_id=conn_id) if conn_id else ObjectStoragePath(text)
 
 
-def storage_root() -> ObjectStoragePath:
-    settings = platform_settings()
+def storage_root(settings: PlatformSettings | None = None) -> ObjectStoragePath:
+    settings = settings or platform_settings()
     return as_storage_path(settings.storage_root, settings.storage_conn_id or None)
+
+
+def read_dataset(uri: str, *, columns: Sequence[str] | None = None, nrows: int | None = None) -> pd.DataFrame:
+    """Read a CSV dataset, or only ``columns`` of its first ``nrows`` rows (deployment's smoke test reads
+    20 rows, not the whole file). A missing, empty or unreadable file is a ``DatasetError`` saying so."""
+    import pandas as pd
+
+    path = as_storage_path(uri)
+    if not path.exists():
+        raise DatasetError(f"dataset not found at {uri}; check the dataset_uri param or drop the file there")
+    try:
+        with path.open("rb") as stream:
+            frame = pd.read_csv(stream, usecols=list(columns) if columns else None, nrows=nrows)
+    except pd.errors.EmptyDataError as exc:
+        raise DatasetError(
+            f"dataset {uri} is empty (0 bytes or no header); it needs a header row and data"
+        ) from exc
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        # The parser's message may quote file content; name the problem without echoing data.
+        raise DatasetError(f"dataset {uri} is not a readable CSV file ({type(exc).__name__})") from exc
+    except ValueError as exc:
+        if columns:
+            raise DatasetError(
+                f"dataset {uri} lacks some of the columns {list(columns)}: {exc}; "
+                "check the model spec's features against the data"
+            ) from exc
+        raise
+    if frame.empty:
+        raise DatasetError(f"dataset {uri} has a header but no data rows; a dataset needs at least one row")
+    return frame
+
+
+def files_in(folder_uri: str, pattern: str) -> list[ObjectStoragePath]:
+    """The files directly in ``folder_uri`` whose name matches ``pattern``, by name; none if it is absent.
+
+    Names starting with a dot are skipped: writers (ours included) write ``.name.partial`` and rename.
+    """
+    folder = as_storage_path(folder_uri)
+    if not folder.exists():
+        return []
+    found = [
+        path
+        for path in folder.iterdir()
+        if path.is_file() and not path.name.startswith(".") and fnmatch.fnmatch(path.name, pattern)
+    ]
+    return sorted(found, key=lambda path: path.name)
 
 
 def sha256_of(path: ObjectStoragePath, chunk_bytes: int = CHUNK_BYTES) -> tuple[str, int]:

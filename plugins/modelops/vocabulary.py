@@ -99,6 +99,16 @@ class DeploymentStatus(StrEnum):
     ROLLED_BACK = "rolled_back"
 
 
+RETIRED_TRUE = "true"
+"""The value of ``Tag.RETIRED`` on a retired version."""
+
+DRIFT_RUN_KIND = "drift_assessment"
+"""The ``RunTag.KIND`` of the MLflow run logged per model and monitoring window."""
+
+SMOKE_TEST_CALLER = "modelops-deployment-smoke-test"
+"""The caller id of deployment's smoke-test calls: logged, but never counted as traffic by monitoring."""
+
+
 class Trigger(StrEnum):
     """Why a training run trains."""
 

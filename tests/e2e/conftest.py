@@ -1,4 +1,11 @@
-"""A real, temporary stack for end-to-end runs: Airflow metadata DB, MLflow registry, scoring gateway."""
+"""A real, temporary stack for end-to-end runs: Airflow metadata DB, MLflow registry, scoring gateway.
+
+``Stack.run`` runs one DAG with ``dag.test()``. ``Stack.run_queued`` does what the scheduler does with
+Asset events: it asks Airflow which DAGs have their Asset condition met (``DagModel.dags_needing_dagruns``,
+the scheduler's own query), creates each one's run with the events it consumes attached (so tasks see
+them as ``triggering_asset_events``), clears the queue, and runs it. A test that drives the chain that
+way notices a miswired ``schedule=``, which hand-triggering every stage would not.
+"""
 
 from __future__ import annotations
 
@@ -7,35 +14,130 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
 from tests.support import serve_in_thread
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-MODEL_NAME = "ctr_recommender"
+CTR = "ctr_recommender"
+DIABETES = "diabetes_progression"
 
 
 @dataclass
 class Stack:
     root: Path
     home: Path
+    incoming: Path
     tracking_uri: str
     gateway_url: str
     audit_url: str
     predictions_url: str
     dags: dict
     param_defaults: dict
+    runs: list = field(default_factory=list)
 
-    def run(self, dag_id: str, conf: dict | None = None, **kwargs):
+    def run(self, dag_id: str, conf: dict | None = None, *, events: list | None = None, **kwargs):
         """Run one DAG with ``dag.test()`` and return the finished DagRun.
 
         Every param is passed, defaults included: ``dag.test()`` keeps the previous run's conf on the
-        in-memory DAG's params, so an omitted param would silently reuse the last run's value.
+        in-memory DAG's params, so an omitted param would silently reuse the last run's value. ``events``
+        (AssetEvent rows) are attached to the run as the scheduler attaches the events a run consumes.
         """
-        return self.dags[dag_id].test(run_conf={**self.param_defaults[dag_id], **(conf or {})}, **kwargs)
+        with _consuming(events or []):
+            run = self.dags[dag_id].test(run_conf={**self.param_defaults[dag_id], **(conf or {})}, **kwargs)
+        self.runs.append(run)
+        return run
+
+    def run_queued(self, max_rounds: int = 10) -> list:
+        """Run every DAG whose Asset condition is met, as the scheduler would, until none is; return the runs."""
+        finished = []
+        for _ in range(max_rounds):
+            ready = _dags_ready_to_run()
+            if not ready:
+                return finished
+            for dag_id, events in ready:
+                finished.append(self.run(dag_id, events=events))
+        raise AssertionError(f"Asset-triggered runs still queued after {max_rounds} rounds")
+
+    def clear_queue(self) -> None:
+        """Forget queued Asset triggers (another test's events are not this test's business)."""
+        from airflow.models.asset import AssetDagRunQueue
+        from airflow.utils.session import create_session
+        from sqlalchemy import delete
+
+        with create_session() as session:
+            session.execute(delete(AssetDagRunQueue))
+
+
+def consumed_extras(run) -> list[dict]:
+    """The extras of the Asset events a finished run consumed (read fresh: the run object is detached)."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        fresh = session.scalar(select(DagRun).where(DagRun.dag_id == run.dag_id, DagRun.run_id == run.run_id))
+        return [dict(event.extra or {}) for event in fresh.consumed_asset_events]
+
+
+def _dags_ready_to_run() -> list[tuple[str, list[int]]]:
+    """(dag_id, ids of the events its run consumes) for each DAG the scheduler would start now."""
+    from airflow.models.asset import AssetDagRunQueue, AssetEvent, DagScheduleAssetReference
+    from airflow.models.dag import DagModel
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import delete, select
+
+    ready = []
+    with create_session() as session:
+        _, triggered_date_by_dag = DagModel.dags_needing_dagruns(session)
+        for dag_id in sorted(triggered_date_by_dag):
+            # The scheduler takes the events of the DAG's assets since its previous asset-triggered run;
+            # here, the events no run of this DAG has consumed yet.
+            events = session.scalars(
+                select(AssetEvent.id)
+                .where(
+                    AssetEvent.asset_id.in_(
+                        select(DagScheduleAssetReference.asset_id).where(
+                            DagScheduleAssetReference.dag_id == dag_id
+                        )
+                    ),
+                    ~AssetEvent.created_dagruns.any(DagRun.dag_id == dag_id),
+                )
+                .order_by(AssetEvent.timestamp, AssetEvent.id)
+            ).all()
+            session.execute(delete(AssetDagRunQueue).where(AssetDagRunQueue.target_dag_id == dag_id))
+            ready.append((dag_id, list(events)))
+    return ready
+
+
+@contextmanager
+def _consuming(event_ids: list[int]) -> Iterator[None]:
+    if not event_ids:
+        yield
+        return
+    from airflow.models import dagrun as dagrun_module
+    from airflow.models.asset import AssetEvent
+    from sqlalchemy import select
+
+    original = dagrun_module.get_or_create_dagrun
+
+    def create_with_events(*args, **kwargs):
+        run = original(*args, **kwargs)
+        session = kwargs["session"]
+        run.consumed_asset_events.extend(
+            session.scalars(select(AssetEvent).where(AssetEvent.id.in_(event_ids)))
+        )
+        session.commit()
+        return run
+
+    with mock.patch.object(dagrun_module, "get_or_create_dagrun", create_with_events):
+        yield
 
 
 def _airflow(*args: str) -> None:
@@ -45,16 +147,28 @@ def _airflow(*args: str) -> None:
     assert completed.returncode == 0, f"airflow {' '.join(args)} failed:\n{completed.stderr[-3000:]}"
 
 
+def _unpause_all() -> None:
+    # Airflow queues Asset-triggered runs only for unpaused DAGs, as a deployment has them.
+    from airflow.models.dag import DagModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import update
+
+    with create_session() as session:
+        session.execute(update(DagModel).values(is_paused=False))
+
+
 @pytest.fixture(scope="package")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("lifecycle")
     home = root / "modelops-home"
     home.mkdir()
+    incoming = root / "incoming"
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     audit_url = f"sqlite:///{home / 'audit.db'}"
     predictions_url = f"sqlite:///{home / 'predictions.db'}"
     env = {
         "MODELOPS_HOME": str(home),
+        "MODELOPS_INCOMING_ROOT": str(incoming),
         "MLFLOW_TRACKING_URI": tracking_uri,
         "AIRFLOW_CONN_MLFLOW_DEFAULT": json.dumps(
             {"conn_type": "http", "extra": {"tracking_uri": tracking_uri}}
@@ -70,20 +184,23 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # MLflow without a server puts artifacts in ./mlruns unless the experiment says otherwise.
     from mlflow import MlflowClient
 
-    from modelops.settings import platform_settings
+    from modelops.settings import load_catalog
 
-    MlflowClient(tracking_uri).create_experiment(
-        platform_settings().experiment_name, artifact_location=(root / "artifacts").as_uri()
-    )
+    client = MlflowClient(tracking_uri)
+    for spec in load_catalog().models.values():
+        client.create_experiment(
+            spec.experiment_name, artifact_location=(root / "artifacts" / spec.name).as_uri()
+        )
 
     # dag.test() refuses a DAG that is not serialized in the metadata DB.
     _airflow("db", "migrate")
     _airflow("dags", "reserialize")
+    _unpause_all()
 
     from modelops.serving.gateway import GatewayConfig, create_app
 
     app = create_app(
-        GatewayConfig(tracking_uri=tracking_uri, predictions_url=predictions_url, default_model=MODEL_NAME)
+        GatewayConfig(tracking_uri=tracking_uri, predictions_url=predictions_url, default_model=CTR)
     )
     from airflow.dag_processing.dagbag import DagBag
 
@@ -98,6 +215,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             yield Stack(
                 root=root,
                 home=home,
+                incoming=incoming,
                 tracking_uri=tracking_uri,
                 gateway_url=gateway_url,
                 audit_url=audit_url,

@@ -1,15 +1,20 @@
-"""The whole lifecycle, stage by stage, with ``dag.test()`` against a real MLflow registry, real files,
-a real scoring gateway over HTTP, and the real audit log.
+"""The whole lifecycle for two models at once, with ``dag.test()`` against a real MLflow registry, real
+files, a real scoring gateway over HTTP and the real audit log.
 
-The tests in this module share one stack and run in order: each stage builds on the previous one.
+The ``chain`` fixture drops one file per dataset into its incoming folder, runs the validation DAG as
+its schedule would (no conf), and then lets every later stage start from the previous stage's Asset
+events through ``Stack.run_queued``, as the scheduler does. Each test asserts on what that fixture (or
+the test itself) made, never on what another test left behind, so the tests pass in any order.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sqlite3
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,157 +24,233 @@ import sqlalchemy as sa
 from airflow.utils.state import DagRunState, TaskInstanceState
 
 from modelops.audit import AuditStore
+from modelops.data.sklearn_datasets import write_diabetes_csv
 from modelops.data.synthetic import DriftShift, generate_clicks, write_csv
 from modelops.data.traffic import simulate_traffic
+from modelops.registry import ModelRegistry
+from modelops.vocabulary import Alias, AuditAction, Decision, ModelTag, Tag, model_subject
 
-from .conftest import MODEL_NAME, PROJECT_ROOT, Stack
+from .conftest import CTR, DIABETES, PROJECT_ROOT, Stack, consumed_extras
 
-pytestmark = pytest.mark.e2e
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.filterwarnings("ignore:Hint. Inferred schema contains integer column:UserWarning"),
+]
 
-# Facts one test hands to the next (the tests are steps of one story).
-facts: dict = {}
+STAGES = ("modelops_training", "modelops_compliance_gate", "modelops_deployment")
+MAPPED_TASK = {
+    "modelops_training": "train_and_register",
+    "modelops_compliance_gate": "evaluate_policy",
+    "modelops_deployment": "deploy_to_gateway",
+}
 
 
-def registry(stack: Stack):
-    from mlflow import MlflowClient
-
-    return MlflowClient(stack.tracking_uri)
+def registry(stack: Stack) -> ModelRegistry:
+    return ModelRegistry(stack.tracking_uri)
 
 
 def audit(stack: Stack) -> AuditStore:
     return AuditStore(stack.audit_url)
 
 
-def task_state(dag_run, task_id: str):
-    return next(ti.state for ti in dag_run.get_task_instances() if ti.task_id == task_id)
+def mapped_states(run, task_id: str) -> dict[str, str]:
+    """Rendered map index (the model or dataset name) -> state, for one mapped task of a run."""
+    return {ti.rendered_map_index: ti.state for ti in run.get_task_instances() if ti.task_id == task_id}
 
 
-def test_1_data_validation_snapshots_and_records(stack: Stack) -> None:
-    csv = write_csv(generate_clicks(8000, seed=7), stack.root / "incoming" / "ctr_clicks.csv")
-    run = stack.run("modelops_data_validation", {"dataset_uri": str(csv)})
-    assert run.state == DagRunState.SUCCESS
-
-    record = audit(stack).last(action="dataset.validated")
-    assert record.decision == "passed"
-    sha = record.subject.rsplit(":", 1)[-1]
-    import hashlib
-
-    assert sha == hashlib.sha256(csv.read_bytes()).hexdigest()
-    snapshot = Path(record.details["snapshot_uri"].removeprefix("file://"))
-    assert snapshot.read_bytes() == csv.read_bytes()
-    card = json.loads((snapshot.parent / "data_card.json").read_text())
-    assert card["row_count"] == 8000 and card["sha256"] == sha
-    facts["sha256"] = sha
+def drop(stack: Stack, dataset: str, name: str, write) -> Path:
+    """Write a file into a dataset's incoming folder the way a producer should: write, then rename."""
+    folder = stack.incoming / dataset
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".{name}.partial"
+    write(partial)
+    target = folder / name
+    partial.rename(target)
+    return target
 
 
-def test_1b_defective_data_is_rejected_with_every_problem_named(stack: Stack) -> None:
-    bad = write_csv(
-        generate_clicks(500, seed=3, defects=["out_of_range"], with_pii=True), stack.root / "bad.csv"
-    )
-    run = stack.run("modelops_data_validation", {"dataset_uri": str(bad)})
-    assert run.state == DagRunState.FAILED
-    record = audit(stack).last(action="dataset.validated")
-    assert record.decision == "failed"
-    problems = " | ".join(record.details["problems"])
-    assert "hour_of_day" in problems and "item_price" in problems and "email" in problems
-    assert record.details["snapshot_uri"] is None
+@dataclass(frozen=True)
+class Chain:
+    versions: dict[str, str]
+    files: dict[str, Path]
+    runs: dict[str, list]
 
 
-def test_2_training_registers_a_version_with_lineage(stack: Stack) -> None:
-    run = stack.run("modelops_training", {"dataset_sha256": facts["sha256"]})
-    assert run.state == DagRunState.SUCCESS
-    client = registry(stack)
-    version = client.get_model_version_by_alias(MODEL_NAME, "candidate")
-    tags = version.tags
-    assert tags["train_data_sha256"] == facts["sha256"]
-    assert tags["framework"] == "scikit-learn" and tags["framework_version"]
-    assert tags["python_version"] and tags["code_commit"]
-    assert tags["airflow_dag_id"] == "modelops_training" and tags["airflow_run_id"] == run.run_id
-    assert tags["trigger"] == "manual"
-    assert "TreePredictor" in tags["skops_trusted_types"]
-    metrics = client.get_run(version.run_id).data.metrics
-    assert metrics["holdout_roc_auc"] > 0.7
-    facts["v1"] = str(version.version)
+@pytest.fixture(scope="module")
+def chain(stack: Stack) -> Chain:
+    """Two new dataset files, then the chain to two serving versions with no hand trigger after the poll."""
+    stack.clear_queue()
+    files = {
+        "ctr_clicks": drop(
+            stack, "ctr_clicks", "clicks-1.csv", lambda p: write_csv(generate_clicks(6000, seed=7), p)
+        ),
+        "diabetes": drop(stack, "diabetes", "diabetes-1.csv", write_diabetes_csv),
+    }
+    validation = stack.run("modelops_data_validation")
+    assert validation.state == DagRunState.SUCCESS
+    runs: dict[str, list] = {"modelops_data_validation": [validation]}
+    for run in stack.run_queued():
+        runs.setdefault(run.dag_id, []).append(run)
+    versions = {}
+    for name in (CTR, DIABETES):
+        champion = registry(stack).version_by_alias(name, Alias.CHAMPION)
+        assert champion is not None, f"{name} has no champion after the chain: {runs}"
+        versions[name] = champion.version
+    return Chain(versions=versions, files=files, runs=runs)
 
 
-def test_3_compliance_gate_approves(stack: Stack) -> None:
-    run = stack.run("modelops_compliance_gate", {"model_version": facts["v1"]})
-    assert run.state == DagRunState.SUCCESS
-    client = registry(stack)
-    version = client.get_model_version(MODEL_NAME, facts["v1"])
-    assert version.tags["compliance_status"] == "approved"
-    assert str(client.get_model_version_by_alias(MODEL_NAME, "challenger").version) == facts["v1"]
-    local = client.download_artifacts(
-        version.run_id, f"compliance/gate_report_v{facts['v1']}.json", str(stack.root)
-    )
-    report = json.loads(Path(local).read_text())
-    assert report["verdict"] == "approved" and all(check["passed"] for check in report["checks"])
+def test_each_stage_starts_from_the_previous_stage_events_for_both_models(stack: Stack, chain: Chain) -> None:
+    assert mapped_states(chain.runs["modelops_data_validation"][0], "validate_dataset") == {
+        "ctr_clicks": TaskInstanceState.SUCCESS,
+        "diabetes": TaskInstanceState.SUCCESS,
+    }
+    for dag_id in STAGES:
+        runs = chain.runs.get(dag_id)
+        assert runs, f"{dag_id} never ran from an Asset event: its schedule= is miswired"
+        states: dict[str, str] = {}
+        for run in runs:
+            assert run.state == DagRunState.SUCCESS, dag_id
+            extras = consumed_extras(run)
+            assert extras, f"{dag_id} ran without consuming an event"
+            # Every event about a model names it.
+            assert all(extra.get("model_name") or extra.get("dataset") for extra in extras), extras
+            states.update(mapped_states(run, MAPPED_TASK[dag_id]))
+        assert states == {CTR: TaskInstanceState.SUCCESS, DIABETES: TaskInstanceState.SUCCESS}, dag_id
 
 
-def test_4_deployment_serves_through_http(stack: Stack) -> None:
-    run = stack.run("modelops_deployment", {"model_version": facts["v1"]})
-    assert run.state == DagRunState.SUCCESS
-    assert str(registry(stack).get_model_version_by_alias(MODEL_NAME, "champion").version) == facts["v1"]
+def test_validation_snapshots_each_file_under_its_own_dataset(stack: Stack, chain: Chain) -> None:
+    for dataset, csv in chain.files.items():
+        sha = hashlib.sha256(csv.read_bytes()).hexdigest()
+        record = audit(stack).last(action=AuditAction.DATASET_VALIDATED, subject=f"dataset:{sha}")
+        assert record is not None and record.decision == Decision.PASSED
+        assert record.details["dataset"] == dataset
+        snapshot = Path(record.details["snapshot_uri"].removeprefix("file://"))
+        assert snapshot.read_bytes() == csv.read_bytes()
+        card = json.loads((snapshot.parent / "data_card.json").read_text())
+        assert card["sha256"] == sha
+    # Polling again finds nothing new: a file is validated once.
+    again = stack.run("modelops_data_validation")
+    assert again.state == DagRunState.SUCCESS
+    # Nothing to map over: the mapped task is skipped, no file is validated twice.
+    assert TaskInstanceState.SUCCESS not in mapped_states(again, "validate_dataset").values()
+
+
+def test_each_model_is_trained_on_its_own_data_with_lineage(stack: Stack, chain: Chain) -> None:
+    reg = registry(stack)
+    expected = {CTR: ("ctr_clicks", "holdout_roc_auc"), DIABETES: ("diabetes", "holdout_rmse")}
+    for name, (dataset, metric) in expected.items():
+        version = reg.version(name, chain.versions[name])
+        sha = hashlib.sha256(chain.files[dataset].read_bytes()).hexdigest()
+        assert version.tags[Tag.TRAIN_DATA_SHA256] == sha
+        assert version.tags[Tag.DATASET] == dataset and version.tags[Tag.MODEL_SPEC] == name
+        assert version.tags[Tag.TRIGGER] == "new_data"
+        assert version.tags[Tag.COMPLIANCE_STATUS] == "approved"
+        assert metric in reg.run_metrics(version.run_id)
+        model = reg.model(name)
+        assert model.tags[ModelTag.DATASET] == dataset and model.tags[ModelTag.OWNER]
+        assert model.tags[ModelTag.RISK_TIER] in {"medium", "high"}
+    assert reg.model(DIABETES).tags[ModelTag.COMPLIANCE_POLICY].startswith("strict@")
+    # Each model in its own experiment.
+    runs = {name: reg.run(reg.version(name, v).run_id) for name, v in chain.versions.items()}
+    assert runs[CTR].artifact_uri.split("/artifacts/")[1].split("/")[0] == CTR
+    assert runs[DIABETES].artifact_uri.split("/artifacts/")[1].split("/")[0] == DIABETES
+
+
+def test_both_models_score_through_the_gateway(stack: Stack, chain: Chain) -> None:
+    reg = registry(stack)
     row = generate_clicks(1, seed=99).drop(columns=["user_id", "clicked"])
-    response = httpx.post(
+    default = httpx.post(
         f"{stack.gateway_url}/invocations",
         json={"dataframe_records": row.to_dict(orient="records")},
         headers={"X-Caller-Id": "e2e"},
     )
-    assert response.status_code == 200, response.text
-    assert response.headers["X-Model-Version"] == facts["v1"]
-    ((p0, p1),) = response.json()["predictions"]
+    assert default.status_code == 200, default.text
+    assert default.headers["X-Model-Version"] == reg.version_by_alias(CTR, Alias.CHAMPION).version
+    ((p0, p1),) = default.json()["predictions"]
     assert abs(p0 + p1 - 1) < 1e-6
 
+    patient = {
+        "age": 50,
+        "sex": 1,
+        "bmi": 27.5,
+        "bp": 95.0,
+        "s1": 190,
+        "s2": 115.0,
+        "s3": 48.0,
+        "s4": 4.0,
+        "s5": 4.6,
+        "s6": 90,
+    }
+    scored = httpx.post(
+        f"{stack.gateway_url}/models/{DIABETES}/invocations",
+        json={"dataframe_records": [patient]},
+        headers={"X-Caller-Id": "e2e"},
+    )
+    assert scored.status_code == 200, scored.text
+    (progression,) = scored.json()["predictions"]
+    assert 25 <= float(progression) <= 346
 
-def test_5_monitoring_ok_on_stationary_traffic_and_critical_on_drift(stack: Stack) -> None:
+
+def _traffic_window(stack: Stack, **traffic) -> tuple[datetime, datetime]:
     start = datetime.now(UTC)
-    report = simulate_traffic(stack.gateway_url, requests=80, rows_per_request=5, seed=11)
-    end = datetime.now(UTC) + timedelta(seconds=1)
-    assert report.ok == 80 and report.failed == 0
+    report = simulate_traffic(stack.gateway_url, requests=60, rows_per_request=5, **traffic)
+    assert report.failed == 0
+    return start, datetime.now(UTC) + timedelta(seconds=1)
 
-    from modelops.serving.prediction_log import PredictionLog
 
-    window = PredictionLog(stack.predictions_url).window(MODEL_NAME, start, end)
-    assert len(window) == 400 and set(window["model_version"]) == {facts["v1"]}
-    assert {"web-shop", "mobile-app", "email-campaign"} <= set(window["caller_id"])
+def test_drift_on_one_model_retrains_that_model_only(stack: Stack, chain: Chain) -> None:
+    stack.clear_queue()
+    reg = registry(stack)
+    diabetes_versions = [v.version for v in reg.versions(DIABETES)]
 
+    start, end = _traffic_window(stack, seed=11)
     run = stack.run(
-        "modelops_drift_monitoring", {"window_start": start.isoformat(), "window_end": end.isoformat()}
+        "modelops_drift_monitoring",
+        {"models": [CTR], "window_start": start.isoformat(), "window_end": end.isoformat()},
     )
     assert run.state == DagRunState.SUCCESS
-    verdict = audit(stack).last(action="drift.assessed")
-    assert verdict.decision == "ok", verdict.details
-    assert (
-        Path(verdict.details["report_uri"].removeprefix("file://"))
-        .read_text()
-        .strip()
-        .lower()
-        .startswith("<!doctype html>")
+    assert mapped_states(run, "assess_drift") == {CTR: TaskInstanceState.SUCCESS}
+    verdict = audit(stack).last(
+        action=AuditAction.DRIFT_ASSESSED, subject=model_subject(CTR, chain.versions[CTR])
     )
-    assert task_state(run, "request_retraining") == TaskInstanceState.SKIPPED
-    artifacts = [a.path for a in registry(stack).list_artifacts(verdict.details["mlflow_run_id"], "drift")]
-    assert {"drift/drift_report.html", "drift/assessment.json"} <= set(artifacts)
+    assert verdict.decision == "ok", verdict.details
+    assert {ti.state for ti in run.get_task_instances() if ti.task_id == "request_retraining"} == {
+        TaskInstanceState.SKIPPED
+    }
 
-    start = datetime.now(UTC)
     drift = DriftShift(
         age_shift=15, out_of_range_share=0.2, category_weights={"fashion": 5, "toys": 1}, price_factor=1.5
     )
-    simulate_traffic(stack.gateway_url, requests=80, rows_per_request=5, seed=12, shift=drift)
-    end = datetime.now(UTC) + timedelta(seconds=1)
+    start, end = _traffic_window(stack, seed=12, shift=drift)
     run = stack.run(
-        "modelops_drift_monitoring", {"window_start": start.isoformat(), "window_end": end.isoformat()}
+        "modelops_drift_monitoring",
+        {"models": [], "window_start": start.isoformat(), "window_end": end.isoformat()},
     )
     assert run.state == DagRunState.SUCCESS
-    verdict = audit(stack).last(action="drift.assessed")
-    assert verdict.decision == "critical", verdict.details
-    assert "user_age" in verdict.details["drifted_features"]
-    assert verdict.details["out_of_range_features"].get("user_age", 0) > 0
-    assert task_state(run, "request_retraining") == TaskInstanceState.SUCCESS
-    assert audit(stack).last(action="retraining.requested").decision == "requested"
+    # Every serving model is assessed; the diabetes model had no traffic in the window.
+    assert set(mapped_states(run, "assess_drift")) == {CTR, DIABETES}
+    critical = audit(stack).last(
+        action=AuditAction.DRIFT_ASSESSED, subject=model_subject(CTR, chain.versions[CTR])
+    )
+    assert critical.decision == "critical" and "user_age" in critical.details["drifted_features"]
+    quiet = audit(stack).last(
+        action=AuditAction.DRIFT_ASSESSED, subject=model_subject(DIABETES, chain.versions[DIABETES])
+    )
+    assert quiet.decision == "insufficient_data"
+
+    retrained = stack.run_queued()
+    training = [r for r in retrained if r.dag_id == "modelops_training"]
+    assert training and all(r.state == DagRunState.SUCCESS for r in retrained)
+    assert set(mapped_states(training[0], "train_and_register")) == {CTR}
+    champion = reg.version_by_alias(CTR, Alias.CHAMPION)
+    assert int(champion.version) > int(chain.versions[CTR])
+    assert champion.tags[Tag.TRIGGER] == "retraining_request"
+    # Retrained on the click data (its own dataset), not on the diabetes file validated later.
+    assert champion.tags[Tag.DATASET] == "ctr_clicks"
+    assert [v.version for v in reg.versions(DIABETES)] == diabetes_versions
 
 
-def test_5b_backfilled_hour_reproduces_its_verdict(stack: Stack) -> None:
+def test_backfilled_hour_reproduces_its_verdict(stack: Stack, chain: Chain) -> None:
     """A past hour's predictions assessed twice through the data interval give the same verdict."""
     from modelops.serving.prediction_log import PredictionLog, PredictionRecord
 
@@ -182,8 +263,8 @@ def test_5b_backfilled_hour_reproduces_its_verdict(stack: Stack) -> None:
                 request_id=uuid.uuid4().hex,
                 received_at=hour + timedelta(seconds=10 * index),
                 caller_id="backfill",
-                model_name=MODEL_NAME,
-                model_version=facts["v1"],
+                model_name=CTR,
+                model_version=chain.versions[CTR],
                 status_code=200,
                 latency_ms=1.0,
                 n_rows=3,
@@ -194,9 +275,13 @@ def test_5b_backfilled_hour_reproduces_its_verdict(stack: Stack) -> None:
     verdicts = []
     for _ in range(2):
         # run_after 11:00 gives the data interval [10:00, 11:00).
-        run = stack.run("modelops_drift_monitoring", logical_date=hour + timedelta(hours=1))
+        run = stack.run(
+            "modelops_drift_monitoring", {"models": [CTR]}, logical_date=hour + timedelta(hours=1)
+        )
         assert run.state == DagRunState.SUCCESS
-        record = audit(stack).last(action="drift.assessed")
+        record = audit(stack).last(
+            action=AuditAction.DRIFT_ASSESSED, subject=model_subject(CTR, chain.versions[CTR])
+        )
         assert record.details["window_start"] == hour.isoformat()
         verdicts.append(
             (
@@ -210,82 +295,100 @@ def test_5b_backfilled_hour_reproduces_its_verdict(stack: Stack) -> None:
     assert verdicts[0] == verdicts[1] and verdicts[0][1] == 300
 
 
-def test_6_second_version_replaces_the_champion_and_the_first_is_retired(stack: Stack) -> None:
-    for dag_id in ("modelops_training", "modelops_compliance_gate", "modelops_deployment"):
-        assert stack.run(dag_id).state == DagRunState.SUCCESS, dag_id
-    client = registry(stack)
-    champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
-    assert str(champion.version) != facts["v1"]
-    assert str(client.get_model_version_by_alias(MODEL_NAME, "previous_champion").version) == facts["v1"]
-    assert client.get_model_version(MODEL_NAME, facts["v1"]).tags["superseded_by"] == str(champion.version)
-    facts["v2"] = str(champion.version)
+def _new_champion_by_hand(stack: Stack, model: str) -> tuple[str, str]:
+    """Train, gate and deploy a new version of ``model`` through the trigger forms; (old, new) champion."""
+    reg = registry(stack)
+    old = reg.version_by_alias(model, Alias.CHAMPION).version
+    for dag_id in STAGES:
+        assert stack.run(dag_id, {"model": model}).state == DagRunState.SUCCESS, dag_id
+    stack.clear_queue()
+    new = reg.version_by_alias(model, Alias.CHAMPION).version
+    assert new != old
+    return old, new
 
-    # Nothing is old enough for the policy, and a dry run changes nothing.
-    assert stack.run(
-        "modelops_retirement", {"versions": facts["v1"], "reason": "replaced", "dry_run": True}
-    ).state == (DagRunState.SUCCESS)
-    assert "retired" not in client.get_model_version(MODEL_NAME, facts["v1"]).tags
 
-    # The serving champion is refused.
-    run = stack.run("modelops_retirement", {"versions": facts["v2"], "reason": "try the champion"})
-    assert run.state == DagRunState.FAILED
-    assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == facts["v2"]
+def test_retirement_archives_a_superseded_version_and_never_the_champion(stack: Stack, chain: Chain) -> None:
+    reg = registry(stack)
+    old, new = _new_champion_by_hand(stack, DIABETES)
+    assert reg.version_by_alias(DIABETES, Alias.PREVIOUS_CHAMPION).version == old
+    assert reg.version(DIABETES, old).tags[Tag.SUPERSEDED_BY] == new
 
-    run = stack.run("modelops_retirement", {"versions": facts["v1"], "reason": "replaced by a retrain"})
-    assert run.state == DagRunState.SUCCESS
-    tags = client.get_model_version(MODEL_NAME, facts["v1"]).tags
-    assert tags["retired"] == "true" and tags["retired_reason"].endswith("replaced by a retrain")
-    assert "previous_champion" not in client.get_registered_model(MODEL_NAME).aliases
-    archive = Path(tags["retired_archive_uri"].removeprefix("file://"))
+    dry = stack.run(
+        "modelops_retirement",
+        {"models": [DIABETES], "versions": [int(old)], "reason": "replaced", "dry_run": True},
+    )
+    assert dry.state == DagRunState.SUCCESS
+    assert Tag.RETIRED not in reg.version(DIABETES, old).tags
+
+    refused = stack.run(
+        "modelops_retirement", {"models": [DIABETES], "versions": [int(new)], "reason": "try it"}
+    )
+    assert refused.state == DagRunState.FAILED
+    assert reg.version_by_alias(DIABETES, Alias.CHAMPION).version == new
+
+    done = stack.run(
+        "modelops_retirement",
+        {"models": [DIABETES], "versions": [int(old)], "reason": "replaced by a retrain"},
+    )
+    assert done.state == DagRunState.SUCCESS
+    tags = reg.version(DIABETES, old).tags
+    assert tags[Tag.RETIRED] == "true" and tags[Tag.RETIRED_REASON].endswith("replaced by a retrain")
+    assert Alias.PREVIOUS_CHAMPION not in reg.aliases(DIABETES)
+    archive = Path(tags[Tag.RETIRED_ARCHIVE_URI].removeprefix("file://"))
     manifest = json.loads((archive / "manifest.json").read_text())
-    import hashlib
-
     assert manifest["files"], "the archive is empty"
     for entry in manifest["files"]:
         assert hashlib.sha256((archive / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
     assert any(entry["path"].endswith("MLmodel") for entry in manifest["files"])
-    assert any(entry["path"] == "modelops_metadata.json" for entry in manifest["files"])
-
-
-def test_7_rejected_version_moves_no_alias(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
-    strict = stack.root / "include-strict"
-    shutil.copytree(PROJECT_ROOT / "include", strict)
-    policy = strict / "policies" / "compliance.yaml"
-    policy.write_text(
-        policy.read_text().replace("holdout_roc_auc: {min: 0.65}", "holdout_roc_auc: {min: 0.999}")
+    # The monthly run over every registered model leaves the other model alone.
+    monthly = stack.run(
+        "modelops_retirement", {"models": [], "versions": [], "reason": None, "dry_run": True}
     )
-    monkeypatch.setenv("MODELOPS_INCLUDE_DIR", str(strict))
-    assert stack.run("modelops_training").state == DagRunState.SUCCESS
-    client = registry(stack)
-    candidate = str(client.get_model_version_by_alias(MODEL_NAME, "candidate").version)
-    aliases_before = dict(client.get_registered_model(MODEL_NAME).aliases)
+    assert monthly.state == DagRunState.SUCCESS
+    assert {CTR, DIABETES} <= set(mapped_states(monthly, "retire_versions"))
 
-    run = stack.run("modelops_compliance_gate")
-    assert run.state == DagRunState.FAILED
-    assert client.get_model_version(MODEL_NAME, candidate).tags["compliance_status"] == "rejected"
-    assert dict(client.get_registered_model(MODEL_NAME).aliases) == aliases_before
-    decision = audit(stack).last(action="gate.decided")
-    assert decision.decision == "rejected" and decision.details["failed"] == ["metric:holdout_roc_auc"]
+
+def test_rejected_version_moves_no_alias(stack: Stack, chain: Chain, monkeypatch: pytest.MonkeyPatch) -> None:
+    strict = stack.root / f"include-strict-{uuid.uuid4().hex[:6]}"
+    shutil.copytree(PROJECT_ROOT / "include", strict)
+    spec = strict / "models" / f"{CTR}.yaml"
+    spec.write_text(spec.read_text().replace("holdout_roc_auc: {min: 0.65}", "holdout_roc_auc: {min: 0.999}"))
+    monkeypatch.setenv("MODELOPS_INCLUDE_DIR", str(strict))
+    reg = registry(stack)
+    champion = reg.version_by_alias(CTR, Alias.CHAMPION).version
+
+    assert stack.run("modelops_training", {"model": CTR}).state == DagRunState.SUCCESS
+    candidate = reg.version_by_alias(CTR, Alias.CANDIDATE).version
+    aliases_before = reg.aliases(CTR)
+    (gate,) = [r for r in stack.run_queued() if r.dag_id == "modelops_compliance_gate"]
+    assert gate.state == DagRunState.FAILED
+    assert reg.version(CTR, candidate).tags[Tag.COMPLIANCE_STATUS] == "rejected"
+    assert reg.aliases(CTR) == aliases_before
+    decision = audit(stack).last(action=AuditAction.GATE_DECIDED, subject=model_subject(CTR, candidate))
+    assert decision.decision == "rejected"
+    assert decision.details["failed"] == [f"metric:holdout_roc_auc (model spec {CTR})"]
 
     # Deployment refuses a version the gate did not approve, and the champion keeps serving.
-    run = stack.run("modelops_deployment", {"model_version": candidate})
+    run = stack.run("modelops_deployment", {"model": CTR, "model_version": int(candidate)})
     assert run.state == DagRunState.FAILED
-    assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == facts["v2"]
+    assert reg.version_by_alias(CTR, Alias.CHAMPION).version == champion
+    refusal = audit(stack).last(action=AuditAction.MODEL_DEPLOYED, subject=model_subject(CTR, candidate))
+    assert refusal.decision == "refused"
 
 
-def test_8_audit_chain_verifies_and_catches_tampering(stack: Stack, tmp_path: Path) -> None:
+def test_audit_chain_verifies_and_catches_tampering(stack: Stack, chain: Chain, tmp_path: Path) -> None:
     store = audit(stack)
     result = store.verify()
     assert result.ok, result.problem
-    actions = {record.action for record in store.records()}
+    records = store.records()
     assert {
-        "dataset.validated",
-        "model.registered",
-        "gate.decided",
-        "model.deployed",
-        "drift.assessed",
-        "model.retired",
-    } <= actions
+        AuditAction.DATASET_VALIDATED,
+        AuditAction.MODEL_REGISTERED,
+        AuditAction.GATE_DECIDED,
+        AuditAction.MODEL_DEPLOYED,
+    } <= {record.action for record in records}
+    gate_seq = next(r.seq for r in records if r.action == AuditAction.GATE_DECIDED)
+    deploy_seq = next(r.seq for r in records if r.action == AuditAction.MODEL_DEPLOYED)
 
     db = Path(stack.audit_url.removeprefix("sqlite:///"))
     edited, deleted = tmp_path / "edited.db", tmp_path / "deleted.db"
@@ -296,14 +399,17 @@ def test_8_audit_chain_verifies_and_catches_tampering(stack: Stack, tmp_path: Pa
             source.backup(copy)
     engine = sa.create_engine(f"sqlite:///{edited}")
     with engine.begin() as conn:
-        conn.execute(sa.text("UPDATE modelops_audit_log SET decision = 'approved' WHERE seq = 3"))
+        conn.execute(
+            sa.text("UPDATE modelops_audit_log SET decision = 'approved' WHERE seq = :seq"),
+            {"seq": deploy_seq},
+        )
     engine.dispose()
     broken = AuditStore(f"sqlite:///{edited}").verify()
-    assert not broken.ok and broken.first_bad_seq == 3
+    assert not broken.ok and broken.first_bad_seq == deploy_seq
 
     engine = sa.create_engine(f"sqlite:///{deleted}")
     with engine.begin() as conn:
-        conn.execute(sa.text("DELETE FROM modelops_audit_log WHERE seq = 4"))
+        conn.execute(sa.text("DELETE FROM modelops_audit_log WHERE seq = :seq"), {"seq": gate_seq})
     engine.dispose()
     broken = AuditStore(f"sqlite:///{deleted}").verify()
-    assert not broken.ok and "4" in broken.problem
+    assert not broken.ok and str(gate_seq) in broken.problem

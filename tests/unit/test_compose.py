@@ -349,6 +349,8 @@ def test_every_hook_default_connection_is_defined(services: dict[str, dict[str, 
 
 @pytest.mark.usefixtures("compose_connections")
 def test_hooks_resolve_the_compose_connections_to_the_services(services: dict[str, dict[str, Any]]) -> None:
+    from airflow.sdk import BaseHook
+
     from modelops.hooks._db import sqlalchemy_url
     from modelops.hooks.audit import AuditHook
     from modelops.hooks.gateway import GatewayHook
@@ -358,10 +360,10 @@ def test_hooks_resolve_the_compose_connections_to_the_services(services: dict[st
     mlflow_port = int(services["mlflow"]["command"][services["mlflow"]["command"].index("--port") + 1])
     gateway_port = int(services["gateway"]["command"][services["gateway"]["command"].index("--port") + 1])
     assert MlflowRegistryHook().tracking_uri == f"http://mlflow:{mlflow_port}"
-    gateway = GatewayHook()
-    assert gateway.base_url == f"http://gateway:{gateway_port}"
+    assert GatewayHook().get_conn().base_url == f"http://gateway:{gateway_port}"
     # The hook's bearer token is the gateway's admin token.
-    assert gateway.connection.password == environment(services["gateway"])["MODELOPS_GATEWAY_ADMIN_TOKEN"]
+    token = BaseHook.get_connection(GatewayHook.default_conn_name).password
+    assert token == environment(services["gateway"])["MODELOPS_GATEWAY_ADMIN_TOKEN"]
 
     databases = created_databases(services)
     audit_url = urlsplit(AuditHook().url)
@@ -452,6 +454,31 @@ def test_gateway_command_parses_with_the_module_cli(
     assert {"MLFLOW_TRACKING_URI", "MODELOPS_PREDICTIONS_URL"} <= set(env)
     # OpenMP threads of the model's predict spin against each other under load (bench_gateway.py).
     assert env.get("OMP_NUM_THREADS") == "1"
+
+
+def test_gateway_and_airflow_agree_on_the_default_model(
+    raw_compose: dict[str, Any], services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from modelops.serving.gateway import GatewayConfig
+    from modelops.settings import load_catalog
+
+    # One variable, passed through to both with an empty default, so include/modelops.yaml decides
+    # unless .env sets it; a default written here would silently override the settings file.
+    passed_through = "${MODELOPS_DEFAULT_MODEL:-}"
+    assert raw_compose["services"]["gateway"]["environment"]["MODELOPS_DEFAULT_MODEL"] == passed_through
+    assert raw_compose["x-airflow-common"]["environment"]["MODELOPS_DEFAULT_MODEL"] == passed_through
+    gateway_env = environment(services["gateway"])
+    assert "MODELOPS_SERVED_MODEL" not in gateway_env  # replaced by MODELOPS_DEFAULT_MODEL
+    for name in AIRFLOW_SERVICES:
+        assert environment(services[name])["MODELOPS_DEFAULT_MODEL"] == gateway_env["MODELOPS_DEFAULT_MODEL"]
+
+    # The gateway's configuration as the container resolves it: every model spec it can serve.
+    monkeypatch.setenv("MODELOPS_DEFAULT_MODEL", gateway_env["MODELOPS_DEFAULT_MODEL"])
+    catalog = load_catalog()
+    config = GatewayConfig.from_env(gateway_env)
+    assert config.default_model == catalog.platform.default_model
+    assert set(config.models) == {name for name, spec in catalog.models.items() if spec.serving.enabled}
+    assert config.admin_token == gateway_env["MODELOPS_GATEWAY_ADMIN_TOKEN"]
 
 
 def test_python_modules_run_with_dash_m_have_a_main(compose: dict[str, Any]) -> None:

@@ -1,44 +1,57 @@
-"""``make demo``'s driver without a real Airflow: pure fact functions, the environment and argv of every
-service, the REST client against a stand-in of Airflow's API v2, and ``down``/``status``/``up`` guards."""
+"""``make demo``'s stack (``modelops_dev``) without a real Airflow: pure fact functions, the ports,
+environment and argv of every service, the REST clients against stand-ins of Airflow's API v2, MLflow
+and the gateway, the whole lifecycle of two models against those stand-ins, ``down``/``status``/``up``
+guards, and that the runtime package, the wheel and the image leave the dev package out."""
 
 from __future__ import annotations
 
 import json
 import os
 import stat
+import subprocess
 import sys
+import tomllib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-from modelops import demo, localstack
-from modelops.demo import (
+from modelops.audit import ChainVerification
+from modelops.errors import ConfigurationError, UnknownModel
+from modelops.settings import PROJECT_ROOT, load_catalog
+from modelops_dev import driver, processes, stack
+from modelops_dev.airflow_api import (
     AirflowApi,
-    Layout,
-    Ports,
     StageFailed,
     StageResult,
-    ensure_admin_password,
-    find_summary,
+    TaskOutcome,
     log_excerpt,
-    registered_model_facts,
-    services,
-    stack_env,
-    stage_line,
+    outcomes_of,
+    stage_lines,
+    task_label,
     unwrap_xcom,
     wait_for_run,
 )
-from modelops.errors import ConfigurationError
-from modelops.settings import PROJECT_ROOT
+from modelops_dev.mlflow_api import MlflowApi, is_newer, registered_model_facts
+from modelops_dev.stack import Layout, Ports, ensure_admin_password, services, stack_env
+from modelops_dev.workload import (
+    DATASET_WRITERS,
+    describe_prediction,
+    drop_dataset,
+    drop_file_name,
+    send_rows,
+)
 from tests.support import serve_in_thread
+
+DEMO_MODELS = ("ctr_recommender", "diabetes_progression")
 
 # --- pure functions ------------------------------------------------------------------------------
 
@@ -77,16 +90,30 @@ def test_unwrap_xcom_real_serde_envelopes() -> None:
     assert unwrap_xcom(json.dumps(stored)) == expected  # the same, stored as a JSON string
 
 
-def test_find_summary_picks_the_task_with_a_summary() -> None:
-    values = {
-        "load": '"a string"',
-        "split": {"rows": 10},
-        "train": json.dumps(_serde({"summary": "auc 0.81", "metrics": (0.81, 0.7)})),
-        "later": {"summary": "not the first"},
-    }
-    assert find_summary(values) == ("train", {"summary": "auc 0.81", "metrics": [0.81, 0.7]})
-    assert find_summary({"load": {"rows": 1}, "x": "summary", "y": None}) is None
-    assert find_summary({}) is None
+def test_task_label_prefers_the_rendered_map_index() -> None:
+    mapped = {"task_id": "train_and_register", "map_index": 1, "rendered_map_index": "diabetes_progression"}
+    assert task_label(mapped, {"model_name": "other"}) == "diabetes_progression"
+    bare = {"task_id": "train_and_register", "map_index": 1, "rendered_map_index": None}
+    assert task_label(bare, {"model_name": "ctr_recommender"}) == "ctr_recommender"
+    assert task_label(bare) == "train_and_register[1]"
+    assert task_label({"task_id": "check", "map_index": -1}) == "check"
+
+
+def test_outcomes_keep_only_values_with_a_summary() -> None:
+    entries = [
+        ({"task_id": "load", "map_index": -1}, '"a string"'),
+        ({"task_id": "split", "map_index": -1}, {"rows": 10}),
+        (
+            {"task_id": "train", "map_index": 0, "rendered_map_index": "ctr_recommender"},
+            json.dumps(_serde({"summary": "auc 0.81", "metrics": (0.81, 0.7)})),
+        ),
+        ({"task_id": "later", "map_index": -1}, {"summary": "unmapped"}),
+    ]
+    assert outcomes_of(entries) == [
+        TaskOutcome("train", 0, "ctr_recommender", {"summary": "auc 0.81", "metrics": [0.81, 0.7]}),
+        TaskOutcome("later", -1, "later", {"summary": "unmapped"}),
+    ]
+    assert outcomes_of([]) == []
 
 
 def _real_log_answer(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -135,18 +162,18 @@ def test_log_excerpt_keeps_the_last_lines_of_every_shape() -> None:
     assert log_excerpt(text, lines=2) == "line 98\nline 99"
 
 
-def _mlflow_answer(versions: list[str], aliases: dict[str, str]) -> dict[str, Any]:
+def _mlflow_answer(versions: list[str], aliases: dict[str, str], name: str = "ctr_model") -> dict[str, Any]:
     """``GET /api/2.0/mlflow/registered-models/get`` as MLflow's server serializes it (its protos)."""
     from mlflow.entities.model_registry import ModelVersion, RegisteredModel, RegisteredModelAlias
     from mlflow.protos.model_registry_pb2 import GetRegisteredModel
     from mlflow.utils.proto_json_utils import message_to_json
 
     model = RegisteredModel(
-        name="ctr_model",
+        name=name,
         creation_timestamp=1,
         last_updated_timestamp=2,
         latest_versions=[
-            ModelVersion("ctr_model", v, 1, 1, run_id="r", status="READY", source="s") for v in versions
+            ModelVersion(name, v, 1, 1, run_id="r", status="READY", source="s") for v in versions
         ],
         aliases=[RegisteredModelAlias(alias, version) for alias, version in aliases.items()],
     )
@@ -164,45 +191,112 @@ def test_registered_model_facts_from_mlflow_rest_shape() -> None:
     assert facts.latest_version == "10"  # numeric order, not string order ("9" > "10")
     assert facts.aliases == {"champion": "10", "previous": "9"}
     assert facts.version_for("champion") == "10" and facts.version_for("challenger") is None
+    assert facts.champion == "10"
 
     bare = _mlflow_answer([], {})
     assert "latest_versions" not in bare["registered_model"]  # proto JSON omits empty lists
     facts = registered_model_facts(bare)
-    assert (facts.latest_version, facts.aliases) == (None, {})
+    assert (facts.latest_version, facts.aliases, facts.champion) == (None, {}, None)
 
 
-def test_stage_line() -> None:
-    result = StageResult(
-        "training", "modelops_training", "r1", "success", 12.345, "train", {"summary": "auc"}
+def test_is_newer_compares_version_numbers() -> None:
+    assert is_newer("1", None) and is_newer("10", "9")
+    assert not is_newer(None, None) and not is_newer(None, "3") and not is_newer("3", "3")
+    assert not is_newer("9", "10")
+
+
+def test_stage_lines() -> None:
+    unmapped = StageResult(
+        "retirement",
+        "modelops_retirement",
+        "r1",
+        "success",
+        12.345,
+        [TaskOutcome("x", -1, "x", {"summary": "s"})],
     )
-    assert stage_line(result) == "  training     success    12.3 s  auc"
-    bare = StageResult("gate", "modelops_compliance_gate", "r2", "success", 1.0)
-    assert stage_line(bare).endswith("1.0 s  (no summary returned)")
+    assert stage_lines(unmapped) == ["  retirement   success    12.3 s  s"]
+    mapped = StageResult(
+        "training",
+        "modelops_training",
+        "r2",
+        "success",
+        3.0,
+        [
+            TaskOutcome("train", 0, "ctr_recommender", {"summary": "v3, AUC 0.81"}),
+            TaskOutcome("train", 1, "diabetes_progression", {"summary": "v1, RMSE 55"}),
+        ],
+    )
+    assert stage_lines(mapped) == [
+        "  training     success     3.0 s  ctr_recommender: v3, AUC 0.81",
+        "  training     success     3.0 s  diabetes_progression: v1, RMSE 55",
+    ]
+    assert mapped.for_model("diabetes_progression") == mapped.outcomes[1]
+    assert mapped.for_model("unknown") is None
+    bare = StageResult("gate", "modelops_compliance_gate", "r3", "success", 1.0)
+    assert stage_lines(bare) == ["  gate         success     1.0 s  (no summary returned)"]
 
 
-# --- layout, environment, services ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("task", "prediction", "expected"),
+    [
+        ("binary_classification", [0.896054141652812, 0.103945858347188], "probability of a click 0.104"),
+        ("binary_classification", 0.25, "probability of a click 0.250"),
+        ("binary_classification", 1, "1"),  # a class, not a probability
+        ("regression", 152.3456, "152.3"),
+        ("regression", [98.76], "98.8"),
+        ("regression", {"prediction": 77.0}, "77.0"),
+        ("regression", "odd", '"odd"'),
+    ],
+)
+def test_describe_prediction(task: str, prediction: Any, expected: str) -> None:
+    assert describe_prediction(task, prediction) == expected
+
+
+# --- ports, layout, environment, services ---------------------------------------------------------
+
+
+PORT_SET_A = Ports(18080, 15000, 18008, 18793, 18794)
+PORT_SET_B = Ports(28080, 25000, 28008, 28793, 28794)
 
 
 def test_ports_from_env_defaults_and_overrides() -> None:
-    assert Ports.from_env({}) == Ports(8080, 5000, 8008)
+    assert Ports.from_env({}) == Ports(8080, 5000, 8008, 8793, 8794)
     assert Ports.from_env({"MODELOPS_AIRFLOW_PORT": "", "MODELOPS_MLFLOW_PORT": "  "}) == Ports()
     ports = Ports.from_env(
         {
             "MODELOPS_AIRFLOW_PORT": "18080",
             "MODELOPS_MLFLOW_PORT": " 15000 ",
             "MODELOPS_GATEWAY_PORT": "18008",
+            "MODELOPS_WORKER_LOG_PORT": "18793",
+            "MODELOPS_TRIGGERER_LOG_PORT": "18794",
         }
     )
-    assert ports == Ports(18080, 15000, 18008)
+    assert ports == PORT_SET_A
     assert ports.airflow_url == "http://127.0.0.1:18080"
     assert ports.mlflow_url == "http://127.0.0.1:15000"
     assert ports.gateway_url == "http://127.0.0.1:18008"
+    assert ports.by_variable() == {
+        "MODELOPS_AIRFLOW_PORT": 18080,
+        "MODELOPS_MLFLOW_PORT": 15000,
+        "MODELOPS_GATEWAY_PORT": 18008,
+        "MODELOPS_WORKER_LOG_PORT": 18793,
+        "MODELOPS_TRIGGERER_LOG_PORT": 18794,
+    }
 
 
 @pytest.mark.parametrize("raw", ["abc", "80a", "-1", "0", "65536", "8080.0"])
 def test_ports_from_env_rejects_a_non_port(raw: str) -> None:
     with pytest.raises(ConfigurationError, match=r"MODELOPS_GATEWAY_PORT=.* is not a TCP port.*like 8008"):
         Ports.from_env({"MODELOPS_GATEWAY_PORT": raw})
+    with pytest.raises(ConfigurationError, match=r"MODELOPS_TRIGGERER_LOG_PORT=.*like 8794"):
+        Ports.from_env({"MODELOPS_TRIGGERER_LOG_PORT": raw})
+
+
+def test_ports_from_env_rejects_one_port_for_two_services() -> None:
+    with pytest.raises(
+        ConfigurationError, match=r"MODELOPS_GATEWAY_PORT and MODELOPS_WORKER_LOG_PORT are both 8793"
+    ):
+        Ports.from_env({"MODELOPS_GATEWAY_PORT": "8793"})
 
 
 def test_ensure_admin_password_is_created_once(tmp_path: Path) -> None:
@@ -225,17 +319,29 @@ def test_ensure_admin_password_keeps_other_users(tmp_path: Path) -> None:
     assert ensure_admin_password(empty) == json.loads(empty.read_text())["admin"]
 
 
+def test_gateway_token_is_created_once_and_owner_only(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / ".demo")
+    env = stack_env(layout, PORT_SET_A, {})
+    token = env["MODELOPS_GATEWAY_ADMIN_TOKEN"]
+    assert len(token) >= 24 and layout.gateway_token_file.read_text().strip() == token
+    assert stat.S_IMODE(layout.gateway_token_file.stat().st_mode) == 0o600
+    assert stack_env(layout, PORT_SET_B, {})["MODELOPS_GATEWAY_ADMIN_TOKEN"] == token
+
+
 def test_stack_env(tmp_path: Path) -> None:
     layout = Layout(tmp_path / ".demo")
-    ports = Ports(18080, 15000, 18008)
+    ports = PORT_SET_A
     base = {
         "PATH": "/usr/bin",
+        "PYTHONPATH": "/somewhere/else",
         "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
         "AIRFLOW__CORE__LOAD_EXAMPLES": "True",
         "AIRFLOW__WEBSERVER__SECRET_KEY": "developer's",
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": "9999",
         "AIRFLOW_CONN_MY_DB": "postgresql://x",
         "AIRFLOW_VAR_FOO": "bar",
         "AIRFLOW_CONFIG": "/home/dev/airflow.cfg",
+        "MODELOPS_INCOMING_ROOT": "s3://someone/else",
     }
     env = stack_env(layout, ports, base)
     assert base["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"  # the caller's mapping is not changed
@@ -258,27 +364,63 @@ def test_stack_env(tmp_path: Path) -> None:
     assert env["AIRFLOW__CORE__PLUGINS_FOLDER"] == str(PROJECT_ROOT / "plugins")
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://127.0.0.1:18080/execution/"
     assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"] == str(layout.passwords_file)
+    assert env["AIRFLOW__CORE__HOSTNAME_CALLABLE"] == "modelops_dev.loopback_hostname"
+    assert env["AIRFLOW__API__HOST"] == "127.0.0.1"
     assert env["AIRFLOW__API__PORT"] == "18080"
     assert env["AIRFLOW__API__BASE_URL"] == "http://127.0.0.1:18080"
+    assert env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] == "18793"
+    assert env["AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT"] == "18794"
+    assert env["AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK"] == "False"
     assert env["MODELOPS_HOME"] == str(tmp_path / ".demo" / "modelops")
+    assert env["MODELOPS_INCOMING_ROOT"] == str(layout.incoming)
     assert env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:15000"
-    assert (env["MODELOPS_AIRFLOW_PORT"], env["MODELOPS_MLFLOW_PORT"], env["MODELOPS_GATEWAY_PORT"]) == (
-        "18080",
-        "15000",
-        "18008",
-    )
+    # The dev package comes first: every Airflow process imports the hostname callable from it.
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(PROJECT_ROOT / "devstack"), "/somewhere/else"]
     # The processes read their ports back the same way.
     assert Ports.from_env(env) == ports
 
 
+def _binding_ports(stack_services: list[processes.Service]) -> set[int]:
+    return {service.port for service in stack_services if service.port is not None}
+
+
+def test_two_port_sets_bind_disjoint_ports_and_the_env_carries_each(tmp_path: Path) -> None:
+    bound = []
+    for name, ports in (("one", PORT_SET_A), ("two", PORT_SET_B)):
+        layout = Layout(tmp_path / name / ".demo")
+        env = stack_env(layout, ports, {"PATH": "/usr/bin"})
+        stack_services = services(layout, ports, env, {})
+        ports_bound = _binding_ports(stack_services)
+        assert ports_bound == set(ports.by_variable().values())  # five ports, each from its variable
+        for variable, number in ports.by_variable().items():
+            assert env[variable] == str(number)
+        assert env["AIRFLOW__API__PORT"] == str(ports.airflow)
+        assert env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] == str(ports.worker_log)
+        assert env["AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT"] == str(ports.triggerer_log)
+        assert env["MLFLOW_TRACKING_URI"].endswith(f":{ports.mlflow}")
+        for service in stack_services:
+            argv = list(service.argv)
+            if service.port is not None:
+                # Every server binds loopback, on the port its variable gives.
+                assert argv[argv.index("--host") + 1] == "127.0.0.1", service.name
+                assert argv[argv.index("--port") + 1] == str(service.port), service.name
+                assert service.port_env in ports.by_variable(), service.name
+            else:
+                # The other processes bind nothing: no log server inside the scheduler or triggerer.
+                assert "--port" not in argv, service.name
+            assert service.env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] == str(ports.worker_log)
+        bound.append(ports_bound)
+    assert not bound[0] & bound[1]
+
+
 def test_services_argv_and_env(tmp_path: Path) -> None:
     layout = Layout(tmp_path / ".demo")
-    ports = Ports(18080, 15000, 18008)
+    ports = PORT_SET_A
     env = stack_env(layout, ports, {"PATH": "/usr/bin"})
     conn_env = {"AIRFLOW_CONN_MODELOPS_AUDIT": '{"conn_type": "sqlite"}'}
-    stack = services(layout, ports, env, conn_env)
-    by_name = {service.name: service for service in stack}
-    assert tuple(by_name) == demo.SERVICE_NAMES
+    stack_services = services(layout, ports, env, conn_env)
+    by_name = {service.name: service for service in stack_services}
+    assert tuple(by_name) == stack.SERVICE_NAMES
     bin_dir = Path(sys.executable).parent
 
     mlflow = by_name["mlflow"]
@@ -304,12 +446,37 @@ def test_services_argv_and_env(tmp_path: Path) -> None:
     ]
     assert by_name["airflow-api-server"].health_url == "http://127.0.0.1:18080/api/v2/monitor/health"
     assert by_name["airflow-api-server"].port_env == "MODELOPS_AIRFLOW_PORT"
+    assert list(by_name["airflow-scheduler"].argv) == [airflow, "scheduler", "--skip-serve-logs"]
+    assert list(by_name["airflow-dag-processor"].argv) == [airflow, "dag-processor"]
+    assert list(by_name["airflow-triggerer"].argv) == [airflow, "triggerer", "--skip-serve-logs"]
     for component in ("scheduler", "dag-processor", "triggerer"):
         service = by_name[f"airflow-{component}"]
-        assert list(service.argv) == [airflow, component]
         assert service.health_url is None and service.port is None
         assert service.log_file == layout.logs / f"airflow-{component}.log"
         assert service.env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
+
+    for name, port, variable in (
+        ("airflow-worker-log-server", 18793, "MODELOPS_WORKER_LOG_PORT"),
+        ("airflow-triggerer-log-server", 18794, "MODELOPS_TRIGGERER_LOG_PORT"),
+    ):
+        service = by_name[name]
+        assert list(service.argv) == [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "airflow.utils.serve_logs.log_server:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--no-access-log",
+        ]
+        assert (service.port, service.port_env) == (port, variable)
+        assert service.health_url == f"http://127.0.0.1:{port}/" and service.any_http_answer_is_up
+        assert service.env["AIRFLOW_HOME"] == str(layout.airflow_home)
 
     gateway = by_name["gateway"]
     assert list(gateway.argv) == [
@@ -325,10 +492,95 @@ def test_services_argv_and_env(tmp_path: Path) -> None:
     assert gateway.env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:15000"
     assert gateway.env["AIRFLOW_CONN_MODELOPS_AUDIT"] == conn_env["AIRFLOW_CONN_MODELOPS_AUDIT"]
     assert gateway.any_http_answer_is_up and gateway.url == "http://127.0.0.1:18008/invocations"
-    assert all(service.log_file.parent == layout.logs for service in stack)
+    assert all(service.log_file.parent == layout.logs for service in stack_services)
 
 
-# --- a stand-in of Airflow's REST API v2 ---------------------------------------------------------
+def test_scheduler_and_triggerer_accept_skip_serve_logs() -> None:
+    from airflow.cli.cli_config import core_commands
+
+    for command in ("scheduler", "triggerer"):
+        (spec,) = [c for c in core_commands if c.name == command]
+        flags = {flag for arg in spec.args for flag in arg.flags}
+        assert "--skip-serve-logs" in flags, command
+
+
+def test_every_airflow_process_of_the_stack_calls_itself_127_0_0_1(tmp_path: Path) -> None:
+    env = stack_env(Layout(tmp_path / ".demo"), PORT_SET_A, dict(os.environ))
+    code = "from airflow.utils.net import get_hostname; print(get_hostname())"
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "127.0.0.1"
+
+
+def _listeners(port: int) -> set[str]:
+    """Addresses listening on ``port`` by /proc/net/tcp{,6} (hex, as the kernel writes them)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads listening sockets from /proc")
+def test_the_log_server_service_listens_on_loopback_only(tmp_path: Path) -> None:
+    from tests.support import free_port
+
+    layout = Layout(tmp_path / ".demo")
+    ports = Ports(free_port(), free_port(), free_port(), free_port(), free_port())
+    env = stack_env(layout, ports, dict(os.environ))
+    (log_server,) = [s for s in services(layout, ports, env, {}) if s.name == "airflow-worker-log-server"]
+    processes.start(log_server, layout.run)
+    try:
+        processes.wait_healthy(log_server, 120, layout.run, poll_seconds=0.2)
+        assert _listeners(ports.worker_log) == {"0100007F"}  # 127.0.0.1, and nothing on IPv6
+        answer = httpx.get(f"http://127.0.0.1:{ports.worker_log}/log/x.log", trust_env=False)
+        assert answer.status_code == 403  # Airflow's log server: a signed token is required
+    finally:
+        assert processes.stop(log_server.name, layout.run, grace_seconds=10) in ("stopped", "killed")
+
+
+# --- datasets and traffic --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def incoming(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "incoming"
+    monkeypatch.setenv("MODELOPS_INCOMING_ROOT", str(folder))
+    return folder
+
+
+def test_drop_dataset_writes_a_new_file_per_drop(incoming: Path) -> None:
+    catalog = load_catalog()
+    stamp = datetime(2026, 5, 9, 7, 0, 1, tzinfo=UTC)
+    drop = drop_dataset(catalog.dataset("diabetes"), stamp)
+    assert drop.path == incoming / "diabetes" / "diabetes-20260509T070001Z.csv"
+    assert drop_file_name("diabetes", stamp) == drop.path.name
+    assert drop.rows == 442 and len(drop.path.read_text().splitlines()) == 443
+    import hashlib
+
+    assert drop.sha256 == hashlib.sha256(drop.path.read_bytes()).hexdigest()
+    assert sorted(p.name for p in drop.path.parent.iterdir()) == [drop.path.name]  # no partial file left
+
+    with pytest.raises(ConfigurationError, match=r"no data for dataset 'diabetes'.*\['ctr_clicks'\]"):
+        drop_dataset(catalog.dataset("diabetes"), stamp, {"ctr_clicks": DATASET_WRITERS["ctr_clicks"]})
+
+
+def test_drop_dataset_refuses_a_remote_incoming_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELOPS_INCOMING_ROOT", "s3://bucket/incoming")
+    with pytest.raises(ConfigurationError, match=r"not a local folder.*MODELOPS_INCOMING_ROOT"):
+        drop_dataset(load_catalog().dataset("ctr_clicks"), datetime.now(UTC))
+
+
+# --- stand-ins of Airflow's REST API v2, MLflow and the gateway ------------------------------------
 
 TOKEN = "jwt-of-admin"
 PASSWORD = "s3cret-pass"
@@ -346,6 +598,7 @@ class FakeTask:
     state: str = "success"
     try_number: int = 1
     map_index: int = -1
+    rendered_map_index: str | None = None
     return_value: Any = None  # None: no XCom (404)
     log: list[dict[str, Any]] = field(default_factory=list)
 
@@ -402,9 +655,14 @@ class FakeAirflow:
     list_queries: list[dict[str, str]] = field(default_factory=list)
     log_queries: list[tuple[str, int, dict[str, str], str | None]] = field(default_factory=list)
     new_run_states: list[str] = field(default_factory=lambda: ["queued", "running", "success"])
+    # dag_id -> called with each new triggered run (to give it tasks, or to start Asset-triggered runs)
+    on_trigger: dict[str, Callable[[FakeRun], None]] = field(default_factory=dict)
 
     def find(self, dag_id: str, run_id: str) -> FakeRun | None:
         return next((r for r in self.runs if r.dag_id == dag_id and r.run_id == run_id), None)
+
+    def triggered(self, dag_id: str) -> list[FakeRun]:
+        return [r for r in self.runs if r.dag_id == dag_id and r.run_type == "manual"]
 
 
 class LoginBody(BaseModel):
@@ -448,6 +706,8 @@ def _airflow_app(fake: FakeAirflow) -> FastAPI:
         now = datetime.now(UTC)
         run = FakeRun(dag_id, f"manual__{now.isoformat()}", now, list(fake.new_run_states), conf=body.conf)
         run.tasks = [FakeTask("work", return_value={"summary": f"{dag_id} done"})]
+        if dag_id in fake.on_trigger:
+            fake.on_trigger[dag_id](run)
         fake.runs.append(run)
         return run.read() | {"state": "queued"}
 
@@ -488,6 +748,7 @@ def _airflow_app(fake: FakeAirflow) -> FastAPI:
                 "dag_id": dag_id,
                 "dag_run_id": run_id,
                 "map_index": t.map_index,
+                "rendered_map_index": t.rendered_map_index,
                 "logical_date": None,
                 "run_after": _iso(run.run_after),
                 "start_date": _iso(run.run_after),
@@ -506,15 +767,21 @@ def _airflow_app(fake: FakeAirflow) -> FastAPI:
         ]
         return {"task_instances": items, "total_entries": len(items)}
 
+    def _task(
+        dag_id: str, run_id: str, task_id: str, map_index: int
+    ) -> tuple[FakeRun | None, FakeTask | None]:
+        run = fake.find(dag_id, run_id)
+        tasks = run.tasks if run else []
+        return run, next((t for t in tasks if t.task_id == task_id and t.map_index == map_index), None)
+
     @app.get(prefix + "/{run_id}/taskInstances/{task_id}/xcomEntries/{key}")
     def xcom_entry(dag_id: str, run_id: str, task_id: str, key: str, map_index: int = -1) -> Any:
-        run = fake.find(dag_id, run_id)
-        task = next((t for t in run.tasks if t.task_id == task_id), None) if run else None
-        if task is None or key != "return_value" or task.map_index != map_index or task.return_value is None:
+        run, task = _task(dag_id, run_id, task_id, map_index)
+        if run is None or task is None or key != "return_value" or task.return_value is None:
             return _not_found(f"XCom entry with key: `{key}` not found")
         return {
             "key": key,
-            "timestamp": _iso(run.run_after),  # type: ignore[union-attr]
+            "timestamp": _iso(run.run_after),
             "logical_date": None,
             "map_index": map_index,
             "task_id": task_id,
@@ -522,17 +789,18 @@ def _airflow_app(fake: FakeAirflow) -> FastAPI:
             "run_id": run_id,
             "dag_display_name": dag_id,
             "task_display_name": task_id,
-            "run_after": _iso(run.run_after),  # type: ignore[union-attr]
+            "run_after": _iso(run.run_after),
             "value": task.return_value,
         }
 
     @app.get(prefix + "/{run_id}/taskInstances/{task_id}/logs/{try_number}")
-    def task_log(dag_id: str, run_id: str, task_id: str, try_number: int, request: Request) -> Any:
+    def task_log(
+        dag_id: str, run_id: str, task_id: str, try_number: int, request: Request, map_index: int = -1
+    ) -> Any:
         fake.log_queries.append(
             (task_id, try_number, dict(request.query_params), request.headers.get("Accept"))
         )
-        run = fake.find(dag_id, run_id)
-        task = next((t for t in run.tasks if t.task_id == task_id), None) if run else None
+        _, task = _task(dag_id, run_id, task_id, map_index)
         if task is None or task.try_number != try_number:
             return _not_found("TaskInstance not found")
         return _real_log_answer(task.log)
@@ -560,149 +828,550 @@ def test_login_sends_the_bearer_token(airflow: tuple[FakeAirflow, str]) -> None:
         AirflowApi(url, "admin", "wrong")
 
 
-def test_triggered_run_queued_running_success(airflow: tuple[FakeAirflow, str]) -> None:
+def test_triggered_run_with_mapped_and_unmapped_results(airflow: tuple[FakeAirflow, str]) -> None:
     fake, url = airflow
     api = AirflowApi(url, "admin", PASSWORD)
-    run_id = api.trigger(demo.VALIDATION_DAG, {"dataset_uri": "/data/x.csv"})
-    run = fake.find(demo.VALIDATION_DAG, run_id)
-    assert run is not None and run.conf == {"dataset_uri": "/data/x.csv"}
+    conf = {"models": [], "versions": [], "reason": None, "dry_run": True}
+    run_id = api.trigger(driver.RETIREMENT_DAG, conf)
+    run = fake.find(driver.RETIREMENT_DAG, run_id)
+    assert run is not None and run.conf == conf  # JSON types arrive as such: a list, null, a bool
     run.tasks = [
         FakeTask("load", return_value='"just a path"'),
         FakeTask("no_xcom"),
-        FakeTask("mapped", map_index=0, return_value={"summary": "one mapped instance"}),
         FakeTask(
-            "validate",
-            return_value=json.dumps(_serde({"summary": "20000 rows valid", "checks": (12, 0)})),
+            "retire_versions",
+            map_index=1,
+            rendered_map_index="diabetes_progression",
+            return_value=json.dumps(
+                _serde({"model_name": "diabetes_progression", "summary": "nothing", "v": (1,)})
+            ),
         ),
+        FakeTask(
+            "retire_versions",
+            map_index=0,
+            rendered_map_index="ctr_recommender",
+            return_value={"model_name": "ctr_recommender", "summary": "retired v1"},
+        ),
+        FakeTask(
+            "retire_versions",
+            state="failed",
+            map_index=2,
+            rendered_map_index="x",
+            return_value={"summary": "?"},
+        ),
+        FakeTask("report", return_value={"summary": "2 models"}),
     ]
-    result = wait_for_run(
-        api, "validation", demo.VALIDATION_DAG, run_id=run_id, timeout=20, poll_seconds=0.02
-    )
+    result = wait_for_run(api, "retirement", driver.RETIREMENT_DAG, run_id, timeout=20, poll_seconds=0.02)
     assert run.reads >= 3  # queued, running, success
     assert (result.stage, result.dag_id, result.run_id, result.state) == (
-        "validation",
-        demo.VALIDATION_DAG,
+        "retirement",
+        driver.RETIREMENT_DAG,
         run_id,
         "success",
     )
     assert result.seconds == pytest.approx(12.5)  # end_date - start_date, not the time spent polling
-    assert result.task_id == "validate"
-    assert result.value == {"summary": "20000 rows valid", "checks": [12, 0]}
-    assert result.fact == "20000 rows valid"
-    assert "20000 rows valid" in stage_line(result) and "12.5 s" in stage_line(result)
+    assert [(o.task_id, o.map_index, o.label) for o in result.outcomes] == [
+        ("report", -1, "report"),
+        ("retire_versions", 0, "ctr_recommender"),
+        ("retire_versions", 1, "diabetes_progression"),
+    ]
+    assert result.for_model("diabetes_progression").value == {  # type: ignore[union-attr]
+        "model_name": "diabetes_progression",
+        "summary": "nothing",
+        "v": [1],
+    }
+    assert stage_lines(result)[1].endswith("s  ctr_recommender: retired v1")
     assert set(fake.auth_headers) == {f"Bearer {TOKEN}"}
 
 
-def test_failed_run_raises_with_the_task_log(airflow: tuple[FakeAirflow, str]) -> None:
+def test_failed_run_raises_with_the_mapped_task_log(airflow: tuple[FakeAirflow, str]) -> None:
     fake, url = airflow
     fake.runs.append(
         FakeRun(
-            demo.TRAINING_DAG,
-            "manual__1",
+            driver.TRAINING_DAG,
+            "asset_triggered__1",
             T0,
             ["running", "failed"],
             tasks=[
-                FakeTask("prepare", return_value={"summary": "prepared"}),
-                FakeTask("train", state="failed", try_number=2, log=FAILED_TASK_LOG),
-                FakeTask("register", state="upstream_failed"),
+                FakeTask("train_and_register", map_index=0, rendered_map_index="ctr_recommender"),
+                FakeTask(
+                    "train_and_register",
+                    state="failed",
+                    map_index=1,
+                    rendered_map_index="diabetes_progression",
+                    try_number=2,
+                    log=FAILED_TASK_LOG,
+                ),
             ],
         )
     )
     api = AirflowApi(url, "admin", PASSWORD)
     with pytest.raises(StageFailed) as info:
-        wait_for_run(api, "training", demo.TRAINING_DAG, run_id="manual__1", timeout=20, poll_seconds=0.02)
+        wait_for_run(
+            api, "training", driver.TRAINING_DAG, "asset_triggered__1", timeout=20, poll_seconds=0.02
+        )
     message = str(info.value)
-    assert f"stage training ({demo.TRAINING_DAG}) run manual__1 failed" in message
-    assert "task train failed; last lines of its log:" in message
+    assert f"stage training ({driver.TRAINING_DAG}) run asset_triggered__1 failed" in message
+    assert (
+        "task train_and_register[diabetes_progression] (map index 1) failed; last lines of its log:"
+        in message
+    )
     assert "ERROR Task failed with exception" in message and "boom: AUC below floor" in message
     task_id, try_number, query, accept = fake.log_queries[-1]
-    assert (task_id, try_number) == ("train", 2)
-    assert query == {"full_content": "true", "map_index": "-1"}
+    assert (task_id, try_number) == ("train_and_register", 2)
+    assert query == {"full_content": "true", "map_index": "1"}
     assert accept == "application/json"
+
+
+def test_failed_run_of_an_unmapped_task(airflow: tuple[FakeAirflow, str]) -> None:
+    fake, url = airflow
+    tasks = [FakeTask("check", state="failed", log=FAILED_TASK_LOG)]
+    fake.runs.append(FakeRun(driver.GATE_DAG, "r", T0, ["failed"], tasks=tasks))
+    api = AirflowApi(url, "admin", PASSWORD)
+    with pytest.raises(StageFailed, match=r"task check failed; last lines of its log:"):
+        wait_for_run(api, "gate", driver.GATE_DAG, "r", timeout=20, poll_seconds=0.02)
+    assert fake.log_queries[-1][2]["map_index"] == "-1"
 
 
 def test_failed_run_without_a_failed_task(airflow: tuple[FakeAirflow, str]) -> None:
     fake, url = airflow
-    fake.runs.append(FakeRun(demo.GATE_DAG, "r", T0, ["failed"], tasks=[FakeTask("check")]))
+    fake.runs.append(FakeRun(driver.GATE_DAG, "r", T0, ["failed"], tasks=[FakeTask("check")]))
     api = AirflowApi(url, "admin", PASSWORD)
     with pytest.raises(StageFailed, match="no failed task instance"):
-        wait_for_run(api, "gate", demo.GATE_DAG, run_id="r", timeout=20, poll_seconds=0.02)
+        wait_for_run(api, "gate", driver.GATE_DAG, "r", timeout=20, poll_seconds=0.02)
 
 
 def test_a_run_that_never_finishes_times_out(airflow: tuple[FakeAirflow, str]) -> None:
     fake, url = airflow
-    fake.runs.append(FakeRun(demo.DRIFT_DAG, "stuck", T0, ["queued", "running"]))
+    fake.runs.append(FakeRun(driver.DRIFT_DAG, "stuck", T0, ["queued", "running"]))
     api = AirflowApi(url, "admin", PASSWORD)
     with pytest.raises(StageFailed) as info:
-        wait_for_run(api, "monitoring", demo.DRIFT_DAG, run_id="stuck", timeout=1, poll_seconds=0.05)
+        wait_for_run(api, "monitoring", driver.DRIFT_DAG, "stuck", timeout=1, poll_seconds=0.05)
     message = str(info.value)
-    assert f"stage monitoring ({demo.DRIFT_DAG}) did not finish within 1 s" in message
+    assert f"stage monitoring ({driver.DRIFT_DAG}) did not finish within 1 s" in message
     assert "run stuck is running" in message and "make down" in message
 
 
-def test_no_asset_triggered_run_times_out(airflow: tuple[FakeAirflow, str]) -> None:
+def test_runs_since_lists_asset_triggered_runs_newest_first(airflow: tuple[FakeAirflow, str]) -> None:
     fake, url = airflow
     since = datetime.now(UTC)
-    fake.runs.append(FakeRun(demo.DEPLOYMENT_DAG, "old", since - timedelta(hours=1), ["success"]))
-    api = AirflowApi(url, "admin", PASSWORD)
-    with pytest.raises(StageFailed, match=r"within 1 s: no run was started \(Asset event not received\?\)"):
-        wait_for_run(api, "deployment", demo.DEPLOYMENT_DAG, since=since, timeout=1, poll_seconds=0.05)
-
-
-def test_since_finds_the_asset_triggered_run(airflow: tuple[FakeAirflow, str]) -> None:
-    fake, url = airflow
-    since = datetime.now(UTC)
-    summary = {"summary": "model v3 registered, auc 0.81"}
     fake.runs += [
-        FakeRun(demo.TRAINING_DAG, "old_run", since - timedelta(minutes=5), ["success"]),
-        FakeRun(
-            demo.TRAINING_DAG,
-            "asset_triggered__new",
-            since + timedelta(seconds=3),
-            ["queued", "running", "running", "success"],
-            run_type="asset_triggered",
-            hidden_list_reads=3,  # the scheduler creates it a little later
-            tasks=[FakeTask("train", return_value=summary)],
-        ),
-        FakeRun(demo.GATE_DAG, "other_dag", since + timedelta(seconds=4), ["success"]),
+        FakeRun(driver.TRAINING_DAG, "old", since - timedelta(minutes=5), ["success"]),
+        FakeRun(driver.TRAINING_DAG, "first", since + timedelta(seconds=1), ["success"], "asset_triggered"),
+        FakeRun(driver.TRAINING_DAG, "second", since + timedelta(seconds=2), ["running"], "asset_triggered"),
+        FakeRun(driver.GATE_DAG, "other_dag", since + timedelta(seconds=3), ["success"]),
     ]
     api = AirflowApi(url, "admin", PASSWORD)
-    result = wait_for_run(api, "training", demo.TRAINING_DAG, since=since, timeout=20, poll_seconds=0.02)
-    assert (result.run_id, result.state, result.fact) == (
-        "asset_triggered__new",
-        "success",
-        "model v3 registered, auc 0.81",
+    assert [run["dag_run_id"] for run in api.runs_since(driver.TRAINING_DAG, since)] == ["second", "first"]
+    assert datetime.fromisoformat(fake.list_queries[-1]["run_after_gte"]) == since
+
+
+@dataclass
+class FakeMlflow:
+    """Each read of a model answers the next of its champion versions; None: the model does not exist."""
+
+    champions: dict[str, list[str | None]] = field(default_factory=dict)
+    reads: dict[str, int] = field(default_factory=dict)
+
+    def read(self, name: str) -> str | None:
+        versions = self.champions.get(name, [None])
+        index = self.reads.get(name, 0)
+        self.reads[name] = index + 1
+        return versions[min(index, len(versions) - 1)]
+
+
+def _mlflow_app(fake: FakeMlflow) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/api/2.0/mlflow/registered-models/get")
+    def get_model(name: str) -> Any:
+        champion = fake.read(name)
+        if champion is None:
+            return JSONResponse(
+                {
+                    "error_code": "RESOURCE_DOES_NOT_EXIST",
+                    "message": f"Registered Model with name={name} not found",
+                },
+                status_code=404,
+            )
+        versions = [str(v) for v in range(1, int(champion) + 1)]
+        aliases = {"champion": champion}
+        if int(champion) > 1:
+            aliases["previous_champion"] = str(int(champion) - 1)
+        return _mlflow_answer(versions, aliases, name=name)
+
+    return app
+
+
+PREDICTIONS = {"ctr_recommender": [0.9, 0.1], "diabetes_progression": 152.34}
+
+
+@dataclass
+class FakeGateway:
+    calls: list[tuple[str, str | None, list[str], int]] = field(default_factory=list)
+
+    def rows(self, model: str) -> int:
+        return sum(rows for name, _, _, rows in self.calls if name == model)
+
+
+def _gateway_app(fake: FakeGateway) -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/models/{name}/invocations")
+    async def invocations(name: str, request: Request) -> Any:
+        split = (await request.json())["dataframe_split"]
+        fake.calls.append((name, request.headers.get("X-Caller-Id"), split["columns"], len(split["data"])))
+        if name not in PREDICTIONS:
+            return JSONResponse({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": name}, status_code=404)
+        return JSONResponse(
+            {"predictions": [PREDICTIONS[name]] * len(split["data"])},
+            headers={"X-Request-Id": uuid.uuid4().hex},
+        )
+
+    return app
+
+
+def test_mlflow_api_reads_the_champion(airflow: tuple[FakeAirflow, str]) -> None:
+    fake = FakeMlflow(champions={"ctr_recommender": ["4"]})
+    with serve_in_thread(_mlflow_app(fake)) as url:
+        mlflow = MlflowApi(url)
+        assert mlflow.champion("ctr_recommender") == "4"
+        facts = mlflow.model("ctr_recommender")
+        assert facts is not None and facts.aliases == {"champion": "4", "previous_champion": "3"}
+        assert facts.latest_version == "4"
+        assert mlflow.model("never_trained") is None and mlflow.champion("never_trained") is None
+
+
+def test_send_rows_counts_answers_per_request() -> None:
+    fake = FakeGateway()
+    with serve_in_thread(_gateway_app(fake)) as url, httpx.Client(trust_env=False) as client:
+        rows = [[1, 2.5]] * 12
+        count = send_rows(url, "diabetes_progression", ["age", "bmi"], rows, client)
+        assert (count.requests, count.ok, count.failed, count.rows_scored) == (3, 3, 0, 12)
+        assert [call[1] for call in fake.calls] == ["web-shop", "mobile-app", "email-campaign"]
+        assert [call[3] for call in fake.calls] == [5, 5, 2]
+        unknown = send_rows(url, "nobody", ["age"], [[1]], client)
+        assert (unknown.ok, unknown.failed) == (0, 1) and "HTTP 404" in unknown.errors[0]
+        assert "0 ok, 1 failed" in unknown.line() and "first error: request 0: HTTP 404" in unknown.line()
+
+
+# --- the lifecycle of two models against the stand-ins ----------------------------------------------
+
+TRAINED = {
+    "ctr_recommender": {"version": "3", "metrics": {"holdout_roc_auc": 0.8123, "holdout_log_loss": 0.41}},
+    "diabetes_progression": {"version": "1", "metrics": {"holdout_rmse": 54.87, "holdout_r2": 0.45}},
+}
+ASSET_TASKS = (
+    (driver.TRAINING_DAG, "train_and_register", "registered"),
+    (driver.GATE_DAG, "evaluate_policy", "approved"),
+    (driver.DEPLOYMENT_DAG, "deploy_to_gateway", "is champion"),
+)
+
+
+def _mapped(task_id: str, models: tuple[str, ...], value: Callable[[str], dict[str, Any]]) -> list[FakeTask]:
+    return [
+        FakeTask(task_id, map_index=index, rendered_map_index=model, return_value=value(model))
+        for index, model in enumerate(models)
+    ]
+
+
+def _asset_runs(start: datetime, *, coalesced: bool) -> list[FakeRun]:
+    """Training, gate and deployment runs as the scheduler starts them from Asset events."""
+    groups = [DEMO_MODELS] if coalesced else [(model,) for model in DEMO_MODELS]
+    runs = []
+    for step, (dag_id, task_id, verb) in enumerate(ASSET_TASKS):
+
+        def value(model: str, dag_id: str = dag_id, verb: str = verb) -> dict[str, Any]:
+            version = TRAINED[model]["version"]
+            result = {"model_name": model, "version": version, "summary": f"{model} v{version} {verb}"}
+            if dag_id == driver.TRAINING_DAG:
+                result["metrics"] = TRAINED[model]["metrics"]
+            return result
+
+        for index, group in enumerate(groups):
+            runs.append(
+                FakeRun(
+                    dag_id,
+                    f"asset_triggered__{step}_{index}",
+                    start + timedelta(seconds=1 + 3 * step + index),
+                    ["queued", "running", "success"],
+                    run_type="asset_triggered",
+                    hidden_list_reads=2 + step,  # the scheduler creates them a little later
+                    tasks=_mapped(task_id, group, value),
+                )
+            )
+    return runs
+
+
+def _scenario(fake: FakeAirflow, gateway: FakeGateway, *, coalesced: bool = True) -> None:
+    def validation(run: FakeRun) -> None:
+        run.tasks = _mapped(
+            "validate_dataset",
+            ("ctr_clicks", "diabetes"),
+            lambda name: {"summary": f"{name}: new version valid"},
+        )
+        fake.runs.extend(_asset_runs(run.run_after, coalesced=coalesced))
+
+    def drift(run: FakeRun) -> None:
+        run.tasks = _mapped(
+            "assess_drift",
+            DEMO_MODELS,
+            lambda model: {
+                "model_name": model,
+                "version": TRAINED[model]["version"],
+                "verdict": "ok",
+                "rows": gateway.rows(model),
+                "summary": f"ok: {gateway.rows(model)} rows, 0 drifted features",
+            },
+        )
+
+    def retirement(run: FakeRun) -> None:
+        run.tasks = _mapped(
+            "retire_versions",
+            DEMO_MODELS,
+            lambda model: {"model_name": model, "summary": "retired nothing (dry run)"},
+        )
+
+    fake.on_trigger = {
+        driver.VALIDATION_DAG: validation,
+        driver.DRIFT_DAG: drift,
+        driver.RETIREMENT_DAG: retirement,
+    }
+
+
+@dataclass
+class Stack:
+    airflow: FakeAirflow
+    mlflow: FakeMlflow
+    gateway: FakeGateway
+    api: AirflowApi
+    mlflow_api: MlflowApi
+    gateway_url: str
+
+
+@pytest.fixture
+def fake_stack(airflow: tuple[FakeAirflow, str], incoming: Path) -> Iterator[Stack]:
+    fake, url = airflow
+    registry = FakeMlflow(
+        champions={
+            # Read once before the datasets are dropped, then until the alias moves.
+            "ctr_recommender": ["2"] * 8 + ["3"],
+            "diabetes_progression": [None] * 10 + ["1"],
+        }
     )
-    assert result.seconds == pytest.approx(12.5)
-    assert len(fake.list_queries) == 4  # three empty answers, then the run; then it is read by id
-    assert datetime.fromisoformat(fake.list_queries[0]["run_after_gte"]) == since
-    assert fake.list_queries[0]["limit"] == "1"
+    gateway = FakeGateway()
+    with (
+        serve_in_thread(_mlflow_app(registry)) as mlflow_url,
+        serve_in_thread(_gateway_app(gateway)) as gateway_url,
+    ):
+        yield Stack(
+            fake, registry, gateway, AirflowApi(url, "admin", PASSWORD), MlflowApi(mlflow_url), gateway_url
+        )
 
 
-# --- main: down / status / up --------------------------------------------------------------------
+def _drive(stack_: Stack, lines: list[str], **overrides: Any) -> driver.LifecycleReport:
+    settings: dict[str, Any] = {
+        "out": lines.append,
+        "champion_timeout": 30,
+        "stage_timeout": 30,
+        "poll_seconds": 0.02,
+        "simulated_requests": 4,
+        "sampled_requests": 3,
+        **overrides,
+    }
+    return driver.drive(stack_.api, stack_.mlflow_api, stack_.gateway_url, load_catalog(), **settings)
+
+
+@pytest.mark.parametrize("coalesced", [True, False], ids=["one-run-for-both", "a-run-per-model"])
+def test_drive_runs_both_models_through_the_six_stages(
+    fake_stack: Stack, incoming: Path, coalesced: bool
+) -> None:
+    _scenario(fake_stack.airflow, fake_stack.gateway, coalesced=coalesced)
+    lines: list[str] = []
+    report = _drive(fake_stack, lines)
+
+    # A new file in each dataset's incoming folder, nothing half-written left beside it.
+    assert set(report.drops) == {"ctr_clicks", "diabetes"}
+    for name, drop in report.drops.items():
+        assert drop.path.parent == incoming / name and drop.path.name.startswith(f"{name}-")
+        assert [p.name for p in drop.path.parent.iterdir()] == [drop.path.name]
+    assert (report.drops["ctr_clicks"].rows, report.drops["diabetes"].rows) == (20_000, 442)
+
+    # The driver triggers validation, monitoring and retirement only, with typed conf.
+    airflow = fake_stack.airflow
+    manual = {run.dag_id: run.conf for run in airflow.runs if run.run_type == "manual"}
+    assert set(manual) == {driver.VALIDATION_DAG, driver.DRIFT_DAG, driver.RETIREMENT_DAG}
+    assert manual[driver.VALIDATION_DAG] == {}
+    drift_conf = manual[driver.DRIFT_DAG]
+    assert drift_conf["models"] == [] and set(drift_conf) == {"models", "window_start", "window_end"}
+    start, end = (datetime.fromisoformat(drift_conf[key]) for key in ("window_start", "window_end"))
+    assert start.tzinfo is not None and start < end
+    assert manual[driver.RETIREMENT_DAG] == {"models": [], "versions": [], "reason": None, "dry_run": True}
+
+    ctr, diabetes = report.models["ctr_recommender"], report.models["diabetes_progression"]
+    assert (ctr.champion_before, ctr.champion, ctr.trained_version) == ("2", "3", "3")
+    assert (diabetes.champion_before, diabetes.champion, diabetes.trained_version) == (None, "1", "1")
+    for model in (ctr, diabetes):
+        assert set(model.results) == {"training", "gate", "deployment", "monitoring", "retirement"}
+        assert model.fact("gate") == f"{model.name} v{model.trained_version} approved"
+    assert (ctr.holdout(), diabetes.holdout()) == ("AUC 0.812", "RMSE 54.9")
+
+    # Traffic went to each model's own path: the simulator's rows, and rows of the diabetes file.
+    features = {name: load_catalog().models[name].features for name in DEMO_MODELS}
+    for name, rows in (("ctr_recommender", 20), ("diabetes_progression", 15)):
+        calls = [call for call in fake_stack.gateway.calls if call[0] == name]
+        assert sum(call[3] for call in calls[:-1]) == rows  # the last call is the summary's one row
+        assert {tuple(call[2]) for call in calls} == {tuple(features[name])}
+        assert {call[1] for call in calls[:-1]} == {"web-shop", "mobile-app", "email-campaign"}
+    assert (ctr.traffic.rows_scored, diabetes.traffic.rows_scored) == (20, 15)  # type: ignore[union-attr]
+    assert ctr.drift() == "ok on 20 rows: ok: 20 rows, 0 drifted features"
+    assert diabetes.drift() == "ok on 15 rows: ok: 15 rows, 0 drifted features"
+
+    # Both scored live through the gateway.
+    assert list(ctr.example or {}) == features["ctr_recommender"] and ctr.prediction == [0.9, 0.1]
+    assert list(diabetes.example or {}) == features["diabetes_progression"] and diabetes.prediction == 152.34
+    assert ctr.facts is not None and ctr.facts.aliases == {"champion": "3", "previous_champion": "2"}
+
+    # Progress lines: one per model of every mapped stage.
+    assert any(line.startswith("  champion     ctr_recommender v3 (before: v2)") for line in lines)
+    assert any(line.startswith("  champion     diabetes_progression v1 (before: none)") for line in lines)
+    for stage in ("validation", "training", "gate", "deployment", "monitoring", "retirement"):
+        assert sum(line.startswith(f"  {stage:<12} success") for line in lines) == 2, stage
+    assert sum(line.startswith("  traffic      ") for line in lines) == 2
+
+    summary = driver.summary_lines(
+        report,
+        ports=PORT_SET_A,
+        default_model="ctr_recommender",
+        password="pw",
+        audit=ChainVerification(ok=True, count=21),
+        logs=Path("/x/.demo/logs"),
+        wall_seconds=95.2,
+    )
+    text = "\n".join(summary)
+    assert summary[:2] == ["", "ModelOps demo: summary"]
+    for expected in (
+        "  model           ctr_recommender (binary classification, dataset ctr_clicks)",
+        "    version       v3 trained in this run; champion v3 (before: v2)",
+        "    aliases       champion=v3, previous_champion=v2",
+        "    holdout       AUC 0.812",
+        "    serving       POST http://127.0.0.1:18008/models/ctr_recommender/invocations",
+        "      answer      probability of a click 0.100",
+        "  model           diabetes_progression (regression, dataset diabetes)",
+        "    version       v1 trained in this run; champion v1 (before: none)",
+        "    holdout       RMSE 54.9",
+        "    drift         ok on 15 rows: ok: 15 rows, 0 drifted features",
+        "    serving       POST http://127.0.0.1:18008/models/diabetes_progression/invocations",
+        "      answer      152.3",
+        "  default model   ctr_recommender also answers POST http://127.0.0.1:18008/invocations",
+        "  audit chain     verified, 21 records",
+        "  Airflow UI      http://127.0.0.1:18080  (login admin / pw)",
+        "  wall time       95 s",
+    ):
+        assert expected in summary, (expected, text)
+    assert str(report.drops["diabetes"].path) in text and report.drops["diabetes"].sha256 in text
+
+
+def test_drive_stops_on_a_failed_training_of_one_model(fake_stack: Stack) -> None:
+    _scenario(fake_stack.airflow, fake_stack.gateway, coalesced=False)
+    hook = fake_stack.airflow.on_trigger[driver.VALIDATION_DAG]
+
+    def validation_then_a_failed_training(run: FakeRun) -> None:
+        hook(run)
+        (failed,) = [r for r in fake_stack.airflow.runs if r.run_id == "asset_triggered__0_1"]
+        failed.states = ["running", "failed"]
+        failed.tasks[0].state = "failed"
+        failed.tasks[0].return_value = None
+        failed.tasks[0].log = FAILED_TASK_LOG
+
+    fake_stack.airflow.on_trigger[driver.VALIDATION_DAG] = validation_then_a_failed_training
+    fake_stack.mlflow.champions["diabetes_progression"] = [None]  # never deployed
+    with pytest.raises(StageFailed) as info:
+        _drive(fake_stack, [])
+    message = str(info.value)
+    assert f"stage training ({driver.TRAINING_DAG}) run asset_triggered__0_1 failed" in message
+    assert "task train_and_register[diabetes_progression] (map index 0) failed" in message
+    assert "boom: AUC below floor" in message
+    assert fake_stack.airflow.triggered(driver.DRIFT_DAG) == []  # stopped before monitoring
+
+
+def test_drive_times_out_naming_each_model_and_the_runs(fake_stack: Stack) -> None:
+    def validation_without_events(run: FakeRun) -> None:
+        # Only training started, for one model, and its task waits for a retry.
+        stuck = FakeTask(
+            "train_and_register",
+            state="up_for_retry",
+            map_index=0,
+            rendered_map_index="ctr_recommender",
+            log=FAILED_TASK_LOG,
+        )
+        fake_stack.airflow.runs.append(
+            FakeRun(
+                driver.TRAINING_DAG,
+                "asset_triggered__t",
+                run.run_after,
+                ["running"],
+                "asset_triggered",
+                tasks=[stuck],
+            )
+        )
+
+    fake_stack.airflow.on_trigger = {driver.VALIDATION_DAG: validation_without_events}
+    fake_stack.mlflow.champions = {"ctr_recommender": ["2"], "diabetes_progression": [None]}
+    with pytest.raises(StageFailed) as info:
+        _drive(fake_stack, [], champion_timeout=1)
+    message = str(info.value)
+    assert "not every model has a new champion after 1 s:" in message
+    assert "  ctr_recommender: champion before v2, now v2 (waiting)" in message
+    assert "  diabetes_progression: champion before none, now none (waiting)" in message
+    assert f"{driver.TRAINING_DAG}: asset_triggered__t running" in message
+    assert f"{driver.GATE_DAG}: none (Asset event not received?)" in message
+    assert (
+        "task train_and_register[ctr_recommender] (map index 0) up_for_retry; last lines of its log:"
+        in message
+    )
+    assert "boom: AUC below floor" in message and "make down" in message
+
+
+def test_check_catalog_needs_every_demo_model_and_data_for_its_dataset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    catalog = load_catalog()
+    driver.check_catalog(catalog)
+    with pytest.raises(UnknownModel, match="no_such_model"):
+        driver.check_catalog(catalog, ("no_such_model",))
+    monkeypatch.setattr(driver, "DATASET_WRITERS", {"ctr_clicks": DATASET_WRITERS["ctr_clicks"]})
+    with pytest.raises(
+        ConfigurationError,
+        match=r"diabetes_progression trains on dataset 'diabetes', for which the demo writes no",
+    ):
+        driver.check_catalog(catalog)
+
+
+# --- main: down / status / up ----------------------------------------------------------------------
 
 
 @pytest.fixture
 def demo_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = tmp_path / ".demo"
     monkeypatch.setenv("MODELOPS_DEMO_DIR", str(folder))
-    for name in ("MODELOPS_AIRFLOW_PORT", "MODELOPS_MLFLOW_PORT", "MODELOPS_GATEWAY_PORT"):
+    for name, _ in stack.PORT_VARIABLES.values():
         monkeypatch.delenv(name, raising=False)
-    assert localstack.demo_dir() == folder
+    assert processes.demo_dir() == folder
     return folder
 
 
 def test_down_and_status_with_nothing_running(demo_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert demo.main(["down"]) == 0
+    assert driver.main(["down"]) == 0
     assert capsys.readouterr().out == "nothing was running\n"
-    assert demo.main(["status"]) == 0
+    assert driver.main(["status"]) == 0
     assert "nothing is running (start it with `make demo`)" in capsys.readouterr().out
     # A stale pid file (its process is gone) does not count and is cleaned up by `down`.
     (demo_dir / "run").mkdir(parents=True)
     (demo_dir / "run" / "airflow-scheduler.pid").write_text("4194000\n")
-    assert demo.main(["status"]) == 0
+    assert driver.main(["status"]) == 0
     assert "nothing is running" in capsys.readouterr().out
-    assert demo.main(["down"]) == 0
+    assert driver.main(["down"]) == 0
     assert capsys.readouterr().out == "nothing was running\n"
     assert not (demo_dir / "run" / "airflow-scheduler.pid").exists()
 
@@ -711,34 +1380,83 @@ def test_status_with_a_bad_port_says_what_to_fix(
     demo_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("MODELOPS_AIRFLOW_PORT", "eighty")
-    assert demo.main(["status"]) == 1
+    assert driver.main(["status"]) == 1
     assert "MODELOPS_AIRFLOW_PORT='eighty' is not a TCP port" in capsys.readouterr().err
 
 
 def test_up_refuses_while_a_previous_stack_runs(demo_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = demo_dir / "run"
-    sleeper = localstack.Service(
+    sleeper = processes.Service(
         name="airflow-scheduler",
         argv=[sys.executable, "-c", "import time; time.sleep(60)"],
         env=dict(os.environ),
         health_url=None,
         log_file=demo_dir / "logs" / "airflow-scheduler.log",
     )
-    pid = localstack.start(sleeper, run_dir)
+    pid = processes.start(sleeper, run_dir)
     try:
-        assert demo.running_services(run_dir) == ["airflow-scheduler"]
-        assert demo.main(["up"]) == 1
+        assert processes.running_services(run_dir) == ["airflow-scheduler"]
+        assert driver.main(["up"]) == 1
         captured = capsys.readouterr()
         assert "still run (airflow-scheduler)" in captured.err and "run `make down` first" in captured.err
         assert not (demo_dir / "airflow").exists()  # refused before building anything
 
-        assert demo.main(["status"]) == 0
+        assert driver.main(["status"]) == 0
         out = capsys.readouterr().out
-        assert f"airflow-scheduler      pid {pid}, 1 processes" in out
-        assert "mlflow                 not running" in out
+        assert f"airflow-scheduler            pid {pid}, 1 processes" in out
+        assert "mlflow                       not running" in out
+        assert "airflow-worker-log-server    not running" in out
 
-        assert demo.main(["down"]) == 0
+        assert driver.main(["down"]) == 0
         assert capsys.readouterr().out == "stopped airflow-scheduler\n"
-        assert demo.running_services(run_dir) == []
+        assert processes.running_services(run_dir) == []
     finally:
-        localstack.stop("airflow-scheduler", run_dir, grace_seconds=5)  # no-op unless an assert failed
+        processes.stop("airflow-scheduler", run_dir, grace_seconds=5)  # no-op unless an assert failed
+
+
+def test_python_dash_m_modelops_dev_as_the_makefile_runs_it(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELOPS_")}
+    env.update(PYTHONPATH=str(PROJECT_ROOT / "devstack"), MODELOPS_DEMO_DIR=str(tmp_path / ".demo"))
+    result = subprocess.run(
+        [sys.executable, "-m", "modelops_dev", "status"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (0, "nothing is running (start it with `make demo`)\n"), (
+        result.stderr
+    )
+    makefile = (PROJECT_ROOT / "Makefile").read_text()
+    for command in ("up", "down", "status"):
+        assert f"-m modelops_dev {command}" in makefile
+    assert "PYTHONPATH=$(CURDIR)/devstack" in makefile
+
+
+# --- the product does not ship the dev tool ----------------------------------------------------------
+
+
+def test_the_runtime_package_does_not_contain_or_import_the_dev_package() -> None:
+    import importlib.util
+
+    # modelops.airflow_settings stays: the production image loads airflow_settings.yaml with it.
+    for moved in ("modelops.demo", "modelops.localstack"):
+        assert importlib.util.find_spec(moved) is None, f"{moved} belongs in devstack/modelops_dev"
+    for folder in ("plugins", "dags"):
+        for path in (PROJECT_ROOT / folder).rglob("*.py"):
+            assert "modelops_dev" not in path.read_text(), f"{path} refers to the dev package"
+
+
+def test_the_wheel_and_the_image_leave_the_dev_package_out() -> None:
+    pyproject = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"] == ["plugins/modelops"]
+    assert pyproject["tool"]["pytest"]["ini_options"]["pythonpath"] == ["devstack"]
+    ignored = {
+        line.strip().rstrip("/")
+        for line in (PROJECT_ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert "devstack" in ignored
+    assert "devstack" not in (PROJECT_ROOT / "Dockerfile").read_text()

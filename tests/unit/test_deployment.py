@@ -1,12 +1,17 @@
-"""Stage 4, deployment: staging, the HTTP smoke test and promotion against a real SQLite MLflow registry
-and the real scoring gateway served by uvicorn on a loopback port."""
+"""Stage 4, deployment: staging, the HTTP smoke test, promotion and rollback against a real SQLite MLflow
+registry and the real scoring gateway served by uvicorn on a loopback port, for both shipped models (a
+classifier and a regressor)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,29 +20,38 @@ import httpx
 import mlflow
 import pandas as pd
 import pytest
+from airflow.sdk.exceptions import AirflowFailException
 from mlflow import MlflowClient
+from mlflow.models import infer_signature
 
 from modelops.assets import MODEL_DEPLOYED
 from modelops.audit import AuditStore
+from modelops.data.sklearn_datasets import write_diabetes_csv
 from modelops.data.synthetic import generate_clicks, write_csv
-from modelops.errors import DeploymentFailed, DeploymentRefused, GateFailed
-from modelops.hooks.gateway import GatewayHook
-from modelops.hooks.registry import MlflowRegistryHook
-from modelops.operators.compliance import CHALLENGER_ALIAS
-from modelops.operators.deployment import SMOKE_ROWS, DeployModelOperator
-from modelops.settings import model_spec, platform_settings
-from modelops.stages.deployment import (
-    CHAMPION_ALIAS,
-    PREVIOUS_CHAMPION_ALIAS,
-    deploy_version,
-    smoke_test,
+from modelops.errors import DeploymentFailed
+from modelops.operators.deployment import DeployModelOperator
+from modelops.registry import ModelRegistry
+from modelops.serving.client import GatewayClient
+from modelops.settings import Catalog, ModelSpec, ServingSpec, load_catalog
+from modelops.stages import deployment
+from modelops.stages.deployment import SMOKE_TEST_CALLER, deploy, deploy_version, rollback, smoke_test
+from modelops.storage import read_dataset
+from modelops.vocabulary import (
+    Alias,
+    AuditAction,
+    ComplianceStatus,
+    Decision,
+    DeploymentStatus,
+    Tag,
+    model_subject,
 )
-from modelops.stages.training import train_and_register
-from tests.support import serve_in_thread, use_sqlite_registry
+from tests.support import mlflow_client, serve_in_thread, use_sqlite_registry
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
-NAME = "ctr_recommender"
+CLASSIFIER = "ctr_recommender"  # binary_classification; the gateway's default model
+REGRESSOR = "diabetes_progression"  # regression
+MODELS = (CLASSIFIER, REGRESSOR)
 
 
 class OutletEvents(dict):
@@ -53,56 +67,79 @@ def task_context(run_id: str) -> dict[str, Any]:
     return {"dag_run": dag_run, "ti": SimpleNamespace(task_id="deploy"), "outlet_events": OutletEvents()}
 
 
-class BrokenProbabilities(mlflow.pyfunc.PythonModel):
-    """A model whose answers are malformed in a chosen way: too few rows, or rows that do not sum to 1."""
+class Misbehaving(mlflow.pyfunc.PythonModel):
+    """A model whose answers are malformed in a chosen way."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> list:
-        if self.mode == "short":
+        rows = len(model_input)
+        if self.mode == "large":  # a classifier answering prices times a thousand, not probabilities
+            return [float(price) * 1000 for price in model_input["item_price"]]
+        if self.mode == "short":  # one answer, whatever the number of rows
             return [[0.4, 0.6]]
-        return [[0.6, 0.6] for _ in range(len(model_input))]
+        if self.mode == "sum":  # class probabilities that do not sum to 1
+            return [[0.6, 0.6] for _ in range(rows)]
+        if self.mode == "nan":  # a regressor answering NaN
+            return [math.nan] * rows
+        return ["high"] * rows  # "text": a regressor answering words
+
+
+BAD_KINDS = {"large": CLASSIFIER, "short": CLASSIFIER, "sum": CLASSIFIER, "nan": REGRESSOR, "text": REGRESSOR}
 
 
 @dataclass(frozen=True)
 class Stack:
     root: Path
-    tracking_uri: str
-    client: MlflowClient
+    catalog: Catalog
+    registry: ModelRegistry
+    client: MlflowClient  # a raw client: reads the registry as an outside user would
+    gateway: GatewayClient
     gateway_url: str
-    csv: Path
-    sha256: str
-    smoke_rows: pd.DataFrame
-    sources: dict[str, str]  # kind of model -> model URI to register versions from
+    csv: dict[str, Path]  # model -> its training data
+    sha256: dict[str, str]  # model -> hash of its training data
+    rows: dict[str, pd.DataFrame]  # model -> its smoke-test rows
+    runs: dict[str, str]  # kind of model (a model name, or a BAD_KINDS key) -> run that logged it at "model"
+
+    def spec(self, model: str, name: str | None = None) -> ModelSpec:
+        """The shipped spec of ``model``, under another registered ``name`` if given (an isolated test)."""
+        spec = self.catalog.model(model)
+        return spec if name is None else spec.model_copy(update={"name": name})
 
 
-def _log_bad_models(frame: pd.DataFrame) -> dict[str, str]:
+def _fit(spec: ModelSpec, frame: pd.DataFrame) -> Any:
     from sklearn.compose import ColumnTransformer
-    from sklearn.linear_model import LinearRegression
+    from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-    spec = model_spec()
-    # A regressor served through predict(): its outputs are prices times a thousand, not probabilities.
-    regressor = Pipeline(
-        [
-            ("features", ColumnTransformer([("numeric", "passthrough", spec.numeric_features)])),
-            ("estimator", LinearRegression()),
-        ]
+    steps = [("numeric", StandardScaler(), spec.numeric_features)]
+    if spec.categorical_features:
+        steps.append(("categorical", OneHotEncoder(handle_unknown="ignore"), spec.categorical_features))
+    estimator = LogisticRegression(max_iter=500) if spec.task == "binary_classification" else Ridge()
+    return Pipeline([("features", ColumnTransformer(steps)), ("estimator", estimator)]).fit(
+        frame[spec.features], frame[spec.target]
     )
-    regressor.fit(frame[spec.features], frame["item_price"] * 1000)
-    sources = {}
-    with mlflow.start_run(run_name="bad-models"):
-        sources["large"] = mlflow.sklearn.log_model(
-            regressor, name="regressor", pyfunc_predict_fn="predict", pip_requirements=["scikit-learn"]
-        ).model_uri
-        for mode in ("short", "sum"):
-            sources[mode] = mlflow.pyfunc.log_model(
-                name=f"broken_{mode}",
-                python_model=BrokenProbabilities(mode),
-                pip_requirements=["mlflow", "pandas"],
-            ).model_uri
-    return sources
+
+
+def _save_sklearn(model: Any, spec: ModelSpec, frame: pd.DataFrame, folder: Path) -> None:
+    """Save like training does: skops with the reviewed types, explicit requirements (no inference)."""
+    import skops.io
+
+    probe = folder.with_suffix(".skops")
+    skops.io.dump(model, probe)
+    predict_fn = "predict_proba" if spec.task == "binary_classification" else "predict"
+    example = frame[spec.features].head(5)
+    mlflow.sklearn.save_model(
+        model,
+        str(folder),
+        signature=infer_signature(example, getattr(model, predict_fn)(example)),
+        pyfunc_predict_fn=predict_fn,
+        serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_SKOPS,
+        skops_trusted_types=skops.io.get_untrusted_types(file=probe),
+        pip_requirements=["scikit-learn", "skops"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -110,29 +147,38 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     from modelops.serving.gateway import GatewayConfig, create_app
 
     root = tmp_path_factory.mktemp("deployment")
+    catalog = load_catalog()
     with pytest.MonkeyPatch.context() as patch:
-        tracking_uri, client, _ = use_sqlite_registry(root, patch)
-        csv = write_csv(generate_clicks(2500, seed=7), root / "clicks.csv")
-        sha = hashlib.sha256(csv.read_bytes()).hexdigest()
-        frame = pd.read_csv(csv)
-        trained = train_and_register(
-            registry=MlflowRegistryHook(),
-            spec=model_spec(),
-            experiment_name=platform_settings().experiment_name,
-            frame=frame,
-            dataset_sha256=sha,
-            dataset_uri=csv.as_uri(),
-            trigger="manual",
-            dag_id="modelops_training",
-            run_id="manual__deployment",
-        )
-        sources = {"good": client.get_model_version(NAME, trained.version).source, **_log_bad_models(frame)}
+        tracking_uri, registry, _ = use_sqlite_registry(root, patch)
+        csv = {CLASSIFIER: write_csv(generate_clicks(400, seed=7), root / "clicks.csv")}
+        csv[REGRESSOR] = root / "diabetes.csv"
+        write_diabetes_csv(csv[REGRESSOR])
+
+        runs: dict[str, str] = {}
+        for model in MODELS:
+            spec = catalog.model(model)
+            frame = pd.read_csv(csv[model])
+            folder = root / f"saved-{model}"
+            _save_sklearn(_fit(spec, frame), spec, frame, folder)
+            runs[model] = registry.log_run(
+                experiment=spec.experiment_name, run_name=model, tags={}, artifact_dirs={"model": folder}
+            )
+        for kind, model in BAD_KINDS.items():
+            folder = root / f"saved-{kind}"
+            mlflow.pyfunc.save_model(str(folder), python_model=Misbehaving(kind), pip_requirements=["mlflow"])
+            runs[kind] = registry.log_run(
+                experiment=catalog.model(model).experiment_name,
+                run_name=kind,
+                tags={},
+                artifact_dirs={"model": folder},
+            )
 
         app = create_app(
             GatewayConfig(
                 tracking_uri=tracking_uri,
                 predictions_url=f"sqlite:///{root / 'predictions.db'}",
-                default_model=NAME,
+                default_model=CLASSIFIER,
+                models=(REGRESSOR,),
             )
         )
         with serve_in_thread(app) as gateway_url:
@@ -141,44 +187,97 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "AIRFLOW_CONN_MODELOPS_GATEWAY",
                 json.dumps({"conn_type": "http", "host": host, "port": int(port)}),
             )
+            gateway = GatewayClient(gateway_url)
             yield Stack(
                 root=root,
-                tracking_uri=tracking_uri,
-                client=client,
+                catalog=catalog,
+                registry=registry,
+                client=mlflow_client(tracking_uri),
+                gateway=gateway,
                 gateway_url=gateway_url,
                 csv=csv,
-                sha256=sha,
-                smoke_rows=frame[model_spec().features].head(SMOKE_ROWS),
-                sources=sources,
+                sha256={model: hashlib.sha256(path.read_bytes()).hexdigest() for model, path in csv.items()},
+                rows={
+                    model: read_dataset(
+                        path.as_uri(),
+                        columns=catalog.model(model).features,
+                        nrows=catalog.model(model).serving.smoke_rows,
+                    )
+                    for model, path in csv.items()
+                },
+                runs=runs,
             )
+            gateway.close()
 
 
-def register(stack: Stack, name: str, kind: str, tags: dict[str, str] | None = None) -> str:
-    MlflowRegistryHook().activate()
-    return str(mlflow.register_model(stack.sources[kind], name, tags=tags).version)
+def task_of(kind: str) -> str:
+    """The shipped model whose data a kind of model takes."""
+    return BAD_KINDS.get(kind, kind)
+
+
+def lineage_tags(stack: Stack, model: str) -> dict[str, str]:
+    return {Tag.TRAIN_DATA_SHA256: stack.sha256[model], Tag.TRAIN_DATA_URI: stack.csv[model].as_uri()}
+
+
+def register(stack: Stack, name: str, kind: str, status: str | None = ComplianceStatus.APPROVED) -> str:
+    """A new version of ``name`` from the logged model ``kind``, with the lineage tags of its data, and
+    tagged with compliance ``status`` as the gate tags it (None: never gated)."""
+    stack.registry.ensure_model(name, {})
+    version = stack.registry.register_version(
+        name, run_id=stack.runs[kind], artifact_path="model", tags=lineage_tags(stack, task_of(kind))
+    ).version
+    if status is not None:
+        stack.registry.set_version_tags(name, version, {Tag.COMPLIANCE_STATUS: status})
+    return version
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:8]}"
 
 
 def aliases(stack: Stack, name: str) -> dict[str, str]:
     return {alias: str(v) for alias, v in stack.client.get_registered_model(name).aliases.items()}
 
 
-def served(gateway: GatewayHook, name: str) -> dict[str, Any]:
-    return gateway.status()["models"].get(name, {})
+def served(stack: Stack, name: str) -> dict[str, Any]:
+    return stack.gateway.status()["models"].get(name, {})
+
+
+def answered_by(stack: Stack, model: str, name: str | None = None, *, path: str | None = None) -> str:
+    """Which version answers unpinned traffic for ``name`` (default: ``model``) at its invocations URL."""
+    url = f"{stack.gateway_url}{path or f'/models/{name or model}/invocations'}"
+    payload = {"dataframe_split": stack.rows[model].head(2).to_dict(orient="split", index=False)}
+    response = httpx.post(url, json=payload)
+    assert response.status_code == 200, response.text
+    return response.headers["X-Model-Version"]
+
+
+# --- reading the smoke-test rows -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_read_dataset_reads_only_the_spec_s_smoke_rows_of_its_features(stack: Stack, model: str) -> None:
+    spec = stack.spec(model)
+    rows = read_dataset(stack.csv[model].as_uri(), columns=spec.features, nrows=spec.serving.smoke_rows)
+    assert len(rows) == spec.serving.smoke_rows < len(pd.read_csv(stack.csv[model]))
+    assert sorted(rows.columns) == sorted(spec.features) and spec.target not in rows.columns
+    assert {CLASSIFIER: 20, REGRESSOR: 10}[model] == spec.serving.smoke_rows
 
 
 # --- smoke test ----------------------------------------------------------------------------------
 
 
-def test_smoke_test_passes_on_a_staged_good_version(stack: Stack) -> None:
-    version = register(stack, "smoke_good", "good")
-    gateway = GatewayHook()
-    gateway.stage("smoke_good", version)
+@pytest.mark.parametrize("model", MODELS)
+def test_smoke_test_passes_on_a_staged_good_version(stack: Stack, model: str) -> None:
+    spec = stack.spec(model, unique("smoke_good"))
+    version = register(stack, spec.name, model)
+    stack.gateway.stage(spec.name, version)
     try:
-        check = smoke_test(gateway, "smoke_good", version, stack.smoke_rows)
+        check = smoke_test(stack.gateway, spec, version, stack.rows[model])
     finally:
-        gateway.unstage("smoke_good")
+        stack.gateway.unstage(spec.name)
     assert check.passed and check.problems == []
-    assert (check.rows, check.status_code) == (SMOKE_ROWS, 200)
+    assert (check.rows, check.status_code) == (spec.serving.smoke_rows, 200)
     assert check.latency_ms is not None and check.latency_ms > 0
 
 
@@ -186,123 +285,239 @@ def test_smoke_test_passes_on_a_staged_good_version(stack: Stack) -> None:
     ("kind", "expected"),
     [
         ("large", "is not a probability"),
-        ("short", f"expected {SMOKE_ROWS} predictions, got 1"),
+        ("short", "expected 20 predictions, got 1"),
         ("sum", "do not sum to 1"),
+        ("nan", "nan is not a finite number"),
+        ("text", "'high' is not a finite number"),
     ],
 )
 def test_smoke_test_names_malformed_answers(stack: Stack, kind: str, expected: str) -> None:
-    name = f"smoke_{kind}"
-    version = register(stack, name, kind)
-    gateway = GatewayHook()
-    gateway.stage(name, version)
+    model = task_of(kind)
+    spec = stack.spec(model, unique(f"smoke_{kind}"))
+    version = register(stack, spec.name, kind)
+    stack.gateway.stage(spec.name, version)
     try:
-        check = smoke_test(gateway, name, version, stack.smoke_rows)
+        check = smoke_test(stack.gateway, spec, version, stack.rows[model])
     finally:
-        gateway.unstage(name)
+        stack.gateway.unstage(spec.name)
     assert not check.passed and check.status_code == 200
     assert expected in check.problems[0], check.problems
     if kind == "short":
         assert len(check.problems) == 1
     else:
         # Every bad row is named, not only the first.
-        assert len(check.problems) == SMOKE_ROWS
-        assert [p.split(":")[0] for p in check.problems] == [f"row {i}" for i in range(SMOKE_ROWS)]
+        rows = spec.serving.smoke_rows
+        assert [p.split(":")[0] for p in check.problems] == [f"row {i}" for i in range(rows)]
+
+
+def test_a_classifier_answer_is_not_accepted_from_a_regressor(stack: Stack) -> None:
+    # The same HTTP answer is judged by the task kind of the spec: class probabilities are not a number.
+    spec = stack.spec(REGRESSOR, unique("smoke_probabilities"))
+    version = register(stack, spec.name, "sum")
+    stack.gateway.stage(spec.name, version)
+    try:
+        check = smoke_test(stack.gateway, spec, version, stack.rows[REGRESSOR])
+    finally:
+        stack.gateway.unstage(spec.name)
+    assert check.problems[0] == "row 0: [0.6, 0.6] is not a finite number"
 
 
 def test_smoke_test_of_a_version_that_is_not_staged_reports_the_http_error(stack: Stack) -> None:
-    version = register(stack, "smoke_unstaged", "good")
-    check = smoke_test(GatewayHook(), "smoke_unstaged", version, stack.smoke_rows)
+    spec = stack.spec(CLASSIFIER, unique("smoke_unstaged"))
+    version = register(stack, spec.name, CLASSIFIER)
+    check = smoke_test(stack.gateway, spec, version, stack.rows[CLASSIFIER])
     assert check.status_code == 404
     (problem,) = check.problems
     assert problem.startswith("HTTP 404:") and "VERSION_NOT_SERVED" in problem
 
 
-# --- deploy_version ------------------------------------------------------------------------------
+# --- deploy_version and rollback -----------------------------------------------------------------
 
 
 def test_deploy_promotes_supersedes_and_a_retry_is_a_no_op(stack: Stack) -> None:
-    name, gateway, registry = "deploy_chain", GatewayHook(), MlflowRegistryHook()
-    v1, v2 = register(stack, name, "good"), register(stack, name, "good")
+    spec = stack.spec(CLASSIFIER, unique("deploy_chain"))
+    name, rows = spec.name, stack.rows[CLASSIFIER]
+    v1, v2 = register(stack, name, CLASSIFIER), register(stack, name, CLASSIFIER)
 
-    first = deploy_version(
-        registry=registry, gateway=gateway, model=name, version=v1, smoke_rows=stack.smoke_rows
-    )
+    def deploy_it(version: str) -> deployment.DeploymentResult:
+        return deploy_version(
+            registry=stack.registry, gateway=stack.gateway, spec=spec, version=version, smoke_rows=rows
+        )
+
+    first = deploy_it(v1)
     assert first.smoke_test.passed and first.previous_version is None and not first.already_live
-    assert aliases(stack, name) == {CHAMPION_ALIAS: v1}
+    assert aliases(stack, name) == {Alias.CHAMPION: v1}
     tags = stack.client.get_model_version(name, v1).tags
-    assert tags["deployment_status"] == "live" and tags["previous_champion"] == "none"
-    assert tags["deployed_at"] == first.deployed_at
-    assert served(gateway, name)["live_version"] == v1
+    assert tags[Tag.DEPLOYMENT_STATUS] == DeploymentStatus.LIVE and tags[Tag.PREVIOUS_CHAMPION] == "none"
+    assert tags[Tag.DEPLOYED_AT] == first.deployed_at
+    assert served(stack, name)["live_version"] == v1
 
-    second = deploy_version(
-        registry=registry, gateway=gateway, model=name, version=v2, smoke_rows=stack.smoke_rows
-    )
+    second = deploy_it(v2)
     assert second.smoke_test.passed and second.previous_version == v1
-    assert aliases(stack, name) == {CHAMPION_ALIAS: v2, PREVIOUS_CHAMPION_ALIAS: v1}
+    assert aliases(stack, name) == {Alias.CHAMPION: v2, Alias.PREVIOUS_CHAMPION: v1}
     old, new = (stack.client.get_model_version(name, v).tags for v in (v1, v2))
-    assert old["superseded_by"] == v2 and old["superseded_at"] == second.deployed_at
-    assert new["deployment_status"] == "live" and new["previous_champion"] == v1
-    status = served(gateway, name)
+    assert old[Tag.SUPERSEDED_BY] == v2 and old[Tag.SUPERSEDED_AT] == second.deployed_at
+    assert new[Tag.DEPLOYMENT_STATUS] == DeploymentStatus.LIVE and new[Tag.PREVIOUS_CHAMPION] == v1
+    status = served(stack, name)
     assert status["live_version"] == v2 and status["staged_version"] is None
+    assert answered_by(stack, CLASSIFIER, name) == v2  # unpinned traffic reaches the new champion
 
-    # Unpinned traffic now reaches the new champion.
-    response = httpx.post(
-        f"{stack.gateway_url}/models/{name}/invocations",
-        json={"dataframe_split": stack.smoke_rows.head(2).to_dict(orient="split", index=False)},
-    )
-    assert response.status_code == 200 and response.headers["X-Model-Version"] == v2
-
-    retry = deploy_version(
-        registry=registry, gateway=gateway, model=name, version=v2, smoke_rows=stack.smoke_rows
-    )
+    retry = deploy_it(v2)
     assert retry.already_live and retry.previous_version == v1 and retry.smoke_test.rows == 0
-    assert aliases(stack, name) == {CHAMPION_ALIAS: v2, PREVIOUS_CHAMPION_ALIAS: v1}
+    assert aliases(stack, name) == {Alias.CHAMPION: v2, Alias.PREVIOUS_CHAMPION: v1}
     assert stack.client.get_model_version(name, v2).tags == new
     assert stack.client.get_model_version(name, v1).tags == old
-    assert served(gateway, name)["live_version"] == v2
+    assert served(stack, name)["live_version"] == v2
 
 
 def test_a_failed_smoke_test_leaves_the_previous_champion_serving(stack: Stack) -> None:
-    name, gateway, registry = "deploy_smoke_fail", GatewayHook(), MlflowRegistryHook()
-    good, bad = register(stack, name, "good"), register(stack, name, "large")
-    deploy_version(registry=registry, gateway=gateway, model=name, version=good, smoke_rows=stack.smoke_rows)
+    spec = stack.spec(REGRESSOR, unique("deploy_smoke_fail"))
+    name, rows = spec.name, stack.rows[REGRESSOR]
+    good, bad = register(stack, name, REGRESSOR), register(stack, name, "nan")
+    deploy_version(registry=stack.registry, gateway=stack.gateway, spec=spec, version=good, smoke_rows=rows)
     good_tags = stack.client.get_model_version(name, good).tags
 
     result = deploy_version(
-        registry=registry, gateway=gateway, model=name, version=bad, smoke_rows=stack.smoke_rows
+        registry=stack.registry, gateway=stack.gateway, spec=spec, version=bad, smoke_rows=rows
     )
     assert not result.smoke_test.passed and result.previous_version == good
-    assert "is not a probability" in result.smoke_test.problems[0]
+    assert "is not a finite number" in result.smoke_test.problems[0]
     assert result.to_dict()["smoke_test"]["passed"] is False
 
-    assert aliases(stack, name) == {CHAMPION_ALIAS: good}
-    status = served(gateway, name)
+    assert aliases(stack, name) == {Alias.CHAMPION: good}
+    status = served(stack, name)
     assert status["live_version"] == good and status["staged_version"] is None
-    assert stack.client.get_model_version(name, bad).tags["deployment_status"] == "smoke_test_failed"
+    bad_tags = stack.client.get_model_version(name, bad).tags
+    assert bad_tags[Tag.DEPLOYMENT_STATUS] == DeploymentStatus.SMOKE_TEST_FAILED
     assert stack.client.get_model_version(name, good).tags == good_tags  # not superseded
-    response = httpx.post(
-        f"{stack.gateway_url}/models/{name}/invocations",
-        json={"dataframe_split": stack.smoke_rows.head(1).to_dict(orient="split", index=False)},
-    )
-    assert response.status_code == 200 and response.headers["X-Model-Version"] == good
+    assert answered_by(stack, REGRESSOR, name) == good
 
 
 def test_a_first_deployment_that_fails_its_smoke_test_leaves_nothing_live(stack: Stack) -> None:
-    name, gateway = "deploy_first_bad", GatewayHook()
-    bad = register(stack, name, "short")
+    spec = stack.spec(CLASSIFIER, unique("deploy_first_bad"))
+    bad = register(stack, spec.name, "short")
     result = deploy_version(
-        registry=MlflowRegistryHook(), gateway=gateway, model=name, version=bad, smoke_rows=stack.smoke_rows
+        registry=stack.registry,
+        gateway=stack.gateway,
+        spec=spec,
+        version=bad,
+        smoke_rows=stack.rows[CLASSIFIER],
     )
     assert not result.smoke_test.passed and result.previous_version is None
-    assert aliases(stack, name) == {}
-    assert served(gateway, name).get("live_version") is None
+    assert aliases(stack, spec.name) == {}
+    assert served(stack, spec.name).get("live_version") is None
 
 
-# --- operator ------------------------------------------------------------------------------------
+class ReloadFailsOnce(GatewayClient):
+    """A gateway client whose first reload fails, as if the gateway went away right after the smoke test."""
+
+    failed = False
+
+    def reload(self, model: str) -> dict[str, Any]:
+        if not self.failed:
+            self.failed = True
+            raise DeploymentFailed("scoring gateway did not answer POST reload: connection reset")
+        return super().reload(model)
 
 
-def lineage_tags(stack: Stack, **extra: str) -> dict[str, str]:
-    return {"train_data_sha256": stack.sha256, "train_data_uri": stack.csv.as_uri(), **extra}
+def test_a_switch_the_gateway_does_not_take_rolls_the_alias_back(stack: Stack) -> None:
+    spec = stack.spec(CLASSIFIER, unique("deploy_switch_fails"))
+    name, rows = spec.name, stack.rows[CLASSIFIER]
+    v1, v2 = register(stack, name, CLASSIFIER), register(stack, name, CLASSIFIER)
+    deploy_version(registry=stack.registry, gateway=stack.gateway, spec=spec, version=v1, smoke_rows=rows)
+
+    flaky = ReloadFailsOnce(stack.gateway_url)
+    try:
+        with pytest.raises(DeploymentFailed) as raised:
+            deploy_version(registry=stack.registry, gateway=flaky, spec=spec, version=v2, smoke_rows=rows)
+    finally:
+        flaky.close()
+    assert f"{name} v{v2} passed the smoke test but the gateway did not take it live" in str(raised.value)
+    assert f"rolled back to v{v1}" in str(raised.value)
+    assert aliases(stack, name)[Alias.CHAMPION] == v1
+    tags = stack.client.get_model_version(name, v2).tags
+    assert tags[Tag.DEPLOYMENT_STATUS] == DeploymentStatus.ROLLED_BACK
+    assert served(stack, name)["live_version"] == v1
+    assert answered_by(stack, CLASSIFIER, name) == v1
+
+
+def test_a_switch_the_gateway_does_not_take_leaves_nothing_staged(stack: Stack) -> None:
+    spec = stack.spec(REGRESSOR, unique("deploy_switch_unstaged"))
+    name, rows = spec.name, stack.rows[REGRESSOR]
+    v1, v2 = register(stack, name, REGRESSOR), register(stack, name, REGRESSOR)
+    deploy_version(registry=stack.registry, gateway=stack.gateway, spec=spec, version=v1, smoke_rows=rows)
+    flaky = ReloadFailsOnce(stack.gateway_url)
+    try:
+        with pytest.raises(DeploymentFailed):
+            deploy_version(registry=stack.registry, gateway=flaky, spec=spec, version=v2, smoke_rows=rows)
+    finally:
+        flaky.close()
+    assert served(stack, name)["staged_version"] is None
+
+
+def test_rollback_puts_the_previous_champion_back(stack: Stack) -> None:
+    spec = stack.spec(REGRESSOR, unique("rollback"))
+    name, rows = spec.name, stack.rows[REGRESSOR]
+    v1, v2 = register(stack, name, REGRESSOR), register(stack, name, REGRESSOR)
+    for version in (v1, v2):
+        deploy_version(
+            registry=stack.registry, gateway=stack.gateway, spec=spec, version=version, smoke_rows=rows
+        )
+    assert answered_by(stack, REGRESSOR, name) == v2
+
+    rollback(stack.registry, stack.gateway, name, failed_version=v2, previous_version=v1)
+    assert aliases(stack, name)[Alias.CHAMPION] == v1
+    assert (
+        stack.client.get_model_version(name, v2).tags[Tag.DEPLOYMENT_STATUS] == DeploymentStatus.ROLLED_BACK
+    )
+    assert served(stack, name)["live_version"] == v1
+    assert answered_by(stack, REGRESSOR, name) == v1
+
+
+def test_rollback_without_a_previous_champion_withdraws_the_alias(stack: Stack) -> None:
+    spec = stack.spec(CLASSIFIER, unique("rollback_first"))
+    name = spec.name
+    v1 = register(stack, name, CLASSIFIER)
+    deploy_version(
+        registry=stack.registry,
+        gateway=stack.gateway,
+        spec=spec,
+        version=v1,
+        smoke_rows=stack.rows[CLASSIFIER],
+    )
+
+    rollback(stack.registry, stack.gateway, name, failed_version=v1, previous_version=None)
+    assert Alias.CHAMPION not in aliases(stack, name)
+    assert (
+        stack.client.get_model_version(name, v1).tags[Tag.DEPLOYMENT_STATUS] == DeploymentStatus.ROLLED_BACK
+    )
+    assert served(stack, name).get("live_version") is None
+
+
+def test_a_first_deployment_the_gateway_does_not_take_leaves_nothing_live(stack: Stack) -> None:
+    spec = stack.spec(REGRESSOR, unique("deploy_first_switch_fails"))
+    v1 = register(stack, spec.name, REGRESSOR)
+    flaky = ReloadFailsOnce(stack.gateway_url)
+    try:
+        with pytest.raises(DeploymentFailed) as raised:
+            deploy_version(
+                registry=stack.registry,
+                gateway=flaky,
+                spec=spec,
+                version=v1,
+                smoke_rows=stack.rows[REGRESSOR],
+            )
+    finally:
+        flaky.close()
+    if "passed the smoke test but the gateway did not take it live" not in str(raised.value):
+        raise raised.value  # the rollback's own failure, not the deployment's report
+    assert Alias.CHAMPION not in aliases(stack, spec.name)
+    tags = stack.client.get_model_version(spec.name, v1).tags
+    assert tags[Tag.DEPLOYMENT_STATUS] == DeploymentStatus.ROLLED_BACK
+    assert served(stack, spec.name).get("live_version") is None
+
+
+# --- deploy, and the operator --------------------------------------------------------------------
 
 
 def audit_last(home: Path, action: str) -> Any:
@@ -318,55 +533,154 @@ def audit_last(home: Path, action: str) -> Any:
 def test_operator_refuses_an_unapproved_version(
     stack: Stack, modelops_home: Path, status: str | None
 ) -> None:
-    tags = lineage_tags(stack) if status is None else lineage_tags(stack, compliance_status=status)
-    version = register(stack, NAME, "good", tags)
-    before = aliases(stack, NAME)
-    with pytest.raises(DeploymentRefused) as raised:
-        DeployModelOperator(task_id="deploy", model_version=version).execute(task_context("manual__refused"))
-    assert isinstance(raised.value, GateFailed)
+    version = register(stack, CLASSIFIER, CLASSIFIER, status)
+    before = aliases(stack, CLASSIFIER)
+    context = task_context("manual__refused")
+    with pytest.raises(AirflowFailException) as raised:
+        DeployModelOperator(
+            task_id="deploy", model=CLASSIFIER, model_version=version, outlets=[MODEL_DEPLOYED]
+        ).execute(context)
     message = str(raised.value)
     assert f"v{version} has compliance_status={status!r}" in message and "modelops_compliance_gate" in message
-    assert aliases(stack, NAME) == before
-    assert "deployment_status" not in stack.client.get_model_version(NAME, version).tags
+    assert aliases(stack, CLASSIFIER) == before
+    assert Tag.DEPLOYMENT_STATUS not in stack.client.get_model_version(CLASSIFIER, version).tags
+    assert MODEL_DEPLOYED not in context["outlet_events"]
 
-    record = audit_last(modelops_home, "model.deployed")
-    assert record.decision == "refused" and record.subject == f"model:{NAME}@{version}"
-    assert record.details == {"reason": "not approved", "compliance_status": status}
+    record = audit_last(modelops_home, AuditAction.MODEL_DEPLOYED)
+    assert record.decision == Decision.REFUSED and record.subject == model_subject(CLASSIFIER, version)
+    assert record.details == {"reason": message, "compliance_status": status}
 
 
-def test_operator_deploys_the_challenger_and_emits_the_event(stack: Stack, modelops_home: Path) -> None:
-    version = register(stack, NAME, "good", lineage_tags(stack, compliance_status="approved"))
-    stack.client.set_registered_model_alias(NAME, CHALLENGER_ALIAS, version)
-    context = task_context("manual__deploy")
-    operator = DeployModelOperator(task_id="deploy", outlets=[MODEL_DEPLOYED])
+def test_a_model_whose_spec_disables_serving_is_refused(stack: Stack) -> None:
+    spec = stack.spec(REGRESSOR).model_copy(update={"serving": ServingSpec(enabled=False)})
+    version = register(stack, REGRESSOR, REGRESSOR)  # approved
+    before = aliases(stack, REGRESSOR)
+    outcome = deploy(spec=spec, registry=stack.registry, gateway=stack.gateway, version=version)
+    assert outcome.decision == Decision.REFUSED and outcome.asset_extra is None
+    assert outcome.refusal is not None and "serving.enabled: false" in outcome.refusal
+    (entry,) = outcome.records
+    assert entry.action == AuditAction.MODEL_DEPLOYED and entry.decision == Decision.REFUSED
+    assert entry.details["compliance_status"] == "approved"
+    assert aliases(stack, REGRESSOR) == before
+    assert served(stack, REGRESSOR).get("staged_version") is None
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_operator_deploys_the_challenger_and_emits_the_event(
+    stack: Stack, modelops_home: Path, monkeypatch: pytest.MonkeyPatch, model: str
+) -> None:
+    spec = stack.spec(model)
+    version = register(stack, model, model)
+    stack.registry.set_alias(model, Alias.CHALLENGER, version)
+    previous = aliases(stack, model).get(Alias.CHAMPION)
+    reads: list[dict[str, Any]] = []
+
+    def spy(uri: str, **kwargs: Any) -> pd.DataFrame:
+        reads.append({"uri": uri, **kwargs})
+        return read_dataset(uri, **kwargs)
+
+    monkeypatch.setattr(deployment, "read_dataset", spy)
+    context = task_context(f"manual__deploy_{model}")
+    operator = DeployModelOperator(task_id="deploy", model=model, outlets=[MODEL_DEPLOYED])
     result = operator.execute(context)  # no model_version: the challenger alias decides
-    json.dumps(result)
+    assert json.loads(json.dumps(result)) == result
 
-    assert result["version"] == version and result["smoke_test"]["passed"]
-    assert result["serving_url"] == f"{stack.gateway_url}/invocations"
-    assert str(stack.client.get_model_version_by_alias(NAME, CHAMPION_ALIAS).version) == version
-    extra = context["outlet_events"][MODEL_DEPLOYED].extra
-    assert extra["model_name"] == NAME and extra["version"] == version
-    record = audit_last(modelops_home, "model.deployed")
-    assert record.decision == "deployed" and record.evidence["dataset"] == stack.sha256
+    # The smoke test scored the spec's smoke_rows rows of the model's own training data, features only.
+    assert reads == [
+        {"uri": stack.csv[model].as_uri(), "columns": spec.features, "nrows": spec.serving.smoke_rows}
+    ]
+    assert result["decision"] == "deployed" and result["version"] == version
+    assert result["smoke_test"]["passed"] and result["smoke_test"]["rows"] == spec.serving.smoke_rows
+    assert result["previous_version"] == previous
+    assert result["serving_url"] == f"{stack.gateway_url}/models/{model}/invocations"
+    expected_aliases = {Alias.CHAMPION: version, Alias.CHALLENGER: version}
+    if previous is not None:
+        expected_aliases[Alias.PREVIOUS_CHAMPION] = previous
+    assert {k: v for k, v in aliases(stack, model).items() if k != Alias.CANDIDATE} == expected_aliases
+    assert context["outlet_events"][MODEL_DEPLOYED].extra == {
+        "model_name": model,
+        "version": version,
+        "previous_version": previous,
+    }
+    record = audit_last(modelops_home, AuditAction.MODEL_DEPLOYED)
+    assert record.decision == Decision.DEPLOYED and record.subject == model_subject(model, version)
+    assert record.evidence["dataset"] == stack.sha256[model]
+    assert record.actor == "airflow:modelops_deployment.deploy"
 
-    # The default /invocations answers with the new champion.
-    response = httpx.post(
-        f"{stack.gateway_url}/invocations",
-        json={"dataframe_records": stack.smoke_rows.head(1).to_dict(orient="records")},
-    )
-    assert response.status_code == 200 and response.headers["X-Model-Version"] == version
+    assert answered_by(stack, model) == version
+    if model == CLASSIFIER:  # the default model also answers at MLflow's own /invocations
+        assert answered_by(stack, model, path="/invocations") == version
 
 
 def test_operator_records_a_failed_smoke_test_before_failing(stack: Stack, modelops_home: Path) -> None:
-    champion_before = stack.client.get_registered_model(NAME).aliases.get(CHAMPION_ALIAS)
-    bad = register(stack, NAME, "large", lineage_tags(stack, compliance_status="approved"))
-    with pytest.raises(DeploymentFailed) as raised:
-        DeployModelOperator(task_id="deploy", model_version=bad).execute(task_context("manual__bad"))
-    assert "failed its smoke test" in str(raised.value) and "is not a probability" in str(raised.value)
-    assert stack.client.get_registered_model(NAME).aliases.get(CHAMPION_ALIAS) == champion_before
+    spec = stack.spec(REGRESSOR)
+    good = register(stack, REGRESSOR, REGRESSOR)
+    DeployModelOperator(task_id="deploy", model=REGRESSOR, model_version=good).execute(
+        task_context("manual__good")
+    )
+    bad = register(stack, REGRESSOR, "text")
+    context = task_context("manual__bad")
+    with pytest.raises(AirflowFailException) as raised:
+        DeployModelOperator(
+            task_id="deploy", model=REGRESSOR, model_version=bad, outlets=[MODEL_DEPLOYED]
+        ).execute(context)
+    message = str(raised.value)
+    assert f"v{bad} failed its smoke test; v{good} keeps serving" in message
+    assert "'high' is not a finite number" in message
+    assert aliases(stack, REGRESSOR)[Alias.CHAMPION] == good
+    assert MODEL_DEPLOYED not in context["outlet_events"]
+    assert answered_by(stack, REGRESSOR) == good
 
-    record = audit_last(modelops_home, "model.deployed")
-    assert record.decision == "smoke_test_failed" and record.subject == f"model:{NAME}@{bad}"
+    record = audit_last(modelops_home, AuditAction.MODEL_DEPLOYED)
+    assert record.decision == Decision.SMOKE_TEST_FAILED and record.subject == model_subject(REGRESSOR, bad)
     assert record.details["smoke_test"]["passed"] is False
-    assert len(record.details["smoke_test"]["problems"]) == SMOKE_ROWS
+    assert len(record.details["smoke_test"]["problems"]) == spec.serving.smoke_rows
+
+
+def test_operator_fails_without_retry_when_there_is_no_challenger(stack: Stack, modelops_home: Path) -> None:
+    ghost = stack.spec(CLASSIFIER, "never_approved")
+    operator = DeployModelOperator(task_id="deploy", model="never_approved")
+    operator.catalog = dataclasses.replace(
+        stack.catalog, models={**stack.catalog.models, "never_approved": ghost}
+    )
+    with pytest.raises(AirflowFailException, match="'never_approved' has no version with alias"):
+        operator.execute(task_context("manual__ghost"))
+    assert audit_last(modelops_home, AuditAction.MODEL_DEPLOYED) is None
+
+
+def test_deploying_one_model_leaves_the_other_alone(stack: Stack) -> None:
+    for model, other in ((CLASSIFIER, REGRESSOR), (REGRESSOR, CLASSIFIER)):
+        other_version = register(stack, other, other)
+        deploy(spec=stack.spec(other), registry=stack.registry, gateway=stack.gateway, version=other_version)
+        other_aliases, other_live = aliases(stack, other), served(stack, other)["live_version"]
+
+        version = register(stack, model, model)
+        outcome = deploy(
+            spec=stack.spec(model), registry=stack.registry, gateway=stack.gateway, version=version
+        )
+        assert outcome.decision == Decision.DEPLOYED, outcome.refusal
+        assert aliases(stack, model)[Alias.CHAMPION] == version
+        assert aliases(stack, other) == other_aliases
+        assert served(stack, other)["live_version"] == other_live == other_version
+        assert answered_by(stack, other) == other_version and answered_by(stack, model) == version
+
+
+def test_the_smoke_test_is_logged_as_its_own_caller(stack: Stack) -> None:
+    from modelops.serving.prediction_log import PredictionLog
+
+    spec = stack.spec(CLASSIFIER, unique("smoke_logged"))
+    version = register(stack, spec.name, CLASSIFIER)
+    deploy_version(
+        registry=stack.registry,
+        gateway=stack.gateway,
+        spec=spec,
+        version=version,
+        smoke_rows=stack.rows[CLASSIFIER],
+    )
+    log = PredictionLog(f"sqlite:///{stack.root / 'predictions.db'}")
+    try:
+        frame = log.window(spec.name, datetime(2000, 1, 1, tzinfo=UTC), datetime.now(UTC) + timedelta(days=1))
+    finally:
+        log.dispose()
+    assert len(frame) == spec.serving.smoke_rows  # one row per scored row, of one request
+    assert set(frame["caller_id"]) == {SMOKE_TEST_CALLER} and set(frame["model_version"]) == {version}

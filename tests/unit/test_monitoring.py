@@ -1,9 +1,15 @@
-"""Stage 5, drift monitoring: verdicts from real Evidently runs on synthetic windows, the out-of-range
-share, determinism, and the monitoring window a run covers."""
+"""Stage 5, drift monitoring: verdicts from real Evidently runs on synthetic windows (a classifier with
+categorical features and a regression model with numeric features only), the out-of-range share,
+determinism, the monitoring window, the whole stage against a real SQLite MLflow registry and a real
+prediction log, which models a run assesses, retraining requests, and both operators."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import uuid
+from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,25 +18,52 @@ from typing import Any
 import pandas as pd
 import pendulum
 import pytest
+from airflow.sdk.exceptions import AirflowSkipException
+from mlflow import MlflowClient
 
+from modelops.assets import RETRAINING_REQUEST
 from modelops.audit import AuditStore
+from modelops.data.sklearn_datasets import write_diabetes_csv
 from modelops.data.synthetic import DriftShift, generate_clicks
-from modelops.errors import MonitoringError
-from modelops.operators.monitoring import DriftMonitorOperator, monitoring_window
-from modelops.settings import ModelSpec, MonitoringPolicy, model_spec, monitoring_policy
-from modelops.stages.monitoring import assess_drift, out_of_range
+from modelops.errors import MonitoringError, UnknownModel
+from modelops.operators.monitoring import DriftMonitorOperator, RequestRetrainingOperator
+from modelops.registry import ModelRegistry
+from modelops.serving.prediction_log import PredictionLog, PredictionRecord
+from modelops.settings import Catalog, ModelSpec, MonitoringPolicy, ServingSpec, load_catalog
+from modelops.stages.monitoring import (
+    assess,
+    assess_drift,
+    monitoring_window,
+    out_of_range,
+    plan_monitoring,
+    retraining_request,
+)
+from modelops.storage import as_storage_path
+from modelops.vocabulary import DRIFT_RUN_KIND, Alias, AuditAction, Decision, RunTag, Tag
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
 WINDOW_ROWS = 400
+CTR = "ctr_recommender"
+DIABETES = "diabetes_progression"
+TEST_EXPERIMENT = "modelops-tests/monitoring"
+START = datetime(2026, 3, 1, 10, tzinfo=UTC)
+END = START + timedelta(hours=1)
 
 
 @pytest.fixture(scope="module")
-def spec() -> ModelSpec:
-    return model_spec()
+def catalog() -> Catalog:
+    return load_catalog()
 
 
 @pytest.fixture(scope="module")
-def policy() -> MonitoringPolicy:
-    return monitoring_policy()
+def spec(catalog: Catalog) -> ModelSpec:
+    return catalog.model(CTR)
+
+
+@pytest.fixture(scope="module")
+def policy(catalog: Catalog, spec: ModelSpec) -> MonitoringPolicy:
+    return catalog.policies_for(spec).monitoring
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +74,13 @@ def reference() -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def stationary() -> pd.DataFrame:
     return generate_clicks(WINDOW_ROWS, seed=11)
+
+
+@pytest.fixture(scope="module")
+def diabetes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("diabetes") / "diabetes.csv"
+    write_diabetes_csv(path)
+    return path
 
 
 def is_html(path: Path) -> bool:
@@ -130,6 +170,27 @@ def test_the_same_inputs_give_the_same_verdict(spec, policy, stationary) -> None
     assert first.to_dict() == second.to_dict()
 
 
+def test_a_regression_model_with_numeric_features_only(tmp_path: Path, catalog: Catalog, diabetes) -> None:
+    spec = catalog.model(DIABETES)
+    policy = catalog.policies_for(spec).monitoring
+    assert spec.task == "regression" and spec.categorical_features == []
+    assert policy.name == "sensitive"  # the high risk tier's policy, not the standard one
+    reference = pd.read_csv(diabetes)
+    current = reference.sample(200, replace=True, random_state=3)
+    html = tmp_path / "report.html"
+    calm = assess_drift(current=current, reference=reference, spec=spec, policy=policy, html_path=str(html))
+    assert calm.verdict == "ok", calm.to_dict()
+    assert set(calm.feature_scores) == set(spec.numeric_features)
+    assert {score["method"] for score in calm.feature_scores.values()} == {policy.numerical_method}
+    assert is_html(html)
+
+    heavier = assess_drift(
+        current=current.assign(bmi=current["bmi"] * 1.3), reference=reference, spec=spec, policy=policy
+    )
+    assert heavier.verdict == "critical", heavier.to_dict()
+    assert heavier.drifted_features == ["bmi"] and heavier.out_of_range_features["bmi"] > 0
+
+
 # --- out_of_range --------------------------------------------------------------------------------
 
 
@@ -156,71 +217,443 @@ def test_out_of_range_with_everything_inside_or_no_rows() -> None:
 
 def test_window_from_the_data_interval() -> None:
     start = pendulum.datetime(2026, 1, 1, 10)
-    context = {"data_interval_start": start, "data_interval_end": start.add(hours=1)}
-    assert monitoring_window(context, "", "") == (start, start.add(hours=1))
+    assert monitoring_window(None, None, start, start.add(hours=1)) == (start, start.add(hours=1))
+    assert monitoring_window("", "  ", start, start.add(hours=1)) == (start, start.add(hours=1))
 
 
 def test_explicit_window_wins_over_the_data_interval() -> None:
-    context = {
-        "data_interval_start": pendulum.datetime(2020, 1, 1),
-        "data_interval_end": pendulum.datetime(2020, 1, 2),
-    }
-    start, end = monitoring_window(context, "2026-03-01T10:00:00+00:00", "2026-03-01T11:30:00+00:00")
+    start, end = monitoring_window(
+        "2026-03-01T10:00:00+00:00",
+        "2026-03-01T11:30:00+00:00",
+        pendulum.datetime(2020, 1, 1),
+        pendulum.datetime(2020, 1, 2),
+    )
     assert (start, end) == (pendulum.datetime(2026, 3, 1, 10), pendulum.datetime(2026, 3, 1, 11, 30))
 
 
-@pytest.mark.parametrize(("start", "end"), [("2026-03-01T10:00:00Z", ""), ("", "2026-03-01T10:00:00Z")])
-def test_window_with_only_one_end_is_refused(start: str, end: str) -> None:
+def test_a_timestamp_without_a_zone_is_utc() -> None:
+    start, _ = monitoring_window("2026-03-01T10:00:00", "2026-03-01T11:00:00", None, None)
+    assert start == datetime(2026, 3, 1, 10, tzinfo=UTC) and start.utcoffset() == timedelta(0)
+
+
+@pytest.mark.parametrize(
+    ("start", "end"), [("2026-03-01T10:00:00Z", ""), ("", "2026-03-01T10:00:00Z"), (None, "2026-03-01")]
+)
+def test_window_with_only_one_end_is_refused(start: str | None, end: str) -> None:
     with pytest.raises(MonitoringError, match="give both window_start and window_end"):
-        monitoring_window({}, start, end)
+        monitoring_window(start, end, None, None)
 
 
-def test_window_with_an_unparseable_timestamp_is_refused() -> None:
-    with pytest.raises(MonitoringError, match="must be ISO 8601 timestamps"):
-        monitoring_window({}, "yesterday at noon", "2026-03-01T10:00:00Z")
+@pytest.mark.parametrize("start", ["yesterday at noon", "P1D"])
+def test_window_with_an_unparseable_timestamp_is_refused(start: str) -> None:
+    with pytest.raises(MonitoringError, match="ISO 8601 timestamp"):
+        monitoring_window(start, "2026-03-01T10:00:00Z", None, None)
 
 
 @pytest.mark.parametrize("end", ["2026-03-01T10:00:00Z", "2026-03-01T09:00:00Z"])
 def test_window_must_start_before_it_ends(end: str) -> None:
     with pytest.raises(MonitoringError, match="is not before window_end"):
-        monitoring_window({}, "2026-03-01T10:00:00Z", end)
+        monitoring_window("2026-03-01T10:00:00Z", end, None, None)
 
 
 def test_window_without_a_data_interval_is_refused() -> None:
     with pytest.raises(MonitoringError, match="this run has no data interval"):
-        monitoring_window({"data_interval_start": None, "data_interval_end": None}, "", "")
+        monitoring_window(None, None, None, None)
     with pytest.raises(MonitoringError, match="this run has no data interval"):
-        monitoring_window({}, "", "")
+        monitoring_window("", "", pendulum.datetime(2026, 1, 1), None)
 
 
-# --- operator ------------------------------------------------------------------------------------
+# --- a real registry and prediction log ----------------------------------------------------------
 
 
-def test_operator_on_an_empty_window_records_insufficient_data(modelops_home: Path) -> None:
-    start = datetime(2026, 3, 1, 10, tzinfo=UTC)
-    end = start + timedelta(hours=1)
+@dataclasses.dataclass(frozen=True)
+class Served:
+    root: Path
+    tracking_uri: str
+    registry: ModelRegistry
+    model_dir: Path
+    train_sha: dict[str, str]
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def register(served: Served, name: str, *, tags: dict[str, str], alias: str | None = None) -> str:
+    """Register a version of ``name`` (the model files do not matter to monitoring)."""
+    registry = served.registry
+    run_id = registry.log_run(
+        experiment=TEST_EXPERIMENT,
+        run_name=f"fixture-{name}",
+        tags={},
+        artifact_dirs={"model": served.model_dir},
+    )
+    registry.ensure_model(name, {})
+    version = registry.register_version(name, run_id=run_id, artifact_path="model", tags=tags).version
+    if alias is not None:
+        registry.set_alias(name, alias, version)
+    return version
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, catalog: Catalog, reference, diabetes) -> Served:
+    """A SQLite MLflow registry with every catalog model's experiment (artifacts under the test folder,
+    never ./mlruns) and, for both catalog models, a champion whose lineage names its training data."""
+    import mlflow.sklearn
+    from mlflow import MlflowClient
+    from sklearn.dummy import DummyRegressor
+
+    root = tmp_path_factory.mktemp("monitoring")
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    for experiment in [TEST_EXPERIMENT, *(spec.experiment_name for spec in catalog.models.values())]:
+        client.create_experiment(experiment, artifact_location=(root / "artifacts").as_uri())
+    model_dir = root / "model"
+    mlflow.sklearn.save_model(
+        DummyRegressor().fit([[0.0]], [0.0]), str(model_dir), pip_requirements=["scikit-learn"]
+    )
+    clicks = root / "clicks.csv"
+    reference.to_csv(clicks, index=False)
+    served = Served(
+        root,
+        tracking_uri,
+        ModelRegistry(tracking_uri),
+        model_dir,
+        {CTR: sha256_file(clicks), DIABETES: sha256_file(diabetes)},
+    )
+    for name, uri in ((CTR, clicks), (DIABETES, diabetes)):
+        lineage = {Tag.TRAIN_DATA_SHA256: served.train_sha[name], Tag.TRAIN_DATA_URI: str(uri)}
+        assert register(served, name, tags=lineage, alias=Alias.CHAMPION) == "1"
+    # v2 of the classifier served a few rows of each window below; its training data must not be used.
+    register(
+        served, CTR, tags={Tag.TRAIN_DATA_SHA256: "0" * 64, Tag.TRAIN_DATA_URI: str(root / "absent.csv")}
+    )
+    return served
+
+
+@pytest.fixture
+def prediction_log(tmp_path: Path) -> PredictionLog:
+    log = PredictionLog(f"sqlite:///{tmp_path / 'predictions.db'}")
+    yield log
+    log.engine.dispose()
+
+
+def log_predictions(
+    log: PredictionLog,
+    model: str,
+    frame: pd.DataFrame,
+    *,
+    version: str,
+    start: datetime = START,
+    per_call: int = 25,
+) -> None:
+    """Log ``frame`` as calls of ``per_call`` rows each, spread over the first 50 minutes after ``start``."""
+    calls = [frame.iloc[i : i + per_call] for i in range(0, len(frame), per_call)]
+    for index, rows in enumerate(calls):
+        log.record(
+            PredictionRecord(
+                request_id=uuid.uuid4().hex,
+                received_at=start + timedelta(minutes=50 * index / len(calls)),
+                caller_id="test",
+                model_name=model,
+                model_version=version,
+                status_code=200,
+                latency_ms=3.0,
+                n_rows=len(rows),
+                inputs=rows.to_dict(orient="records"),
+                outputs=[0.5] * len(rows),
+            )
+        )
+
+
+def assess_window(
+    served: Served, catalog: Catalog, name: str, log: PredictionLog, storage: Path, **window: Any
+):
+    spec = catalog.model(name)
+    return assess(
+        spec=spec,
+        policy=catalog.policies_for(spec).monitoring,
+        registry=served.registry,
+        prediction_log=log,
+        storage=as_storage_path(storage),
+        start=window.get("start", START),
+        end=window.get("end", END),
+    )
+
+
+def test_a_drifted_window_is_assessed_recorded_and_logged_once_per_window(
+    tmp_path: Path, served: Served, catalog: Catalog, prediction_log: PredictionLog
+) -> None:
+    shifted = generate_clicks(WINDOW_ROWS, seed=11, shift=DriftShift(age_shift=15, out_of_range_share=0.2))
+    log_predictions(prediction_log, CTR, shifted, version="1")
+    log_predictions(prediction_log, CTR, generate_clicks(50, seed=3), version="2")  # the minority
+    # Outside [START, END) or another model's: not part of the window.
+    log_predictions(prediction_log, CTR, generate_clicks(50, seed=4), version="1", start=END)
+    log_predictions(prediction_log, "other_model", shifted, version="9")
+    storage = tmp_path / "storage"
+
+    outcome = assess_window(served, catalog, CTR, prediction_log, storage)
+    details = outcome.details
+    json.dumps(outcome.xcom())
+    assert outcome.decision == details["verdict"] == "critical" and outcome.refusal is None
+    assert outcome.asset_extra is None
+    assert details["model_name"] == CTR and details["version"] == "1"
+    assert (details["window_start"], details["window_end"]) == (START.isoformat(), END.isoformat())
+    assert details["rows"] == WINDOW_ROWS + 50 and details["request_retraining"] is True
+    assert "user_age" in details["drifted_features"] and details["out_of_range_share"] > 0.05
+    assert set(details) == {
+        "model_name", "version", "window_start", "window_end", "verdict", "rows", "drift_share",
+        "drifted_features", "out_of_range_share", "report_uri", "mlflow_run_id", "request_retraining",
+    }  # fmt: skip
+    assert outcome.summary.startswith(f"{CTR}: critical: {WINDOW_ROWS + 50} rows")
+
+    window_folder = ("monitoring", CTR, "2026-03-01T100000+0000--2026-03-01T110000+0000")
+    folder = storage.joinpath(*window_folder)
+    html = folder / "drift_report.html"
+    assert details["report_uri"] == str(as_storage_path(storage).joinpath(*window_folder, html.name))
+    assert is_html(html)
+    written = json.loads((folder / "assessment.json").read_text())
+    assert written["verdict"] == "critical" and written["rows"] == WINDOW_ROWS + 50
+
+    (record,) = outcome.records
+    assert record.action == AuditAction.DRIFT_ASSESSED and record.subject == f"model:{CTR}@1"
+    assert record.decision == "critical" and record.details["policy"] == "standard"
+    assert record.details["mlflow_run_id"] == details["mlflow_run_id"]
+    assert record.details["feature_scores"]["user_age"]["drifted"] is True
+    assert record.evidence["reference_dataset"] == served.train_sha[CTR]
+    assert record.evidence["drift_report_html"] == sha256_file(html)
+    assert set(record.evidence) == {"assessment", "policy", "reference_dataset", "drift_report_html"}
+
+    run = served.registry.run(details["mlflow_run_id"])
+    assert run.tags[RunTag.KIND] == DRIFT_RUN_KIND and run.tags[RunTag.MODEL] == CTR
+    assert run.tags[RunTag.MODEL_VERSION] == "1" and run.tags[RunTag.VERDICT] == "critical"
+    assert run.tags[RunTag.WINDOW] == f"{START.isoformat()}--{END.isoformat()}"
+    assert run.metrics["rows"] == WINDOW_ROWS + 50 and run.metrics["drift_share"] == details["drift_share"]
+    artifacts = Path(run.artifact_uri.removeprefix("file://")) / "drift"
+    assert sorted(p.name for p in artifacts.iterdir()) == ["assessment.json", "drift_report.html"]
+    client = MlflowClient(served.tracking_uri)
+    experiment = client.get_experiment(client.get_run(run.run_id).info.experiment_id)
+    assert experiment.name == catalog.model(CTR).experiment_name
+
+    # A retry of the same window adds to its run instead of logging another one.
+    again = assess_window(served, catalog, CTR, prediction_log, storage)
+    assert again.details["mlflow_run_id"] == details["mlflow_run_id"]
+    assert again.records[0].evidence["assessment"] == record.evidence["assessment"]
+
+    # The next window is a run of its own.
+    later = assess_window(
+        served, catalog, CTR, prediction_log, storage, start=END, end=END + timedelta(hours=1)
+    )
+    assert later.decision == "insufficient_data" and later.details["rows"] == 50
+    assert later.details["report_uri"] is None
+    assert later.details["mlflow_run_id"] not in (None, details["mlflow_run_id"])
+
+    # The verdict calls for a retrain of the version that served.
+    request = retraining_request(outcome.xcom(), catalog.policies_for(CTR).monitoring)
+    assert request is not None and request.decision == Decision.REQUESTED
+    expected = {
+        "model_name": CTR,
+        "version": "1",
+        "verdict": "critical",
+        "reason": f"drift verdict critical for window {START.isoformat()}--{END.isoformat()}",
+    }
+    assert request.asset_extra == expected and request.details == expected
+    (requested,) = request.records
+    assert requested.action == AuditAction.RETRAINING_REQUESTED and requested.subject == f"model:{CTR}@1"
+    assert requested.decision == Decision.REQUESTED and requested.details == expected
+    assert set(requested.evidence) == {"assessment"}
+
+
+def test_a_regression_model_is_assessed_against_its_own_training_data(
+    tmp_path: Path, served: Served, catalog: Catalog, prediction_log: PredictionLog, diabetes: Path
+) -> None:
+    current = pd.read_csv(diabetes).sample(120, replace=True, random_state=5).drop(columns=["progression"])
+    log_predictions(prediction_log, DIABETES, current, version="1", per_call=10)
+    outcome = assess_window(served, catalog, DIABETES, prediction_log, tmp_path / "storage")
+    assert outcome.decision == "ok", outcome.details
+    assert outcome.details["rows"] == 120 and outcome.details["request_retraining"] is False
+    (record,) = outcome.records
+    assert record.subject == f"model:{DIABETES}@1" and record.details["policy"] == "sensitive"
+    assert record.evidence["reference_dataset"] == served.train_sha[DIABETES]
+    assert set(record.details["feature_scores"]) == set(catalog.model(DIABETES).numeric_features)
+    assert served.registry.run(outcome.details["mlflow_run_id"]).tags[RunTag.MODEL] == DIABETES
+
+    assert retraining_request(outcome.xcom(), catalog.policies_for(DIABETES).monitoring) is None
+
+
+def test_the_policy_decides_which_verdicts_request_a_retrain(catalog: Catalog) -> None:
+    assessment = {
+        "model_name": CTR,
+        "version": "3",
+        "verdict": "warning",
+        "window_start": START.isoformat(),
+        "window_end": END.isoformat(),
+    }
+    standard = catalog.policies_for(CTR).monitoring
+    assert standard.request_retraining_on == ["critical"]
+    assert retraining_request(assessment, standard) is None
+    eager = standard.model_copy(update={"request_retraining_on": ["warning", "critical"]})
+    request = retraining_request(assessment, eager)
+    assert request is not None and request.asset_extra["verdict"] == "warning"
+    assert request.records[0].subject == f"model:{CTR}@3"
+    for verdict in ("ok", "insufficient_data"):
+        assert retraining_request({**assessment, "verdict": verdict}, eager) is None
+
+
+def test_a_version_without_lineage_cannot_be_assessed(
+    tmp_path: Path, served: Served, catalog: Catalog, prediction_log: PredictionLog
+) -> None:
+    name = "no_lineage"
+    register(served, name, tags={}, alias=Alias.CHAMPION)
+    spec = catalog.model(CTR).model_copy(update={"name": name})
+    log_predictions(prediction_log, name, generate_clicks(250, seed=2), version="1")
+    with pytest.raises(MonitoringError, match=r"no_lineage v1 has no train_data_sha256/train_data_uri"):
+        assess(
+            spec=spec,
+            policy=catalog.policies_for(CTR).monitoring,
+            registry=served.registry,
+            prediction_log=prediction_log,
+            storage=as_storage_path(tmp_path / "storage"),
+            start=START,
+            end=END,
+        )
+
+
+def test_predictions_without_a_feature_cannot_be_assessed(
+    tmp_path: Path, served: Served, catalog: Catalog, prediction_log: PredictionLog
+) -> None:
+    log_predictions(prediction_log, CTR, generate_clicks(250, seed=2).drop(columns=["device"]), version="1")
+    with pytest.raises(MonitoringError, match=r"lack the features \['device'\]"):
+        assess_window(served, catalog, CTR, prediction_log, tmp_path / "storage")
+
+
+# --- which models a run assesses -----------------------------------------------------------------
+
+
+def test_plan_monitoring_picks_the_serving_models(served: Served, catalog: Catalog) -> None:
+    base = catalog.model(CTR)
+    names = {
+        "plan_champion": {"serving": base.serving},
+        "plan_candidate_only": {"serving": base.serving},
+        "plan_not_served": {"serving": ServingSpec(enabled=False)},
+        "plan_unregistered": {"serving": base.serving},
+    }
+    models = {name: base.model_copy(update={"name": name, **update}) for name, update in names.items()}
+    plans = dataclasses.replace(catalog, models=models)
+    register(served, "plan_champion", tags={}, alias=Alias.CHAMPION)
+    register(served, "plan_candidate_only", tags={}, alias=Alias.CANDIDATE)
+    register(served, "plan_not_served", tags={}, alias=Alias.CHAMPION)
+
+    assert plan_monitoring(catalog=plans, registry=served.registry, models=[]) == [{"model": "plan_champion"}]
+    named = ["plan_candidate_only", "plan_champion", "plan_champion", ""]
+    assert plan_monitoring(catalog=plans, registry=served.registry, models=named) == [
+        {"model": "plan_champion"}
+    ]
+    assert plan_monitoring(catalog=plans, registry=served.registry, models=["plan_unregistered"]) == []
+    with pytest.raises(UnknownModel, match="no model spec declares the model 'nope'"):
+        plan_monitoring(catalog=plans, registry=served.registry, models=["nope"])
+
+    # The real catalog: both models have a champion in this registry.
+    assert plan_monitoring(catalog=catalog, registry=served.registry, models=[]) == [
+        {"model": CTR},
+        {"model": DIABETES},
+    ]
+
+
+# --- operators -----------------------------------------------------------------------------------
+
+
+def task_context(task_id: str, **extra: Any) -> dict[str, Any]:
     dag_run = SimpleNamespace(
         dag_id="modelops_drift_monitoring", run_id="scheduled__1", triggering_user_name=None
     )
-    context: dict[str, Any] = {
-        "dag_run": dag_run,
-        "ti": SimpleNamespace(task_id="assess_drift"),
-        "data_interval_start": pendulum.instance(start),
-        "data_interval_end": pendulum.instance(end),
-    }
-    result = DriftMonitorOperator(task_id="assess_drift").execute(context)
-    json.dumps(result)
-    assert result["verdict"] == "insufficient_data" and result["rows"] == 0
-    assert result["version"] is None and result["report_uri"] is None
-    assert result["request_retraining"] is False
+    return {"dag_run": dag_run, "ti": SimpleNamespace(task_id=task_id), **extra}
 
-    store = AuditStore(f"sqlite:///{modelops_home}/audit.db")
+
+@pytest.fixture
+def connections(modelops_home: Path, served: Served, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MLFLOW_DEFAULT",
+        json.dumps({"conn_type": "http", "extra": {"tracking_uri": served.tracking_uri}}),
+    )
+    return modelops_home
+
+
+def audit_records(home: Path, action: str) -> list[Any]:
+    store = AuditStore(f"sqlite:///{home}/audit.db")
     try:
-        record = store.last(action="drift.assessed")
+        assert store.verify().ok
+        return store.records(action=action)
     finally:
         store.dispose()
-    assert record.decision == "insufficient_data" and record.subject == "model:ctr_recommender"
-    assert record.details["window_start"] == start.isoformat()
+
+
+def test_operator_on_an_empty_window_records_insufficient_data(connections: Path) -> None:
+    context = task_context(
+        "assess_drift", data_interval_start=pendulum.instance(START), data_interval_end=pendulum.instance(END)
+    )
+    operator = DriftMonitorOperator(task_id="assess_drift", model=CTR, window_start="", window_end="")
+    # Only the window comes from templates (the form's params); the model comes from the plan.
+    assert set(operator.template_fields) == {"window_start", "window_end"}
+    result = operator.execute(context)
+    json.dumps(result)
+    assert result["verdict"] == result["decision"] == "insufficient_data" and result["rows"] == 0
+    assert result["report_uri"] is None and result["mlflow_run_id"] is None
+    assert result["request_retraining"] is False and result["model_name"] == CTR
+
+    # A quiet hour is a verdict about the version that was serving (the champion), named in the subject.
+    (record,) = audit_records(connections, AuditAction.DRIFT_ASSESSED)
+    assert record.decision == "insufficient_data" and record.subject == f"model:{CTR}@{result['version']}"
+    assert record.details["window_start"] == START.isoformat()
     assert record.details["reasons"] == ["no predictions in the window"]
-    written = list((modelops_home / "storage" / "monitoring" / "ctr_recommender").glob("*/assessment.json"))
+    written = list((connections / "storage" / "monitoring" / CTR).glob("*/assessment.json"))
     assert len(written) == 1 and json.loads(written[0].read_text())["verdict"] == "insufficient_data"
+
+
+def test_operator_window_from_its_parameters(connections: Path) -> None:
+    operator = DriftMonitorOperator(
+        task_id="assess_drift",
+        model=DIABETES,
+        window_start="2026-02-01T00:00:00Z",
+        window_end="2026-02-01T06:00:00Z",
+    )
+    outcome = operator.run_stage(
+        task_context("assess_drift", data_interval_start=None, data_interval_end=None)
+    )
+    assert outcome.details["window_start"] == "2026-02-01T00:00:00+00:00"
+    assert outcome.details["window_end"] == "2026-02-01T06:00:00+00:00"
+    assert outcome.details["model_name"] == DIABETES
+
+
+def test_request_retraining_operator_emits_or_skips(connections: Path) -> None:
+    assessment = {
+        "model_name": CTR,
+        "version": "1",
+        "verdict": "ok",
+        "window_start": START.isoformat(),
+        "window_end": END.isoformat(),
+    }
+    with pytest.raises(
+        AirflowSkipException, match="verdict 'ok' of ctr_recommender does not call for retraining"
+    ):
+        RequestRetrainingOperator(task_id="request_retraining", assessment=assessment).execute(
+            task_context("request_retraining")
+        )
+    assert audit_records(connections, AuditAction.RETRAINING_REQUESTED) == []
+
+    events: defaultdict[Any, SimpleNamespace] = defaultdict(SimpleNamespace)
+    operator = RequestRetrainingOperator(
+        task_id="request_retraining",
+        assessment={**assessment, "verdict": "critical"},
+        outlets=[RETRAINING_REQUEST],
+    )
+    result = operator.execute(task_context("request_retraining", outlet_events=events))
+    assert result["decision"] == "requested" and result["model_name"] == CTR
+    assert events[RETRAINING_REQUEST].extra == {
+        "model_name": CTR,
+        "version": "1",
+        "verdict": "critical",
+        "reason": f"drift verdict critical for window {START.isoformat()}--{END.isoformat()}",
+    }
+    (record,) = audit_records(connections, AuditAction.RETRAINING_REQUESTED)
+    assert record.decision == "requested" and record.subject == f"model:{CTR}@1"

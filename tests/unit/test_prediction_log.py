@@ -1,15 +1,22 @@
-"""The prediction log on SQLite (and PostgreSQL when available): recording, windows, labels, the hook."""
+"""The prediction log on SQLite (and PostgreSQL when available): recording, windows, labels, the hook;
+and the storage layer it shares with the audit log (modelops.db)."""
 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 
+from modelops import db
 from modelops.errors import ConfigurationError
 from modelops.serving.prediction_log import (
     LabelCountMismatch,
@@ -178,3 +185,111 @@ def test_hook_without_connection_says_how_to_define_it(
         _ = PredictionLogHook().prediction_log
     assert "modelops_predictions" in str(error.value)
     assert "airflow_settings.yaml" in str(error.value)
+
+
+# --- the storage layer both logs share (modelops.db) -------------------------------------------------
+
+
+def _sqlite_settings(engine: sa.Engine) -> tuple[str, int, int]:
+    with engine.connect() as conn:
+        return (
+            conn.exec_driver_sql("PRAGMA journal_mode").scalar(),
+            conn.exec_driver_sql("PRAGMA busy_timeout").scalar(),
+            conn.exec_driver_sql("PRAGMA foreign_keys").scalar(),
+        )
+
+
+def test_both_logs_get_one_engine_set_up_on_sqlite(tmp_path: Path) -> None:
+    from modelops.audit import AuditStore
+
+    log = PredictionLog(f"sqlite:///{tmp_path}/a/predictions.db")
+    store = AuditStore(f"sqlite:///{tmp_path}/b/audit.db")
+    try:
+        assert _sqlite_settings(log.engine) == ("wal", 30000, 1)
+        assert _sqlite_settings(store._engine) == ("wal", 30000, 1)
+    finally:
+        log.dispose()
+        store.dispose()
+
+
+def test_a_write_transaction_takes_the_sqlite_write_lock_up_front(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "locks.db"
+    engine = db.create_engine(f"sqlite:///{path}", immediate_transactions=True)
+    other = sqlite3.connect(path, timeout=0.05, isolation_level=None)
+    try:
+        with db.write_transaction(engine):
+            # Nothing was written yet, and still a second writer must wait: BEGIN IMMEDIATE took the lock.
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")
+        # Without the option a transaction starts deferred, so another writer is not blocked by a read.
+        with engine.connect() as conn, conn.begin():
+            conn.exec_driver_sql("SELECT 1")
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+    finally:
+        other.close()
+        engine.dispose()
+
+
+def test_postgres_engines_ping_their_pool(postgres_url: str) -> None:
+    log = PredictionLog(postgres_url)
+    try:
+        assert log.engine.pool._pre_ping
+        with db.write_transaction(log.engine) as conn:
+            assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+    finally:
+        log.dispose()
+
+
+def test_bad_urls_are_configuration_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="not a SQLAlchemy URL"):
+        PredictionLog("predictions.db")
+    with pytest.raises(
+        ConfigurationError, match="cannot open the prediction log at nosuchdb://u:\\*\\*\\*@h/x"
+    ):
+        PredictionLog("nosuchdb://u:secret@h/x")
+    assert db.sqlite_file(f"sqlite:///{tmp_path}/x.db") == tmp_path / "x.db"
+    assert db.sqlite_file("sqlite://") is None and db.sqlite_file("postgresql://h/db") is None
+    assert db.safe_url("postgresql+psycopg2://u:secret@h/db") == "postgresql+psycopg2://u:***@h/db"
+    assert repr(PredictionLog(f"sqlite:///{tmp_path}/p.db")) == f"PredictionLog('sqlite:///{tmp_path}/p.db')"
+
+
+def _connection(conn_type: str | None, **fields: Any) -> SimpleNamespace:
+    defaults = {"conn_id": "modelops_x", "host": None, "schema": None, "login": None, "password": None}
+    return SimpleNamespace(
+        conn_type=conn_type,
+        port=fields.pop("port", None),
+        extra_dejson=fields.pop("extra", {}),
+        **defaults | fields,
+    )
+
+
+def test_a_connection_becomes_a_url_in_one_place() -> None:
+    from modelops.hooks import _db
+
+    assert _db.sqlalchemy_url is db.sqlalchemy_url
+    assert db.sqlalchemy_url(_connection("sqlite", host="/data/audit.db")) == "sqlite:////data/audit.db"
+    assert (
+        db.sqlalchemy_url(_connection("postgres", host="db", login="mo", password="p@ss", schema="modelops"))
+        == "postgresql+psycopg2://mo:p%40ss@db:5432/modelops"
+    )
+    assert db.sqlalchemy_url(_connection("postgresql")) == "postgresql+psycopg2://127.0.0.1:5432/postgres"
+    assert db.sqlalchemy_url(_connection("http", extra={"url": "sqlite:///x.db"})) == "sqlite:///x.db"
+    with pytest.raises(ConfigurationError, match="'modelops_x' \\(sqlite\\) has no host"):
+        db.sqlalchemy_url(_connection("sqlite"))
+    with pytest.raises(ConfigurationError, match="conn_type 'http'"):
+        db.sqlalchemy_url(_connection("http"))
+
+
+def test_the_storage_layer_imports_no_airflow() -> None:
+    code = (
+        "import sys, modelops.db, modelops.audit, modelops.serving.prediction_log; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'airflow'))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

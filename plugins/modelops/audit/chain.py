@@ -24,12 +24,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import Connection, Engine
 
+from modelops import db
 from modelops.errors import ConfigurationError, ModelOpsError
 
 TABLE_NAME = "modelops_audit_log"
@@ -38,10 +38,8 @@ GENESIS_HASH = "0" * 64
 # Writers are serialised by a lock (BEGIN IMMEDIATE on SQLite, an advisory lock on PostgreSQL), so a
 # conflict is rare: only a writer that bypasses the lock, or the idempotency key racing, gets here.
 MAX_APPEND_ATTEMPTS = 10
-SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Arbitrary constant naming the audit log's advisory lock on PostgreSQL ("MOAUDIT" in ASCII).
 _PG_ADVISORY_LOCK_KEY = 0x4D4F4155444954
-_WRITE_LOCK_OPTION = "modelops_audit_write_lock"
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 _metadata = sa.MetaData()
@@ -189,48 +187,21 @@ def _record_from_row(row: sa.Row[Any]) -> AuditRecord:
     )
 
 
-def _sqlite_file(url: sa.URL) -> Path | None:
-    database = url.database
-    if url.get_backend_name() != "sqlite" or not database or database == ":memory:":
-        return None
-    if database.startswith("file:"):
-        return None
-    return Path(database)
-
-
 class AuditStore:
     """The audit log at a SQLAlchemy URL (``sqlite:///path`` by default, ``postgresql+psycopg2://`` in
     production). ``create=False`` refuses to create a missing database or table, for readers such as
     the CLI where an empty new log would hide a wrong URL."""
 
     def __init__(self, url: str, *, create: bool = True) -> None:
-        try:
-            parsed = make_url(url)
-        except sa.exc.ArgumentError as exc:
+        parsed = db.parse_url(url)
+        self.url = db.safe_url(parsed)
+        database_file = db.sqlite_file(parsed)
+        if database_file is not None and not create and not database_file.is_file():
             raise ConfigurationError(
-                f"{url!r} is not a SQLAlchemy URL ({exc}); use e.g. sqlite:////abs/path/audit.db or "
-                "postgresql+psycopg2://user@host:5432/db"
-            ) from exc
-        self.url = parsed.render_as_string(hide_password=True)
-        sqlite_file = _sqlite_file(parsed)
-        if sqlite_file is not None:
-            if not create and not sqlite_file.is_file():
-                raise ConfigurationError(
-                    f"no audit log database at {sqlite_file}; check the URL or connection "
-                    "(it is created by the first task that records a decision)"
-                )
-            sqlite_file.parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs: dict[str, Any] = {}
-        if parsed.get_backend_name() == "sqlite":
-            engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
-        try:
-            self._engine: Engine = sa.create_engine(parsed, **engine_kwargs)
-        except sa.exc.ArgumentError as exc:  # includes NoSuchModuleError: unknown dialect or driver
-            raise ConfigurationError(
-                f"cannot open the audit log at {self.url}: {exc}; check the URL's dialect and driver"
-            ) from exc
-        if (self._engine.dialect.name, self._engine.dialect.driver) == ("sqlite", "pysqlite"):
-            self._configure_sqlite(self._engine)
+                f"no audit log database at {database_file}; check the URL or connection "
+                "(it is created by the first task that records a decision)"
+            )
+        self._engine: Engine = db.create_engine(parsed, what="the audit log", immediate_transactions=True)
         if create:
             with self._write_transaction() as conn:
                 _metadata.create_all(conn, checkfirst=True)
@@ -241,34 +212,13 @@ class AuditStore:
                 "(it is created by the first task that records a decision)"
             )
 
-    @staticmethod
-    def _configure_sqlite(engine: Engine) -> None:
-        @sa.event.listens_for(engine, "connect")
-        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-            # Take over BEGIN from the sqlite3 module (SQLAlchemy's documented recipe) so that writers
-            # can BEGIN IMMEDIATE; WAL lets readers (gateway, CLI) run alongside one writer.
-            dbapi_connection.isolation_level = None
-            cursor = dbapi_connection.cursor()
-            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-            cursor.execute("PRAGMA journal_mode = WAL")
-            cursor.close()
-
-        @sa.event.listens_for(engine, "begin")
-        def _on_begin(conn: Connection) -> None:
-            # IMMEDIATE takes the write lock up front (waiting up to busy_timeout): a deferred
-            # transaction that reads the tail and then writes would fail with SQLITE_BUSY instead.
-            immediate = conn.get_execution_options().get(_WRITE_LOCK_OPTION, False)
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
     @contextmanager
     def _write_transaction(self) -> Iterator[Connection]:
         """A transaction holding the audit log's write lock, so appends queue instead of colliding."""
-        with self._engine.connect() as conn:
-            conn.execution_options(**{_WRITE_LOCK_OPTION: True})
-            with conn.begin():
-                if conn.dialect.name == "postgresql":
-                    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_ADVISORY_LOCK_KEY)))
-                yield conn
+        with db.write_transaction(self._engine) as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_ADVISORY_LOCK_KEY)))
+            yield conn
 
     # --- writing ---------------------------------------------------------------------------------
 

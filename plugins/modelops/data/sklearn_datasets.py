@@ -57,7 +57,9 @@ WRITERS = {"diabetes": write_diabetes_csv}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m modelops.data.sklearn_datasets", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m modelops.data.sklearn_datasets", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("dataset", choices=sorted(WRITERS))
     parser.add_argument("out", type=Path, help="CSV file to write")
     args = parser.parse_args(argv)

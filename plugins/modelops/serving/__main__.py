@@ -1,7 +1,8 @@
 """``python -m modelops.serving --host 127.0.0.1 --port 8008``: run the scoring gateway with uvicorn.
 
-Configuration comes from the environment (see :meth:`GatewayConfig.from_env`). One worker: loaded
-models and the staged version live in the process's memory.
+Configuration comes from the environment and include/ (see :meth:`GatewayConfig.from_env`): every model
+is scored at ``/models/<name>/invocations``, the default model also at ``/invocations``. One worker:
+loaded models and the staged versions live in the process's memory.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse  # noqa: E402
 
 import uvicorn  # noqa: E402
 
+from modelops.errors import ModelOpsError  # noqa: E402
 from modelops.serving.gateway import GatewayConfig, create_app  # noqa: E402
 
 
@@ -28,7 +30,11 @@ def main(argv: list[str] | None = None) -> None:
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     args = parser.parse_args(argv)
-    app = create_app(GatewayConfig.from_env())
+    try:
+        config = GatewayConfig.from_env()
+    except ModelOpsError as exc:  # a missing variable or an invalid settings file: say which, no traceback
+        raise SystemExit(f"python -m modelops.serving: {exc}") from exc
+    app = create_app(config)
     uvicorn.run(app, host=args.host, port=args.port, workers=1, log_level=args.log_level)
 
 

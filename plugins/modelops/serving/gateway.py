@@ -1,13 +1,23 @@
-"""The scoring gateway: MLflow's scoring protocol in front of the registry's champion, plus a log.
+"""The scoring gateway: MLflow's scoring protocol in front of every deployed model's champion, plus a log.
 
-What is live is whatever the registry's ``champion`` alias points at; the gateway keeps no deployment
-state of its own, so a restart resumes serving the champion. A deployment stages a candidate version
-(``POST /admin/models/{name}/stage``), smoke-tests it over HTTP with ``X-Model-Version`` while the
+Every registered model answers at ``POST /models/{name}/invocations``; the platform's default model (env
+``MODELOPS_DEFAULT_MODEL``, else ``default_model`` of include/modelops.yaml) also answers at MLflow's own
+``POST /invocations``, ``GET /ping``, ``/health`` and ``/version``, so MLflow clients work unchanged.
+``GET /models/{name}/health`` and ``/models/{name}/version`` speak for one model; ``GET /health`` also
+summarises every model the gateway knows (the model specs with serving enabled, and whatever it loaded).
+
+What is live for a model is whatever the registry's ``champion`` alias points at; the gateway keeps no
+deployment state of its own, so a restart resumes serving the champions. A deployment stages a candidate
+version (``POST /admin/models/{name}/stage``), smoke-tests it over HTTP with ``X-Model-Version`` while the
 previous champion keeps serving everyone else, moves the alias, then calls
 ``POST /admin/models/{name}/reload``. Every call to an invocations endpoint lands in the prediction log.
 
+Models are read through :class:`~modelops.registry.ModelRegistry` and downloaded into a temporary folder
+the gateway owns (one sub-folder per model version, removed when the version is evicted and the whole
+folder at shutdown); MLflow's process-wide tracking and registry URIs are left alone.
+
 Parsing and response formatting are MLflow's own (``mlflow.pyfunc.scoring_server``) so that existing
-MLflow clients work unchanged.
+MLflow clients work unchanged. Imports nothing of Airflow.
 """
 
 from __future__ import annotations
@@ -17,15 +27,19 @@ import inspect
 import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from io import BytesIO, StringIO
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import mlflow
 import pandas as pd
@@ -36,17 +50,18 @@ from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PyFuncModel
 from mlflow.pyfunc import scoring_server as mlflow_scoring
 from mlflow.pyfunc.utils.serving_data_parser import is_unified_llm_input
-from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from modelops.errors import ConfigurationError, ModelOpsError
+from modelops.errors import ConfigurationError, ModelOpsError, RegistryError
+from modelops.registry import ModelRegistry
 from modelops.serving.prediction_log import (
     LabelCountMismatch,
     PredictionLog,
     PredictionRecord,
     UnknownRequestError,
 )
+from modelops.vocabulary import Alias
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +69,11 @@ REQUEST_ID_HEADER = "X-Request-Id"
 MODEL_VERSION_HEADER = "X-Model-Version"
 CALLER_ID_HEADER = "X-Caller-Id"
 ANONYMOUS_CALLER = "anonymous"
+
+
+def invocations_path(name: str) -> str:
+    """The path a model is scored at (``/invocations`` also answers for the default model)."""
+    return f"/models/{quote(name, safe='')}/invocations"
 
 
 # --- configuration --------------------------------------------------------------------------------
@@ -64,13 +84,26 @@ class GatewayConfig:
     tracking_uri: str
     predictions_url: str
     default_model: str
+    """The model ``/invocations``, ``/ping``, ``/health`` and ``/version`` answer for."""
+    models: tuple[str, ...] = ()
+    """Models the gateway knows besides the default one: listed by ``/health`` and ``/admin/models`` even
+    before their first request. Any other registered model is served too, on request."""
     admin_token: str | None = None
-    champion_alias: str = "champion"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models", tuple(self.models))
+
+    @property
+    def known_models(self) -> list[str]:
+        return sorted({self.default_model, *self.models})
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewayConfig:
-        """Read ``MLFLOW_TRACKING_URI``, ``MODELOPS_PREDICTIONS_URL``, ``MODELOPS_SERVED_MODEL``
-        (default: ``served_model`` of include/modelops.yaml) and ``MODELOPS_GATEWAY_ADMIN_TOKEN``."""
+        """Read ``MLFLOW_TRACKING_URI``, ``MODELOPS_PREDICTIONS_URL``, ``MODELOPS_GATEWAY_ADMIN_TOKEN`` and
+        ``MODELOPS_DEFAULT_MODEL`` (default: ``default_model`` of include/modelops.yaml); the known models
+        are the model specs of include/models/ with serving enabled."""
+        from modelops.settings import load_catalog  # pydantic and YAML only; kept off the import path
+
         env = os.environ if env is None else env
 
         def required(name: str, example: str) -> str:
@@ -82,17 +115,21 @@ class GatewayConfig:
                 )
             return value
 
-        served_model = env.get("MODELOPS_SERVED_MODEL", "").strip()
-        if not served_model:
-            from modelops.settings import platform_settings
-
-            served_model = platform_settings().served_model
+        tracking_uri = required("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+        predictions_url = required("MODELOPS_PREDICTIONS_URL", "postgresql+psycopg2://user:pass@db/modelops")
+        catalog = load_catalog()
+        default_model = env.get("MODELOPS_DEFAULT_MODEL", "").strip() or catalog.platform.default_model
+        if default_model not in catalog.models:
+            raise ConfigurationError(
+                f"MODELOPS_DEFAULT_MODEL={default_model!r} names no model spec; known models: "
+                f"{sorted(catalog.models)}. Set it to one of them, or unset it to use default_model of "
+                f"{catalog.root / 'modelops.yaml'}"
+            )
         return cls(
-            tracking_uri=required("MLFLOW_TRACKING_URI", "http://mlflow:5000"),
-            predictions_url=required(
-                "MODELOPS_PREDICTIONS_URL", "postgresql+psycopg2://user:pass@db/modelops"
-            ),
-            default_model=served_model,
+            tracking_uri=tracking_uri,
+            predictions_url=predictions_url,
+            default_model=default_model,
+            models=tuple(sorted(name for name, spec in catalog.models.items() if spec.serving.enabled)),
             admin_token=env.get("MODELOPS_GATEWAY_ADMIN_TOKEN", "").strip() or None,
         )
 
@@ -123,8 +160,8 @@ class NotFound(GatewayError):
     status, error_code = 404, "RESOURCE_DOES_NOT_EXIST"
 
 
-class UnknownModel(NotFound):
-    """The model name is not in the registry."""
+class ModelNotServed(NotFound):
+    """The model name is neither known to the gateway nor registered in the registry."""
 
 
 class VersionNotServed(GatewayError):
@@ -143,6 +180,10 @@ class NoDeployedVersion(GatewayError):
     status, error_code = 503, "NO_DEPLOYED_VERSION"
 
 
+class RegistryUnavailable(GatewayError):
+    status, error_code = 503, "REGISTRY_UNAVAILABLE"
+
+
 def _error_response(error: GatewayError, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse(
         {"error_code": error.error_code, "message": error.message},
@@ -154,93 +195,192 @@ def _error_response(error: GatewayError, headers: Mapping[str, str] | None = Non
 # --- the models in memory -------------------------------------------------------------------------
 
 
-class ServedModels:
-    """Loaded models keyed by (name, version), which version is live (the alias) and which is staged.
+@dataclass
+class _Slot:
+    """One model in memory: its lock, live and staged versions, loaded versions and last failure."""
 
-    Reads of the fast path (already loaded) take no lock; resolving and loading do, so concurrent first
-    requests load a model once. All methods block (registry calls, model loading): call them from a
-    threadpool.
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    live: str | None = None
+    staged: str | None = None
+    loaded: dict[str, PyFuncModel] = field(default_factory=dict)
+    problem: str | None = None
+    """Why the champion could not be served at the last attempt (None once it serves)."""
+
+    @property
+    def empty(self) -> bool:
+        return self.live is None and self.staged is None and not self.loaded and self.problem is None
+
+
+class ServedModels:
+    """Loaded models per name and version, which version is live (the alias) and which is staged.
+
+    Each model has its own lock, so loading one model never holds up another. Reads of the fast path
+    (already loaded) take no lock; resolving and loading do, so concurrent first requests load a model
+    once. All methods block (registry calls, downloads, model loading): call them from a threadpool.
     """
 
-    def __init__(self, tracking_uri: str, champion_alias: str) -> None:
-        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        self.champion_alias = champion_alias
-        self._loaded: dict[tuple[str, str], PyFuncModel] = {}
-        self._live: dict[str, str] = {}
-        self._staged: dict[str, str] = {}
-        self._lock = threading.RLock()
+    def __init__(self, registry: ModelRegistry, known: Iterable[str] = ()) -> None:
+        self.registry = registry
+        self.known = tuple(sorted(set(known)))
+        self._slots: dict[str, _Slot] = {name: _Slot() for name in self.known}
+        self._slots_lock = threading.Lock()
+        self._workdir: Path | None = None
+
+    # state
+
+    def _slot(self, name: str) -> _Slot:
+        slot = self._slots.get(name)
+        if slot is None:
+            with self._slots_lock:
+                slot = self._slots.setdefault(name, _Slot())
+        return slot
+
+    def _forget_if_empty(self, name: str) -> None:
+        # A name nobody registered must not leave a slot behind (request paths are arbitrary strings).
+        with self._slots_lock:
+            slot = self._slots.get(name)
+            if name in self.known or slot is None or not slot.lock.acquire(blocking=False):
+                return  # known, gone already, or in use by a request that may yet load it
+            try:
+                if slot.empty:
+                    del self._slots[name]
+            finally:
+                slot.lock.release()
+
+    def names(self) -> list[str]:
+        """Every model the gateway knows: the configured ones and any it has served, staged or tried."""
+        return sorted(
+            name for name, slot in list(self._slots.items()) if name in self.known or not slot.empty
+        )
+
+    @property
+    def workdir(self) -> Path:
+        """The gateway's own temporary folder for model downloads, created on first use."""
+        with self._slots_lock:
+            if self._workdir is None:
+                self._workdir = Path(tempfile.mkdtemp(prefix="modelops-gateway-"))
+            return self._workdir
+
+    def _folder(self, name: str, version: str) -> Path:
+        # Quoted, so neither a name nor a version can climb out of the work folder or collide.
+        return self.workdir / f"{quote(name, safe='')}@{quote(version, safe='')}"
+
+    def close(self) -> None:
+        """Drop every loaded model and remove the download folder (at shutdown)."""
+        with self._slots_lock:
+            for slot in self._slots.values():
+                slot.loaded.clear()
+                slot.live = slot.staged = None
+            workdir, self._workdir = self._workdir, None
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
 
     # registry look-ups
 
-    def _champion_version(self, name: str) -> str:
+    def _registry_call(self, call: Any, *args: Any) -> Any:
         try:
-            return str(self.client.get_model_version_by_alias(name, self.champion_alias).version)
+            return call(*args)
+        except RegistryError:
+            raise
         except MlflowException as exc:
-            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                raise self._unknown_model(name) from exc
-            # A missing alias is INVALID_PARAMETER_VALUE; tell it apart from other invalid input.
-            self._require_registered(name)
-            raise NoDeployedVersion(
-                f"model {name!r} has no deployed version (no {self.champion_alias!r} alias) in the "
-                "registry; deploy a version (the deployment DAG sets the alias) and reload with "
-                f"POST /admin/models/{name}/reload"
+            raise RegistryUnavailable(
+                f"the model registry at {self.registry.tracking_uri} refused a look-up: {exc.message}; "
+                "check that the MLflow server is up and retry"
+            ) from exc
+        except OSError as exc:  # connection errors surface as requests' (OSError) exceptions
+            raise RegistryUnavailable(
+                f"the model registry at {self.registry.tracking_uri} did not answer: {exc}; "
+                "check that the MLflow server is up and retry"
             ) from exc
 
-    def _require_registered(self, name: str) -> None:
-        try:
-            self.client.get_registered_model(name)
-        except MlflowException as exc:
-            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                raise self._unknown_model(name) from exc
-            raise
-
-    @staticmethod
-    def _unknown_model(name: str) -> UnknownModel:
-        return UnknownModel(
-            f"model {name!r} is not registered in the MLflow registry; check the name "
-            "(GET /admin/models lists what this gateway serves)"
+    def _unknown_model(self, name: str) -> ModelNotServed:
+        return ModelNotServed(
+            f"model {name!r} is not registered in the model registry and this gateway does not know it; "
+            f"known models: {self.names()}. Check the name (GET /admin/models lists what this gateway serves)"
         )
 
-    def _load(self, name: str, version: str) -> PyFuncModel:
-        key = (name, version)
-        if key not in self._loaded:
-            try:
-                self._loaded[key] = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
-            except Exception as exc:  # any loader failure (skops, flavor, import) is reported, not served
-                raise ModelLoadFailed(
-                    f"version {version} of model {name!r} failed to load: {type(exc).__name__}: {exc}; "
-                    "fix the logged model (or its skops trusted types) and register a new version",
-                ) from exc
-        return self._loaded[key]
+    def _champion_version(self, name: str) -> str:
+        found = self._registry_call(self.registry.version_by_alias, name, Alias.CHAMPION)
+        if found is not None:
+            return found.version
+        if self._registry_call(self.registry.model, name) is None:
+            if name not in self.known:
+                raise self._unknown_model(name)
+            raise NoDeployedVersion(
+                f"model {name!r} is not registered in the model registry yet; train it, deploy a version "
+                f"(the deployment DAG sets the '{Alias.CHAMPION}' alias) and reload with "
+                f"POST /admin/models/{name}/reload"
+            )
+        raise NoDeployedVersion(
+            f"model {name!r} has no deployed version (no '{Alias.CHAMPION}' alias) in the registry; "
+            "deploy a version (the deployment DAG sets the alias) and reload with "
+            f"POST /admin/models/{name}/reload"
+        )
 
-    def _evict_unused(self, name: str) -> None:
-        keep = {self._live.get(name), self._staged.get(name)}
-        for key in [key for key in self._loaded if key[0] == name and key[1] not in keep]:
-            del self._loaded[key]
+    def _load(self, slot: _Slot, name: str, version: str) -> PyFuncModel:
+        model = slot.loaded.get(version)
+        if model is not None:
+            return model
+        folder = self._folder(name, version)
+        shutil.rmtree(folder, ignore_errors=True)  # what a failed load may have left
+        try:
+            model = self.registry.load_pyfunc(name, version, folder)
+        except Exception as exc:  # any loader failure (skops, flavor, import) is reported, not served
+            shutil.rmtree(folder, ignore_errors=True)
+            raise ModelLoadFailed(
+                f"version {version} of model {name!r} failed to load: {type(exc).__name__}: {exc}; "
+                "fix the logged model (or its skops trusted types) and register a new version",
+            ) from exc
+        slot.loaded[version] = model
+        return model
+
+    def _evict_unused(self, name: str, slot: _Slot) -> None:
+        keep = {slot.live, slot.staged}
+        for version in [version for version in slot.loaded if version not in keep]:
+            del slot.loaded[version]
+            shutil.rmtree(self._folder(name, version), ignore_errors=True)
 
     # serving
 
     def live(self, name: str) -> tuple[str, PyFuncModel]:
         """The champion, resolved from the registry and loaded on first use."""
-        version = self._live.get(name)
-        if version is not None and (name, version) in self._loaded:
-            return version, self._loaded[(name, version)]
-        with self._lock:
-            version = self._live.get(name)
-            if version is None:
-                version = self._champion_version(name)
-            model = self._load(name, version)
-            self._live[name] = version
+        slot = self._slot(name)
+        version = slot.live
+        model = slot.loaded.get(version) if version is not None else None
+        if version is not None and model is not None:
             return version, model
+        try:
+            with slot.lock:
+                try:
+                    version = slot.live or self._champion_version(name)
+                    model = self._load(slot, name, version)
+                except ModelNotServed:
+                    raise
+                except GatewayError as exc:
+                    slot.problem = exc.message
+                    raise
+                slot.live, slot.problem = version, None
+                return version, model
+        except ModelNotServed:
+            self._forget_if_empty(name)
+            raise
 
     def live_version(self, name: str) -> str | None:
-        return self._live.get(name)
+        slot = self._slots.get(name)
+        return slot.live if slot else None
+
+    def require_known(self, name: str) -> None:
+        """Refuse a name that is neither known here nor registered (one registry look-up at most)."""
+        if name in self._slots or self._registry_call(self.registry.model, name) is not None:
+            return
+        raise self._unknown_model(name)
 
     def for_request(self, name: str, requested_version: str | None) -> tuple[str, PyFuncModel]:
         if requested_version is None:
             return self.live(name)
-        staged = self._staged.get(name)
-        staged_model = self._loaded.get((name, staged)) if staged == requested_version else None
+        slot = self._slot(name)
+        staged = slot.staged
+        staged_model = slot.loaded.get(staged) if staged == requested_version else None
         if staged_model is not None:
             return requested_version, staged_model
         try:
@@ -259,54 +399,79 @@ class ServedModels:
 
     def reload(self, name: str) -> dict[str, Any]:
         """Re-read the alias and serve what it points at; on a load failure the old version keeps serving."""
-        with self._lock:
-            previous = self._live.get(name)
-            try:
-                version = self._champion_version(name)
-            except NoDeployedVersion:
-                # The registry is the truth: without an alias nothing is live.
-                self._live.pop(name, None)
-                self._evict_unused(name)
-                raise
-            self._load(name, version)
-            self._live[name] = version
-            self._evict_unused(name)
-            return {"model": name, "live_version": version, "previous_version": previous}
+        slot = self._slot(name)
+        try:
+            with slot.lock:
+                previous = slot.live
+                try:
+                    version = self._champion_version(name)
+                except NoDeployedVersion as exc:
+                    # The registry is the truth: without an alias nothing is live.
+                    slot.live, slot.problem = None, exc.message
+                    self._evict_unused(name, slot)
+                    raise
+                self._load(slot, name, version)
+                slot.live, slot.problem = version, None
+                self._evict_unused(name, slot)
+                return {"model": name, "live_version": version, "previous_version": previous}
+        except ModelNotServed:
+            self._forget_if_empty(name)
+            raise
 
     def stage(self, name: str, version: str) -> dict[str, Any]:
-        with self._lock:
-            try:
-                self.client.get_model_version(name, version)
-            except MlflowException as exc:
-                if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                    raise
-                self._require_registered(name)
-                raise NotFound(
-                    f"model {name!r} has no version {version!r} in the registry; "
-                    "stage a version that exists (see the MLflow UI or registry API)",
-                ) from exc
-            self._load(name, version)
-            self._staged[name] = version
-            self._evict_unused(name)
-            return {"model": name, "staged_version": version, "live_version": self._live.get(name)}
+        try:
+            found = self._registry_call(self.registry.version, name, version)
+        except RegistryError as exc:
+            self.require_known(name)  # an unknown model is named as such, with the known ones
+            raise NotFound(str(exc)) from exc
+        slot = self._slot(name)
+        with slot.lock:
+            self._load(slot, name, found.version)
+            slot.staged = found.version
+            self._evict_unused(name, slot)
+            return {"model": name, "staged_version": found.version, "live_version": slot.live}
 
     def unstage(self, name: str) -> dict[str, Any]:
-        with self._lock:
-            version = self._staged.pop(name, None)
-            self._evict_unused(name)
-            return {"model": name, "unstaged_version": version, "live_version": self._live.get(name)}
+        self.require_known(name)
+        slot = self._slot(name)
+        with slot.lock:
+            version, slot.staged = slot.staged, None
+            self._evict_unused(name, slot)
+            return {"model": name, "unstaged_version": version, "live_version": slot.live}
 
     def describe(self) -> dict[str, Any]:
-        with self._lock:
-            names = sorted({*self._live, *self._staged, *(key[0] for key in self._loaded)})
-            return {
-                name: {
-                    "live_version": self._live.get(name),
-                    "staged_version": self._staged.get(name),
-                    "loaded_versions": sorted((key[1] for key in self._loaded if key[0] == name), key=int),
+        """Per model: live and staged version, the versions in memory and where it is scored."""
+        described = {}
+        for name in self.names():
+            slot = self._slot(name)
+            with slot.lock:
+                described[name] = {
+                    "live_version": slot.live,
+                    "staged_version": slot.staged,
+                    "loaded_versions": sorted(slot.loaded, key=_version_order),
+                    "invocations_url": invocations_path(name),
                 }
-                for name in names
-            }
+        return described
+
+    def summary(self) -> dict[str, Any]:
+        """Per model, without a registry call: ``ok`` (its champion serves), ``unavailable`` (the last
+        attempt to serve it failed; ``message`` says why) or ``not_loaded`` (not asked for since start)."""
+        summary: dict[str, Any] = {}
+        for name in self.names():
+            slot = self._slots.get(name) or _Slot()
+            live, problem = slot.live, slot.problem
+            if live is not None:
+                entry: dict[str, Any] = {"status": "ok", "model_version": live}
+            elif problem is not None:
+                entry = {"status": "unavailable", "model_version": None, "message": problem}
+            else:
+                entry = {"status": "not_loaded", "model_version": None}
+            summary[name] = {**entry, "invocations_url": invocations_path(name)}
+        return summary
+
+
+def _version_order(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isdigit() else (0, version)
 
 
 # --- scoring --------------------------------------------------------------------------------------
@@ -465,17 +630,17 @@ class LabelsRequest(BaseModel):
 
 
 def create_app(config: GatewayConfig) -> FastAPI:
-    # models:/ URIs resolve through the process-wide tracking and registry URIs (ModelsArtifactRepository
-    # ignores any client's), so the gateway process points both at its registry.
-    mlflow.set_tracking_uri(config.tracking_uri)
-    mlflow.set_registry_uri(config.tracking_uri)
-    served = ServedModels(config.tracking_uri, config.champion_alias)
+    registry = ModelRegistry(config.tracking_uri)
+    served = ServedModels(registry, config.known_models)
     prediction_log = PredictionLog(config.predictions_url)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        yield
-        prediction_log.dispose()
+        try:
+            yield
+        finally:
+            served.close()
+            prediction_log.dispose()
 
     app = FastAPI(title="ModelOps scoring gateway", version=mlflow.__version__, lifespan=lifespan)
     app.state.config = config
@@ -504,28 +669,49 @@ def create_app(config: GatewayConfig) -> FastAPI:
                 "(MODELOPS_GATEWAY_ADMIN_TOKEN)"
             )
 
-    # health
+    # health: 200 when the model's champion is loaded and can serve, 503 (with the reason) otherwise
 
-    async def health() -> JSONResponse:
-        name = config.default_model
+    async def model_health(name: str) -> tuple[int, dict[str, Any]]:
         try:
             version, _ = await run_in_threadpool(served.live, name)
+        except ModelNotServed:
+            raise
         except GatewayError as exc:
-            return JSONResponse(
-                {"status": "unavailable", "model": name, "message": exc.message}, status_code=503
-            )
-        return JSONResponse({"status": "ok", "model": name, "model_version": version})
+            return 503, {
+                "status": "unavailable",
+                "model": name,
+                "model_version": None,
+                "message": exc.message,
+            }
+        return 200, {"status": "ok", "model": name, "model_version": version}
 
-    app.get("/ping")(health)
-    app.get("/health")(health)
+    @app.get("/ping")
+    async def ping() -> JSONResponse:
+        status, body = await model_health(config.default_model)
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        status, body = await model_health(config.default_model)
+        return JSONResponse({**body, "models": served.summary()}, status_code=status)
+
+    @app.get("/models/{name}/health")
+    async def one_model_health(name: str) -> JSONResponse:
+        status, body = await model_health(name)
+        return JSONResponse(body, status_code=status)
+
+    # version: what is in memory, without a registry call (null until the model's first request)
 
     @app.get("/version")
     async def version() -> dict[str, Any]:
-        return {
-            "mlflow": mlflow.__version__,
-            "model": config.default_model,
-            "model_version": served.live_version(config.default_model),
-        }
+        name = config.default_model
+        return {"mlflow": mlflow.__version__, "model": name, "model_version": served.live_version(name)}
+
+    @app.get("/models/{name}/version")
+    async def one_model_version(name: str) -> dict[str, Any]:
+        if served.live_version(name) is None:
+            await run_in_threadpool(served.require_known, name)
+        return {"mlflow": mlflow.__version__, "model": name, "model_version": served.live_version(name)}
 
     # scoring
 
@@ -604,7 +790,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def list_models() -> dict[str, Any]:
         return {
             "default_model": config.default_model,
-            "champion_alias": config.champion_alias,
+            "champion_alias": str(Alias.CHAMPION),
             "models": await run_in_threadpool(served.describe),
         }
 

@@ -13,13 +13,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import sqlalchemy as sa
-from sqlalchemy.engine import Dialect, Engine, make_url
+from sqlalchemy.engine import Dialect, Engine
 
+from modelops import db
 from modelops.errors import ConfigurationError, ModelOpsError
 
 PREDICTIONS_TABLE = "modelops_predictions"
@@ -169,20 +169,13 @@ class PredictionLog:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        parsed = make_url(url)
-        if parsed.get_backend_name() == "sqlite":
-            if parsed.database and parsed.database != ":memory:":
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            # The gateway writes while Airflow tasks read: WAL lets readers proceed during a write, and
-            # the busy timeout makes a second writer wait instead of failing with "database is locked".
-            self.engine: Engine = sa.create_engine(url, connect_args={"timeout": 30})
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-        else:
-            self.engine = sa.create_engine(url, pool_pre_ping=True)
+        # The gateway writes while Airflow tasks read: on SQLite the engine uses WAL (readers proceed
+        # during a write) and a busy timeout (a second writer waits instead of failing).
+        self.engine: Engine = db.create_engine(url, what="the prediction log")
         metadata.create_all(self.engine)
 
     def __repr__(self) -> str:
-        return f"PredictionLog({make_url(self.url).render_as_string(hide_password=True)!r})"
+        return f"PredictionLog({db.safe_url(self.url)!r})"
 
     # --- writing ---------------------------------------------------------------------------------
 
@@ -326,14 +319,6 @@ class PredictionLog:
 
     def dispose(self) -> None:
         self.engine.dispose()
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
 
 
 def _dialect_insert(dialect_name: str) -> Any:

@@ -17,12 +17,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelops.errors import DatasetError
-from modelops.settings import DatasetSpec, expectation_suite_path
-from modelops.storage import as_storage_path, copy_file, sha256_of, storage_root
+from modelops.settings import Catalog, DatasetSpec
+from modelops.stages.outcome import AuditEntry, StageOutcome, sha256_json
+from modelops.storage import as_storage_path, copy_file, files_in, read_dataset, sha256_of
+from modelops.vocabulary import (
+    AuditAction,
+    Decision,
+    dataset_location_subject,
+    dataset_subject,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
     from airflow.sdk import ObjectStoragePath
+
+    from modelops.audit import AuditStore
 
 
 @dataclass(frozen=True)
@@ -92,33 +101,8 @@ class DatasetValidationReport:
         }
 
 
-def snapshot_dir(dataset: str, sha256: str) -> ObjectStoragePath:
-    return storage_root() / "datasets" / dataset / sha256
-
-
-def snapshot_uri(dataset: str, sha256: str) -> str:
-    return str(snapshot_dir(dataset, sha256) / "data.csv")
-
-
-def read_dataset(uri: str) -> pd.DataFrame:
-    """Read a CSV dataset; a missing, empty or unreadable file is a ``DatasetError`` that says so."""
-    import pandas as pd
-
-    path = as_storage_path(uri)
-    if not path.exists():
-        raise DatasetError(f"dataset not found at {uri}; check the dataset_uri param or drop the file there")
-    try:
-        with path.open("rb") as stream:
-            frame = pd.read_csv(stream)
-    except pd.errors.EmptyDataError as exc:
-        raise DatasetError(
-            f"dataset {uri} is empty (0 bytes or no header); it needs a header row and data"
-        ) from exc
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"dataset {uri} is not a readable CSV file: {exc}") from exc
-    if frame.empty:
-        raise DatasetError(f"dataset {uri} has a header but no data rows; a dataset needs at least one row")
-    return frame
+def snapshot_dir(storage: ObjectStoragePath, dataset: str, sha256: str) -> ObjectStoragePath:
+    return storage / "datasets" / dataset / sha256
 
 
 def _observed(result: dict[str, Any]) -> str:
@@ -220,7 +204,9 @@ def _mask(value: str) -> str:
     return value[:2] + "***" if len(value) > 2 else "***"
 
 
-def validate_dataset(uri: str, spec: DatasetSpec) -> DatasetValidationReport:
+def validate_dataset(
+    uri: str, spec: DatasetSpec, suite_file: Path, storage: ObjectStoragePath
+) -> DatasetValidationReport:
     """Hash, validate and PII-scan a dataset; on success write the snapshot and the data card.
 
     The report is returned whether or not the dataset passed: the caller records it in the audit log
@@ -229,11 +215,13 @@ def validate_dataset(uri: str, spec: DatasetSpec) -> DatasetValidationReport:
     source = as_storage_path(uri)
     if not source.exists():
         raise DatasetError(f"dataset not found at {uri}; check the dataset_uri param or drop the file there")
+    if not source.is_file():
+        raise DatasetError(f"{uri} is a folder, not a dataset file; name one file in it as dataset_uri")
     sha256, size = sha256_of(source)
     if size == 0:
         raise DatasetError(f"dataset {uri} is empty (0 bytes); it needs a header row and data")
     frame = read_dataset(uri)
-    suite_name, outcomes = run_expectations(frame, expectation_suite_path(spec))
+    suite_name, outcomes = run_expectations(frame, suite_file)
     report = DatasetValidationReport(
         dataset=spec.name,
         source_uri=str(source),
@@ -246,12 +234,17 @@ def validate_dataset(uri: str, spec: DatasetSpec) -> DatasetValidationReport:
         pii_findings=scan_pii(frame, spec),
     )
     if report.passed:
-        _write_snapshot(report, source, frame)
+        _write_snapshot(report, source, frame, storage)
     return report
 
 
-def _write_snapshot(report: DatasetValidationReport, source: ObjectStoragePath, frame: pd.DataFrame) -> None:
-    target_dir = snapshot_dir(report.dataset, report.sha256)
+def _write_snapshot(
+    report: DatasetValidationReport,
+    source: ObjectStoragePath,
+    frame: pd.DataFrame,
+    storage: ObjectStoragePath,
+) -> None:
+    target_dir = snapshot_dir(storage, report.dataset, report.sha256)
     target = target_dir / "data.csv"
     # Content-addressed: an existing snapshot with the right hash is the same bytes (a retry, or the
     # same file dropped twice), so it is kept rather than rewritten.
@@ -294,3 +287,128 @@ def data_card(report: DatasetValidationReport, frame: pd.DataFrame) -> dict[str,
         "pii_scan": "no PII pattern found",
         "columns": columns,
     }
+
+
+# --- the stage: one file against one dataset spec ---------------------------------------------------
+
+
+def validate(uri: str, spec: DatasetSpec, catalog: Catalog, storage: ObjectStoragePath) -> StageOutcome:
+    """Validate one dataset file against ``spec``; the outcome passes, or refuses with every problem."""
+    suite_file = catalog.suite_path(spec)
+    spec_file = catalog.source_of("datasets", spec.name)
+    used = f"dataset spec {spec.name!r} ({spec_file}) and suite {suite_file.name}"
+    try:
+        report = validate_dataset(uri, spec, suite_file, storage)
+    except DatasetError as exc:
+        message = f"{exc} (checked against {used})"
+        # The same spelling as a validated file's record, so the poller recognises it as seen.
+        location = str(as_storage_path(uri))
+        return StageOutcome(
+            decision=Decision.UNREADABLE,
+            summary=f"{uri} could not be read as dataset {spec.name}",
+            details={"dataset": spec.name, "uri": location},
+            records=(
+                AuditEntry(
+                    AuditAction.DATASET_VALIDATED,
+                    _unreadable_subject(uri),
+                    Decision.UNREADABLE,
+                    details={"dataset": spec.name, "uri": location, "error": message},
+                ),
+            ),
+            refusal=message,
+        )
+    suite_sha, _ = sha256_of(as_storage_path(suite_file))
+    problems = report.problems()
+    details = {
+        "dataset": spec.name,
+        "dataset_spec": str(spec_file),
+        "uri": report.source_uri,
+        "snapshot_uri": report.snapshot_uri,
+        "data_card_uri": report.data_card_uri,
+        "row_count": report.row_count,
+        "columns": report.columns,
+        "suite": report.suite,
+        "suite_file": str(suite_file),
+        "expectations_evaluated": len(report.expectations),
+        "problems": problems,
+    }
+    record = AuditEntry(
+        AuditAction.DATASET_VALIDATED,
+        dataset_subject(report.sha256),
+        Decision.PASSED if report.passed else Decision.FAILED,
+        details=details,
+        evidence={
+            "dataset": report.sha256,
+            "expectation_suite": suite_sha,
+            "report": sha256_json(report.to_dict()),
+        },
+    )
+    if not report.passed:
+        listed = "\n".join(f"  - {problem}" for problem in problems)
+        return StageOutcome(
+            decision=Decision.FAILED,
+            summary=f"{uri} failed validation as dataset {spec.name}",
+            details=details,
+            records=(record,),
+            refusal=(
+                f"dataset {uri} (sha256 {report.sha256[:12]}...) failed validation against {used} with "
+                f"{len(problems)} problem(s):\n{listed}\nFix the data and drop it again; nothing was "
+                "snapshotted and no training was started."
+            ),
+        )
+    passed = len(report.expectations)
+    lineage = report.lineage()
+    return StageOutcome(
+        decision=Decision.PASSED,
+        summary=f"{spec.name} sha256 {report.sha256[:12]}... {report.row_count} rows, "
+        f"{passed}/{passed} expectations ({report.suite}), no PII",
+        details={**details, **lineage},
+        records=(record,),
+        asset_extra=lineage,
+    )
+
+
+def _unreadable_subject(uri: str) -> str:
+    # A file that exists has bytes to hash even if they are no CSV: name it by content, so the poller
+    # does not try the same bytes again every few minutes.
+    path = as_storage_path(uri)
+    if path.is_file():
+        return dataset_subject(sha256_of(path)[0])
+    return dataset_location_subject(uri)
+
+
+# --- what to validate -------------------------------------------------------------------------------
+
+
+def plan_validation(
+    *, catalog: Catalog, audit: AuditStore, datasets: list[str], dataset_uri: str | None
+) -> list[dict[str, str]]:
+    """The files to validate, each with the dataset spec it is validated against.
+
+    With ``dataset_uri`` that one file, against the one dataset named in ``datasets`` or else the dataset
+    whose incoming folder holds it. Otherwise every file in the incoming folder of each dataset named
+    (all datasets when none is) not validated before at that location: the validation DAG polls this,
+    so a file dropped in a folder needs no hand trigger, and one seen before is not redone.
+    """
+    for name in datasets:
+        catalog.dataset(name)  # an unknown name fails here, listing the known ones
+    if dataset_uri:
+        if len(datasets) > 1:
+            raise DatasetError(
+                f"dataset_uri names one file but datasets names {datasets}; name at most one dataset"
+            )
+        spec = catalog.dataset(datasets[0]) if datasets else catalog.dataset_for_location(dataset_uri)
+        return [{"dataset": spec.name, "dataset_uri": dataset_uri}]
+    # A delivery is a file at a location: the same bytes dropped again under a new name are a new delivery
+    # (and are validated, snapshotted once, and trained on again); the same file seen again is not.
+    seen = {
+        (record.subject, record.details.get("uri"))
+        for record in audit.records(action=AuditAction.DATASET_VALIDATED)
+    }
+    plan = []
+    for name in datasets or sorted(catalog.datasets):
+        spec = catalog.dataset(name)
+        for path in files_in(spec.incoming_uri, spec.file_pattern):
+            if (dataset_subject(sha256_of(path)[0]), str(path)) not in seen:
+                plan.append({"dataset": name, "dataset_uri": str(path)})
+    return plan

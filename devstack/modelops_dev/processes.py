@@ -1,4 +1,4 @@
-"""A small process manager for the local stack behind ``make demo``.
+"""Process groups of the local stack behind ``make demo``: start, health, stop, status, ports.
 
 Each service runs in its own session (``start_new_session=True``), so its process group and session id
 equal the pid we record. Stopping a service signals that whole group and, after the grace period, every
@@ -20,7 +20,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -357,3 +358,49 @@ def status(run_dir: Path | None = None) -> list[ServiceState]:
 def python_command(*args: str) -> list[str]:
     """This interpreter running ``args``: services use the project's venv, whatever PATH says."""
     return [sys.executable, *args]
+
+
+def running_services(run_dir: Path | None = None) -> list[str]:
+    """Names of the services whose pid file points at live processes."""
+    return [state.name for state in status(run_dir) if state.running]
+
+
+def start_all(
+    services: Sequence[Service],
+    run_dir: Path,
+    say: Callable[[str], None],
+    health_timeout: float,
+) -> dict[str, float]:
+    """Start every service, then wait for all in parallel; returns each one's start-up seconds.
+
+    Every port is checked before anything starts, so a taken port stops the start-up at once.
+    """
+    for service in services:
+        check_port(service)
+    started_at = time.monotonic()
+    for service in services:
+        start(service, run_dir)
+    timings: dict[str, float] = {}
+
+    def wait(service: Service) -> None:
+        wait_healthy(service, health_timeout, run_dir)
+        timings[service.name] = time.monotonic() - started_at
+        say(f"{service.name} up after {timings[service.name]:.1f} s")
+
+    with ThreadPoolExecutor(max_workers=len(services)) as pool:
+        futures = [pool.submit(wait, service) for service in services]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        raise errors[0]  # type: ignore[misc]
+    return timings
+
+
+def run_to_log(argv: Sequence[str], env: Mapping[str, str], log_file: Path, what: str) -> None:
+    """Run a one-shot command (e.g. ``airflow db migrate``) with its output appended to ``log_file``."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("ab") as log:
+        result = subprocess.run(list(argv), env=dict(env), stdout=log, stderr=subprocess.STDOUT, check=False)
+    if result.returncode != 0:
+        raise ConfigurationError(
+            f"{what} failed (exit {result.returncode}); last lines of {log_file}:\n{log_tail(log_file)}"
+        )

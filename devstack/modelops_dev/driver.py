@@ -1,0 +1,556 @@
+"""``python -m modelops_dev up|down|status``: the lifecycle behind ``make demo``.
+
+``up`` builds a project-local runtime folder ``.demo/`` (git-ignored), migrates Airflow's SQLite metadata
+DB, loads ``airflow_settings.yaml``, starts each Airflow component, Airflow's two log servers, the MLflow
+server and the scoring gateway as separate process groups (never ``airflow standalone``, whose children
+outlive it), then runs two models through the six stages and prints a summary per model:
+
+1. a new file in each dataset's incoming folder, then a triggered ``modelops_data_validation`` run;
+2. training, the gate and deployment start on Asset events, for both models in one run or in several:
+   a model is through when its ``champion`` alias (read from MLflow) points at a newer version than
+   before; any failed run of those DAGs stops the demo with its failed task's log;
+3. scoring traffic for each model through the gateway, then ``modelops_drift_monitoring`` over that
+   window and ``modelops_retirement`` as a dry run, both triggered;
+4. one live prediction per model, the audit chain verified, the summary.
+
+The services keep running until ``down``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from modelops.errors import ConfigurationError, ModelOpsError
+from modelops.settings import Catalog, ModelSpec
+from modelops_dev import LOOPBACK, processes
+from modelops_dev.airflow_api import (
+    STAGE_TIMEOUT_SECONDS,
+    AirflowApi,
+    StageFailed,
+    StageResult,
+    TaskOutcome,
+    stage_lines,
+    wait_for_dags,
+    wait_for_run,
+)
+from modelops_dev.mlflow_api import MlflowApi, RegisteredModelFacts, is_newer
+from modelops_dev.stack import (
+    ADMIN_USER,
+    SERVICE_NAMES,
+    Layout,
+    Ports,
+    audit_url,
+    ensure_admin_password,
+    services,
+    stack_env,
+)
+from modelops_dev.workload import (
+    DATASET_WRITERS,
+    SAMPLED_REQUESTS,
+    SIMULATED_REQUESTS,
+    DatasetDrop,
+    TrafficCount,
+    describe_prediction,
+    drop_dataset,
+    example_row,
+    model_base_url,
+    predict,
+    send_traffic,
+)
+
+DEMO_MODELS = ("ctr_recommender", "diabetes_progression")
+HEALTH_TIMEOUT_SECONDS = 180
+CHAMPION_TIMEOUT_SECONDS = 15 * 60
+
+VALIDATION_DAG = "modelops_data_validation"
+TRAINING_DAG = "modelops_training"
+GATE_DAG = "modelops_compliance_gate"
+DEPLOYMENT_DAG = "modelops_deployment"
+DRIFT_DAG = "modelops_drift_monitoring"
+RETIREMENT_DAG = "modelops_retirement"
+DAG_IDS = (VALIDATION_DAG, TRAINING_DAG, GATE_DAG, DEPLOYMENT_DAG, DRIFT_DAG, RETIREMENT_DAG)
+# Started by Airflow on Asset events, never by the driver.
+ASSET_STAGES = (("training", TRAINING_DAG), ("gate", GATE_DAG), ("deployment", DEPLOYMENT_DAG))
+# Runs of these DAGs since the datasets were dropped must not fail.
+WATCHED_STAGES = (("validation", VALIDATION_DAG), *ASSET_STAGES)
+
+# The holdout metric the summary shows per task kind (training returns them under "metrics").
+HOLDOUT_METRICS = {
+    "binary_classification": ("holdout_roc_auc", "AUC", ".3f"),
+    "regression": ("holdout_rmse", "RMSE", ".1f"),
+}
+
+
+# --- what a run of the lifecycle found -----------------------------------------------------------
+
+
+@dataclass
+class ModelReport:
+    """Everything the summary says about one model."""
+
+    spec: ModelSpec
+    champion_before: str | None
+    champion: str | None = None
+    facts: RegisteredModelFacts | None = None
+    results: dict[str, TaskOutcome] = field(default_factory=dict)  # stage -> this model's result
+    traffic: TrafficCount | None = None
+    example: dict[str, Any] | None = None
+    prediction: Any = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def fact(self, stage: str) -> str:
+        outcome = self.results.get(stage)
+        return outcome.summary if outcome else "(no result for this model)"
+
+    @property
+    def trained_version(self) -> str | None:
+        outcome = self.results.get("training")
+        version = outcome.value.get("version") if outcome else None
+        return str(version) if version is not None else None
+
+    def holdout(self) -> str:
+        key, label, number = HOLDOUT_METRICS.get(self.spec.task, ("holdout metric", "", ""))
+        outcome = self.results.get("training")
+        metrics = outcome.value.get("metrics") if outcome else None
+        value = metrics.get(key) if isinstance(metrics, dict) else None
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return f"(training returned no {key})"
+        return f"{label} {value:{number}}"
+
+    def drift(self) -> str:
+        outcome = self.results.get("monitoring")
+        if outcome is None:
+            return "(no result for this model)"
+        verdict, rows = outcome.value.get("verdict", "?"), outcome.value.get("rows", "?")
+        return f"{verdict} on {rows} rows: {outcome.summary}"
+
+
+@dataclass
+class LifecycleReport:
+    drops: dict[str, DatasetDrop]
+    models: dict[str, ModelReport]
+    stages: list[StageResult] = field(default_factory=list)
+
+
+def _version(version: str | None) -> str:
+    return f"v{version}" if version else "none"
+
+
+def _assign(results: Sequence[StageResult], models: Mapping[str, ModelReport]) -> None:
+    """Give each model its result of each stage; a later run's result wins."""
+    for result in results:
+        for report in models.values():
+            outcome = result.for_model(report.name)
+            if outcome is not None:
+                report.results[result.stage] = outcome
+
+
+# --- the lifecycle, through the REST APIs --------------------------------------------------------
+
+
+def fail_on_failed_runs(
+    api: AirflowApi, since: datetime, stages: Sequence[tuple[str, str]] = WATCHED_STAGES
+) -> None:
+    """Raise, with the failed task's log excerpt, if any run of ``stages`` since ``since`` failed."""
+    for stage, dag_id in stages:
+        for run in api.runs_since(dag_id, since):
+            if run["state"] == "failed":
+                raise StageFailed(
+                    f"stage {stage} ({dag_id}) run {run['dag_run_id']} failed.\n"
+                    f"{api.failure_excerpt(dag_id, run['dag_run_id'])}"
+                )
+
+
+def champion_timeout_message(
+    api: AirflowApi,
+    models: Mapping[str, ModelReport],
+    current: Mapping[str, str | None],
+    since: datetime,
+    timeout: float,
+) -> str:
+    """Why the demo gave up waiting: each model's champion, the runs since the start, any task's log."""
+    lines = [f"not every model has a new champion after {timeout:.0f} s:"]
+    for name, report in models.items():
+        done = "done" if report.champion else "waiting"
+        lines.append(
+            f"  {name}: champion before {_version(report.champion_before)}, now "
+            f"{_version(current.get(name))} ({done})"
+        )
+    lines.append("runs since the datasets were dropped:")
+    excerpts = []
+    for stage, dag_id in WATCHED_STAGES:
+        runs = api.runs_since(dag_id, since)
+        listed = ", ".join(f"{run['dag_run_id']} {run['state']}" for run in reversed(runs))
+        lines.append(f"  {stage:<11} {dag_id}: {listed or 'none (Asset event not received?)'}")
+        for run in runs:
+            excerpt = api.problem_excerpt(dag_id, run["dag_run_id"])
+            if excerpt:
+                excerpts.append(f"{dag_id} run {run['dag_run_id']}: {excerpt}")
+    lines.extend(excerpts)
+    lines.append("see the Airflow UI and .demo/logs/airflow-scheduler.log, then `make down`")
+    return "\n".join(lines)
+
+
+def wait_for_champions(
+    api: AirflowApi,
+    mlflow: MlflowApi,
+    models: Mapping[str, ModelReport],
+    since: datetime,
+    *,
+    timeout: float = CHAMPION_TIMEOUT_SECONDS,
+    poll_seconds: float = 2.0,
+    out: Callable[[str], None] = print,
+) -> None:
+    """Wait until every model's ``champion`` is newer than before; fail fast on a failed run."""
+    started = time.monotonic()
+    current: dict[str, str | None] = {}
+    while True:
+        fail_on_failed_runs(api, since)
+        for name, report in models.items():
+            if report.champion:
+                continue
+            current[name] = mlflow.champion(name)
+            if is_newer(current[name], report.champion_before):
+                report.champion = current[name]
+                out(
+                    f"  champion     {name} {_version(report.champion)} (before: "
+                    f"{_version(report.champion_before)}) after {time.monotonic() - started:.0f} s"
+                )
+        if all(report.champion for report in models.values()):
+            return
+        if time.monotonic() - started > timeout:
+            raise StageFailed(champion_timeout_message(api, models, current, since, timeout))
+        time.sleep(poll_seconds)
+
+
+def asset_stage_results(
+    api: AirflowApi, since: datetime, *, timeout: float = STAGE_TIMEOUT_SECONDS, poll_seconds: float = 2.0
+) -> list[StageResult]:
+    """Every run of training, the gate and deployment since ``since``, oldest first, once finished."""
+    results = []
+    for stage, dag_id in ASSET_STAGES:
+        for run in reversed(api.runs_since(dag_id, since)):
+            results.append(
+                wait_for_run(
+                    api, stage, dag_id, run["dag_run_id"], timeout=timeout, poll_seconds=poll_seconds
+                )
+            )
+    return results
+
+
+def drive(
+    api: AirflowApi,
+    mlflow: MlflowApi,
+    gateway_url: str,
+    catalog: Catalog,
+    *,
+    models: Sequence[str] = DEMO_MODELS,
+    out: Callable[[str], None] = print,
+    champion_timeout: float = CHAMPION_TIMEOUT_SECONDS,
+    stage_timeout: float = STAGE_TIMEOUT_SECONDS,
+    poll_seconds: float = 2.0,
+    simulated_requests: int = SIMULATED_REQUESTS,
+    sampled_requests: int = SAMPLED_REQUESTS,
+    writers: Mapping[str, Callable[[Path], int]] = DATASET_WRITERS,
+) -> LifecycleReport:
+    """Run ``models`` through the six stages of a running stack; returns what the summary shows."""
+    specs = [catalog.model(name) for name in models]
+    reports = {spec.name: ModelReport(spec, champion_before=mlflow.champion(spec.name)) for spec in specs}
+    timing = {"timeout": stage_timeout, "poll_seconds": poll_seconds}
+
+    since = datetime.now(UTC)
+    drops: dict[str, DatasetDrop] = {}
+    for dataset in dict.fromkeys(spec.dataset for spec in specs):
+        drop = drops[dataset] = drop_dataset(catalog.dataset(dataset), since, writers)
+        out(f"  dataset      {dataset}: {drop.path} ({drop.rows} rows, sha256 {drop.sha256[:12]})")
+    report = LifecycleReport(drops=drops, models=reports)
+
+    def record(results: Sequence[StageResult]) -> None:
+        report.stages.extend(results)
+        _assign(results, reports)
+        for result in results:
+            for line in stage_lines(result):
+                out(line)
+
+    # Validation also runs every 5 minutes by itself: whichever run takes the new files, the Asset
+    # events follow, and the champions say when each model is through.
+    record([wait_for_run(api, "validation", VALIDATION_DAG, api.trigger(VALIDATION_DAG, {}), **timing)])
+    wait_for_champions(
+        api, mlflow, reports, since, timeout=champion_timeout, poll_seconds=poll_seconds, out=out
+    )
+    record(asset_stage_results(api, since, **timing))
+
+    window_start = datetime.now(UTC)
+    with httpx.Client(timeout=30, trust_env=False) as client:
+        for spec in specs:
+            traffic = reports[spec.name].traffic = send_traffic(
+                gateway_url,
+                spec,
+                drops[spec.dataset],
+                client,
+                simulated_requests=simulated_requests,
+                sampled_requests=sampled_requests,
+            )
+            out(f"  traffic      {traffic.line()}")
+            if traffic.ok == 0:
+                raise StageFailed(
+                    f"the gateway scored no request for {spec.name}: {traffic.line()}; see .demo/logs/gateway.log"
+                )
+        window_end = datetime.now(UTC)
+        drift_conf = {
+            "models": [],
+            "window_start": window_start.isoformat(),
+            "window_end": window_end.isoformat(),
+        }
+        record([wait_for_run(api, "monitoring", DRIFT_DAG, api.trigger(DRIFT_DAG, drift_conf), **timing)])
+        retirement_conf = {"models": [], "versions": [], "reason": None, "dry_run": True}
+        record(
+            [
+                wait_for_run(
+                    api, "retirement", RETIREMENT_DAG, api.trigger(RETIREMENT_DAG, retirement_conf), **timing
+                )
+            ]
+        )
+
+        for spec in specs:
+            model = reports[spec.name]
+            model.example = example_row(spec, drops[spec.dataset])
+            model.prediction = predict(gateway_url, spec.name, model.example, client)
+            model.facts = mlflow.model(spec.name)
+    return report
+
+
+# --- the summary ---------------------------------------------------------------------------------
+
+
+def summary_lines(
+    report: LifecycleReport,
+    *,
+    ports: Ports,
+    default_model: str,
+    password: str,
+    audit: Any,
+    logs: Path,
+    wall_seconds: float,
+) -> list[str]:
+    """The summary ``make demo`` ends with (``audit``: a ``ChainVerification``)."""
+    lines = ["", "ModelOps demo: summary"]
+    for drop in report.drops.values():
+        lines.append(
+            f"  dataset         {drop.dataset}: {drop.path} ({drop.rows} rows, sha256 {drop.sha256})"
+        )
+    for model in report.models.values():
+        spec = model.spec
+        aliases = model.facts.aliases if model.facts else {}
+        alias_text = ", ".join(f"{alias}=v{version}" for alias, version in sorted(aliases.items())) or "none"
+        champion = (model.facts.champion if model.facts else None) or model.champion
+        traffic = model.traffic
+        lines += [
+            f"  model           {spec.name} ({spec.task.replace('_', ' ')}, dataset {spec.dataset})",
+            f"    version       {_version(model.trained_version)} trained in this run; champion "
+            f"{_version(champion)} (before: {_version(model.champion_before)})",
+            f"    aliases       {alias_text}",
+            f"    holdout       {model.holdout()}",
+            f"    gate          {model.fact('gate')}",
+            f"    deployment    {model.fact('deployment')}",
+            f"    traffic       {traffic.line() if traffic else '(none sent)'}",
+            f"    drift         {model.drift()}",
+            f"    retirement    {model.fact('retirement')}",
+            f"    serving       POST {model_base_url(ports.gateway_url, spec.name)}/invocations",
+            f"      one row     {json.dumps(model.example, default=str)}",
+            f"      answer      {describe_prediction(spec.task, model.prediction)}",
+        ]
+    chain = (
+        f"verified, {audit.count} records"
+        if audit.ok
+        else f"BROKEN after {audit.count} records: {audit.problem}"
+    )
+    lines += [
+        f"  default model   {default_model} also answers POST {ports.gateway_url}/invocations",
+        f"  audit chain     {chain}",
+        f"  Airflow UI      {ports.airflow_url}  (login {ADMIN_USER} / {password})",
+        f"  MLflow UI       {ports.mlflow_url}",
+        f"  logs            {logs}/ (one file per service)",
+        f"  wall time       {wall_seconds:.0f} s",
+        "  services keep running until `make down`",
+    ]
+    return lines
+
+
+# --- up / down / status --------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.start:6.1f}s] {message}", flush=True)
+
+
+def check_catalog(catalog: Catalog, models: Sequence[str] = DEMO_MODELS) -> None:
+    """Fail before anything starts if a demo model, or data for its dataset, is missing."""
+    for name in models:
+        spec = catalog.model(name)
+        if spec.dataset not in DATASET_WRITERS:
+            raise ConfigurationError(
+                f"model {name} trains on dataset {spec.dataset!r}, for which the demo writes no data "
+                f"(it writes {sorted(DATASET_WRITERS)})"
+            )
+
+
+def up() -> int:
+    say = Clock()
+    layout = Layout(processes.demo_dir())
+    still_running = processes.running_services(layout.run)
+    if still_running:
+        print(
+            f"services from a previous `make demo` still run ({', '.join(still_running)}); "
+            "run `make down` first",
+            file=sys.stderr,
+        )
+        return 1
+    ports = Ports.from_env(os.environ)
+    layout.create()
+    password = ensure_admin_password(layout.passwords_file)
+    env = stack_env(layout, ports, os.environ)
+    # This process reads the same settings files (MODELOPS_HOME expansion, the incoming folders).
+    os.environ.update(
+        {k: v for k, v in env.items() if k.startswith("MODELOPS_") or k == "MLFLOW_TRACKING_URI"}
+    )
+
+    from modelops import airflow_settings
+    from modelops.settings import load_catalog
+
+    catalog = load_catalog()
+    check_catalog(catalog)
+    settings = airflow_settings.load_settings_file()
+    stack = services(layout, ports, env, airflow_settings.as_env(settings))
+    for service in stack:
+        processes.check_port(service)
+    say(f"runtime folder {layout.root}")
+    say("ports " + ", ".join(f"{name}={number}" for name, number in ports.by_variable().items()))
+
+    t0 = time.monotonic()
+    processes.run_to_log(
+        [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
+        env,
+        layout.logs / "airflow-db-migrate.log",
+        "airflow db migrate",
+    )
+    say(f"airflow db migrate done ({time.monotonic() - t0:.1f} s)")
+    t0 = time.monotonic()
+    airflow_settings.apply(settings, env)
+    say(
+        f"airflow_settings.yaml loaded: {len(settings.connections)} connections, {len(settings.pools)} pools, "
+        f"{len(settings.variables)} variables ({time.monotonic() - t0:.1f} s)"
+    )
+
+    say("starting " + ", ".join(s.name for s in stack))
+    try:
+        processes.start_all(stack, layout.run, say, HEALTH_TIMEOUT_SECONDS)
+    except ModelOpsError:
+        print("start-up failed; stopping what was started", file=sys.stderr)
+        down(quiet=True)
+        raise
+
+    api = AirflowApi(ports.airflow_url, ADMIN_USER, password)
+    wait_for_dags(api, DAG_IDS)
+    for dag_id in DAG_IDS:
+        api.unpause(dag_id)
+    say(f"{len(DAG_IDS)} DAGs parsed and unpaused; running {' and '.join(DEMO_MODELS)} through them")
+
+    report = drive(api, MlflowApi(ports.mlflow_url), ports.gateway_url, catalog)
+
+    from modelops.audit import AuditStore
+
+    audit = AuditStore(audit_url(layout)).verify()
+    for line in summary_lines(
+        report,
+        ports=ports,
+        default_model=catalog.platform.default_model,
+        password=password,
+        audit=audit,
+        logs=layout.logs,
+        wall_seconds=time.monotonic() - say.start,
+    ):
+        print(line)
+    return 0 if audit.ok else 1
+
+
+def down(quiet: bool = False) -> int:
+    run_dir = Layout(processes.demo_dir()).run
+    known = [name for name in SERVICE_NAMES if processes.pid_file(name, run_dir).exists()]
+    others = (
+        sorted(p.stem for p in run_dir.glob("*.pid") if p.stem not in SERVICE_NAMES)
+        if run_dir.is_dir()
+        else []
+    )
+    stopped = 0
+    for name in [*others, *reversed(known)]:
+        outcome = processes.stop(name, run_dir)
+        if outcome in ("stopped", "killed"):
+            stopped += 1
+            if not quiet:
+                print(f"stopped {name}" + (" (had to SIGKILL)" if outcome == "killed" else ""))
+    if not quiet and stopped == 0:
+        print("nothing was running")
+    return 0
+
+
+def status() -> int:
+    layout = Layout(processes.demo_dir())
+    ports = Ports.from_env(os.environ)
+    urls = {
+        "mlflow": ports.mlflow_url,
+        "airflow-api-server": ports.airflow_url,
+        "airflow-worker-log-server": f"{LOOPBACK}:{ports.worker_log}",
+        "airflow-triggerer-log-server": f"{LOOPBACK}:{ports.triggerer_log}",
+        "gateway": f"{ports.gateway_url}/invocations",
+    }
+    states = {state.name: state for state in processes.status(layout.run)}
+    if not any(state.running for state in states.values()):
+        print("nothing is running (start it with `make demo`)")
+        return 0
+    for name in SERVICE_NAMES:
+        state = states.get(name)
+        running = state is not None and state.running
+        detail = f"pid {state.pid}, {state.processes} processes" if running and state else "not running"
+        url = f"  {urls[name]}" if name in urls and running else ""
+        print(f"  {name:<28} {detail}{url}")
+    if layout.passwords_file.is_file():
+        print(f"  Airflow login: {ADMIN_USER} / {ensure_admin_password(layout.passwords_file)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m modelops_dev", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["up", "down", "status"])
+    args = parser.parse_args(argv)
+    try:
+        return {"up": up, "down": down, "status": status}[args.command]()
+    except ModelOpsError as exc:
+        print(f"\nmake demo: {exc}", file=sys.stderr)
+        if args.command == "up":
+            print(
+                "services that started keep running for inspection; `make down` stops them", file=sys.stderr
+            )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""What the demo feeds the stack: a new file per dataset, scoring traffic per model, one live prediction.
+
+Each dataset gets one CSV in its incoming folder (written aside, then renamed into place, so the
+validation DAG never sees half a file); every CSV there is a new version. Traffic goes to each model's
+own gateway path, ``POST /models/<name>/invocations``, in MLflow's ``dataframe_split`` JSON with an
+``X-Caller-Id`` header: the click-through model gets the traffic simulator's synthetic rows, every other
+model rows sampled from the file the demo dropped for its dataset.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from modelops.data.sklearn_datasets import write_diabetes_csv
+from modelops.errors import ConfigurationError
+from modelops.settings import DatasetSpec, ModelSpec
+
+CTR_DATASET = "ctr_clicks"
+DATASET_ROWS = 20_000
+DATASET_SEED = 7
+ROWS_PER_REQUEST = 5
+SIMULATED_REQUESTS = 240  # one hour of the demo's traffic: 4 requests a minute, 5 rows each
+SAMPLED_REQUESTS = 60  # 300 rows: enough for any monitoring policy's min_rows (at most 50 today)
+TRAFFIC_SEED = 11
+PREDICTION_SEED = 2024
+CALLERS = ("web-shop", "mobile-app", "email-campaign")
+CALLER_HEADER = "X-Caller-Id"
+
+
+# --- datasets ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetDrop:
+    """One file the demo dropped into a dataset's incoming folder."""
+
+    dataset: str
+    path: Path
+    rows: int
+    sha256: str
+
+
+def write_ctr_clicks(target: Path) -> int:
+    """The seeded synthetic click-through data (20,000 rows) as ``target``, renamed into place."""
+    from modelops.data.synthetic import generate_clicks, write_csv
+
+    frame = generate_clicks(DATASET_ROWS, seed=DATASET_SEED)
+    partial = target.with_name(f".{target.name}.partial")
+    write_csv(frame, partial)
+    partial.rename(target)
+    return len(frame)
+
+
+DATASET_WRITERS: dict[str, Callable[[Path], int]] = {
+    CTR_DATASET: write_ctr_clicks,
+    "diabetes": write_diabetes_csv,
+}
+"""Dataset name -> writes one version of it as the given CSV path (atomically) and returns its rows."""
+
+
+def incoming_folder(spec: DatasetSpec) -> Path:
+    """The dataset's incoming folder as a local path (the demo has no object store)."""
+    uri = spec.incoming_uri.removeprefix("file://")
+    if "://" in uri:
+        raise ConfigurationError(
+            f"dataset {spec.name}: incoming_uri {spec.incoming_uri} is not a local folder; the demo writes "
+            "its files locally (unset MODELOPS_INCOMING_ROOT)"
+        )
+    return Path(uri)
+
+
+def drop_file_name(dataset: str, stamp: datetime) -> str:
+    """A name of its own per drop: a second ``make demo`` on the same ``.demo/`` drops a new file."""
+    return f"{dataset}-{stamp:%Y%m%dT%H%M%SZ}.csv"
+
+
+def drop_dataset(
+    spec: DatasetSpec, stamp: datetime, writers: Mapping[str, Callable[[Path], int]] = DATASET_WRITERS
+) -> DatasetDrop:
+    """Write one new version of ``spec``'s dataset into its incoming folder; returns what was written."""
+    from modelops.storage import as_storage_path, sha256_of
+
+    if spec.name not in writers:
+        raise ConfigurationError(
+            f"the demo has no data for dataset {spec.name!r}; it writes {sorted(writers)}"
+        )
+    folder = incoming_folder(spec)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / drop_file_name(spec.name, stamp)
+    rows = writers[spec.name](target)
+    digest, _ = sha256_of(as_storage_path(target))
+    return DatasetDrop(dataset=spec.name, path=target, rows=rows, sha256=digest)
+
+
+# --- traffic -------------------------------------------------------------------------------------
+
+
+def model_base_url(gateway_url: str, model: str) -> str:
+    """The gateway's base for one model: POST ``<this>/invocations`` scores with it."""
+    return f"{gateway_url.rstrip('/')}/models/{model}"
+
+
+@dataclass
+class TrafficCount:
+    """What the demo sent one model."""
+
+    model: str
+    requests: int = 0
+    ok: int = 0
+    failed: int = 0
+    rows_scored: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        text = f"{self.model}: {self.ok} ok, {self.failed} failed, {self.rows_scored} rows scored"
+        return text + (f" (first error: {self.errors[0]})" if self.errors else "")
+
+
+def _rows_answered(answer: httpx.Response, expected: int) -> str | None:
+    """None when ``answer`` scored ``expected`` rows, else what is wrong with it."""
+    if answer.status_code != 200:
+        return f"HTTP {answer.status_code}: {answer.text[:200]}"
+    try:
+        predictions = answer.json().get("predictions")
+    except (ValueError, AttributeError):
+        return f"HTTP 200 without a JSON object: {answer.text[:200]!r}"
+    if not isinstance(predictions, list) or len(predictions) != expected:
+        return f"HTTP 200 without {expected} predictions: {answer.text[:200]!r}"
+    return None
+
+
+def send_rows(
+    gateway_url: str,
+    model: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    client: httpx.Client,
+    *,
+    rows_per_request: int = ROWS_PER_REQUEST,
+    callers: Sequence[str] = CALLERS,
+) -> TrafficCount:
+    """Score ``rows`` with ``model``, ``rows_per_request`` at a time, rotating over ``callers``."""
+    count = TrafficCount(model)
+    endpoint = f"{model_base_url(gateway_url, model)}/invocations"
+    for index, start in enumerate(range(0, len(rows), rows_per_request)):
+        chunk = [list(row) for row in rows[start : start + rows_per_request]]
+        payload = {"dataframe_split": {"columns": list(columns), "data": chunk}}
+        count.requests += 1
+        try:
+            answer = client.post(
+                endpoint, json=payload, headers={CALLER_HEADER: callers[index % len(callers)]}
+            )
+            problem = _rows_answered(answer, len(chunk))
+        except httpx.TransportError as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem is None:
+            count.ok += 1
+            count.rows_scored += len(chunk)
+        else:
+            count.failed += 1
+            if len(count.errors) < 5:
+                count.errors.append(f"request {index}: {problem}")
+    return count
+
+
+def sampled_rows(
+    csv_path: Path, features: Sequence[str], rows: int, seed: int = TRAFFIC_SEED
+) -> list[list[Any]]:
+    """``rows`` rows of ``features`` drawn from ``csv_path`` (seeded; with replacement if it is short)."""
+    import numpy as np
+    import pandas as pd
+
+    frame = pd.read_csv(csv_path, usecols=list(features))[list(features)]
+    if frame.empty:
+        raise ConfigurationError(f"{csv_path} has no rows to send as traffic")
+    picks = np.random.default_rng(seed).choice(len(frame), size=rows, replace=rows > len(frame))
+    return frame.iloc[picks].to_numpy(dtype=object).tolist()
+
+
+def send_traffic(
+    gateway_url: str,
+    spec: ModelSpec,
+    drop: DatasetDrop,
+    client: httpx.Client,
+    *,
+    simulated_requests: int = SIMULATED_REQUESTS,
+    sampled_requests: int = SAMPLED_REQUESTS,
+) -> TrafficCount:
+    """A window of scoring traffic for one model (see the module docstring for which rows)."""
+    if spec.dataset == CTR_DATASET:
+        from modelops.data.traffic import simulate_traffic
+
+        report = simulate_traffic(
+            model_base_url(gateway_url, spec.name),
+            requests=simulated_requests,
+            rows_per_request=ROWS_PER_REQUEST,
+            seed=TRAFFIC_SEED,
+            callers=CALLERS,
+            client=client,
+        )
+        return TrafficCount(
+            model=spec.name,
+            requests=report.requests_sent,
+            ok=report.ok,
+            failed=report.failed,
+            rows_scored=report.rows_scored,
+            errors=list(report.errors),
+        )
+    rows = sampled_rows(drop.path, spec.features, sampled_requests * ROWS_PER_REQUEST)
+    return send_rows(gateway_url, spec.name, spec.features, rows, client)
+
+
+# --- one live prediction per model ---------------------------------------------------------------
+
+
+def example_row(spec: ModelSpec, drop: DatasetDrop) -> dict[str, Any]:
+    """One row of the model's features to score in the summary."""
+    if spec.dataset == CTR_DATASET:
+        from modelops.data.synthetic import generate_clicks
+
+        frame = generate_clicks(1, seed=PREDICTION_SEED)
+        return {column: frame[column].tolist()[0] for column in spec.features}
+    import pandas as pd
+
+    frame = pd.read_csv(drop.path, usecols=list(spec.features), nrows=1)
+    return {column: frame[column].tolist()[0] for column in spec.features}
+
+
+def predict(gateway_url: str, model: str, row: Mapping[str, Any], client: httpx.Client) -> Any:
+    """Score one row through the gateway; returns its first prediction."""
+    payload = {"dataframe_split": {"columns": list(row), "data": [list(row.values())]}}
+    answer = client.post(
+        f"{model_base_url(gateway_url, model)}/invocations",
+        json=payload,
+        headers={CALLER_HEADER: "make-demo"},
+    )
+    if answer.status_code != 200:
+        raise ConfigurationError(
+            f"the gateway did not score one row with {model} (HTTP {answer.status_code}: "
+            f"{answer.text[:300]}); see .demo/logs/gateway.log"
+        )
+    predictions = answer.json().get("predictions")
+    if not isinstance(predictions, list) or not predictions:
+        raise ConfigurationError(
+            f"the gateway answered {model}'s row without predictions: {answer.text[:300]}"
+        )
+    return predictions[0]
+
+
+def describe_prediction(task: str, prediction: Any) -> str:
+    """A prediction as a person reads it: a click probability for a classifier, a number for a regressor."""
+    value = prediction
+    if isinstance(value, dict) and len(value) == 1:
+        (value,) = value.values()
+    if task == "binary_classification":
+        # predict_proba's [P(no click), P(click)], or P(click) alone; a bare 0/1 is a class, not a probability.
+        if isinstance(value, list) and len(value) == 2 and all(isinstance(v, float) for v in value):
+            return f"probability of a click {value[1]:.3f}"
+        if isinstance(value, float) and 0 <= value <= 1:
+            return f"probability of a click {value:.3f}"
+    elif isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return json.dumps(prediction, default=str)

@@ -1,0 +1,121 @@
+"""The base of every stage operator: connection ids, cached hooks, and the one way an outcome is acted on."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import Asset, BaseOperator, Context
+from airflow.sdk.exceptions import AirflowFailException
+
+from modelops.errors import GateFailed, RegistryError, SettingsError
+from modelops.hooks.audit import AuditHook
+from modelops.hooks.gateway import GatewayHook
+from modelops.hooks.prediction_log import PredictionLogHook
+from modelops.hooks.registry import MlflowRegistryHook
+
+if TYPE_CHECKING:
+    from airflow.sdk import ObjectStoragePath
+
+    from modelops.registry import ModelRegistry
+    from modelops.serving.client import GatewayClient
+    from modelops.serving.prediction_log import PredictionLog
+    from modelops.settings import Catalog
+    from modelops.stages.outcome import StageOutcome
+
+
+class ModelOpsBaseOperator(BaseOperator):
+    """Holds the connection ids and the hooks built from them (the ``AwsBaseOperator`` pattern).
+
+    Subclasses implement :meth:`run_stage`: resolve inputs, call one stage function, return its
+    :class:`~modelops.stages.outcome.StageOutcome`. :meth:`execute` then records the outcome in the audit
+    log, fails the task on a refusal, emits the Asset event and returns the XCom. This is the one place
+    where a gate decision (or a settings or registry error that no retry can fix) becomes
+    ``AirflowFailException``.
+    """
+
+    def __init__(
+        self,
+        *,
+        mlflow_conn_id: str = MlflowRegistryHook.default_conn_name,
+        audit_conn_id: str = AuditHook.default_conn_name,
+        gateway_conn_id: str = GatewayHook.default_conn_name,
+        predictions_conn_id: str = PredictionLogHook.default_conn_name,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.mlflow_conn_id = mlflow_conn_id
+        self.audit_conn_id = audit_conn_id
+        self.gateway_conn_id = gateway_conn_id
+        self.predictions_conn_id = predictions_conn_id
+
+    # --- inputs, resolved once per task run ---------------------------------------------------------
+
+    @cached_property
+    def catalog(self) -> Catalog:
+        from modelops.settings import load_catalog
+
+        return load_catalog()
+
+    @cached_property
+    def audit_hook(self) -> AuditHook:
+        return AuditHook(audit_conn_id=self.audit_conn_id)
+
+    @cached_property
+    def registry(self) -> ModelRegistry:
+        return MlflowRegistryHook(mlflow_conn_id=self.mlflow_conn_id).get_conn()
+
+    @cached_property
+    def gateway(self) -> GatewayClient:
+        return GatewayHook(gateway_conn_id=self.gateway_conn_id).get_conn()
+
+    @cached_property
+    def prediction_log(self) -> PredictionLog:
+        return PredictionLogHook(predictions_conn_id=self.predictions_conn_id).get_conn()
+
+    @cached_property
+    def storage(self) -> ObjectStoragePath:
+        from modelops.storage import storage_root
+
+        return storage_root(self.catalog.platform)
+
+    # --- the stage ----------------------------------------------------------------------------------
+
+    def run_stage(self, context: Context) -> StageOutcome:
+        raise NotImplementedError
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        try:
+            outcome = self.run_stage(context)
+        except (GateFailed, SettingsError, RegistryError) as exc:
+            # A refusal, a settings mistake or a version that does not exist: the same inputs give the
+            # same answer, so fail now, naming the problem, instead of retrying.
+            raise AirflowFailException(str(exc)) from exc
+        return self.act_on(outcome, context)
+
+    def act_on(self, outcome: StageOutcome, context: Context) -> dict[str, Any]:
+        """Record, then fail on a refusal, else emit the event and return the XCom."""
+        for entry in outcome.records:
+            self.audit_hook.record(
+                action=entry.action,
+                subject=entry.subject,
+                decision=entry.decision,
+                details=entry.details,
+                evidence=entry.evidence,
+                context=context,
+            )
+        if outcome.refusal is not None:
+            raise AirflowFailException(outcome.refusal)
+        if outcome.asset_extra is not None:
+            extra = _plain(outcome.asset_extra)
+            for outlet in self.outlets:
+                if isinstance(outlet, Asset):
+                    context["outlet_events"][outlet].extra = extra
+        self.log.info("%s", outcome.summary)
+        return _plain(outcome.xcom())
+
+
+def _plain(value: dict[str, Any]) -> dict[str, Any]:
+    # Vocabulary enums are str subclasses; XCom and event extras must hold plain JSON values.
+    return json.loads(json.dumps(value, default=str))

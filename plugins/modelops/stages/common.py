@@ -1,0 +1,46 @@
+"""Helpers the version stages share: which model versions a run acts on."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from modelops.errors import GateFailed
+from modelops.settings import Catalog
+from modelops.vocabulary import Alias, EventField
+
+if TYPE_CHECKING:
+    from modelops.registry import ModelRegistry
+
+
+def resolve_version(registry: ModelRegistry, name: str, version: str | int | None, alias: Alias) -> str:
+    """The version a stage acts on: the one given, else the one ``alias`` points at."""
+    if version not in (None, ""):
+        return str(version)
+    found = registry.version_by_alias(name, alias)
+    if found is None:
+        raise GateFailed(
+            f"model {name!r} has no version with alias {str(alias)!r}; give model_version explicitly"
+        )
+    return found.version
+
+
+def plan_versions(
+    *, catalog: Catalog, events: list[dict[str, Any]], model: str | None, model_version: int | str | None
+) -> list[dict[str, Any]]:
+    """One entry per model a version-stage (gate, deployment) acts on: ``{"model", "model_version"}``.
+
+    From the triggering events, the newest version per model a spec declares (an event of an unknown
+    model is ignored); with no event (a manual run), the form's model and version (None: its alias).
+    """
+    newest: dict[str, str] = {}
+    for event in events:
+        name, version = event.get(EventField.MODEL_NAME), event.get(EventField.VERSION)
+        if name in catalog.models and version is not None:
+            if name not in newest or int(version) > int(newest[name]):
+                newest[name] = str(version)
+    if events:
+        return [{"model": name, "model_version": newest[name]} for name in sorted(newest)]
+    if not model:
+        raise GateFailed("a manual run needs a model: pick one in the trigger form")
+    catalog.model(model)
+    return [{"model": model, "model_version": None if model_version in (None, "") else str(model_version)}]

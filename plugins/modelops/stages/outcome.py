@@ -1,0 +1,52 @@
+"""What every stage function returns: one decision with its evidence, for the operator to act on.
+
+A stage decides; its operator records ``records`` in the audit log, fails the task when ``refusal`` is
+set (after recording, so a rejection keeps its evidence), emits ``asset_extra`` as the Asset event and
+returns ``xcom()``. Stages never write the audit log or emit events themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from modelops.vocabulary import AuditAction
+
+
+def sha256_json(data: Any) -> str:
+    """Hash of a JSON-safe object in canonical form: the evidence hash of a report or a policy."""
+    return hashlib.sha256(
+        json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()
+    ).hexdigest()
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One audit record a stage asks its operator to write."""
+
+    action: AuditAction
+    subject: str
+    decision: str
+    details: dict[str, Any] = field(default_factory=dict)
+    evidence: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """One stage's decision about one model (or dataset)."""
+
+    decision: str
+    summary: str
+    """One line for the task log and the demo's summary."""
+    details: dict[str, Any] = field(default_factory=dict)
+    """JSON-safe facts: the XCom the next task reads."""
+    records: tuple[AuditEntry, ...] = ()
+    asset_extra: dict[str, Any] | None = None
+    """The extra of the Asset event to emit on success; None emits nothing."""
+    refusal: str | None = None
+    """Set when the stage decided against its input: the task fails, without a retry, with this message."""
+
+    def xcom(self) -> dict[str, Any]:
+        return {**self.details, "decision": self.decision, "summary": self.summary}
