@@ -18,13 +18,13 @@ and that the training data hash is a validated version of the model's own datase
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
 import pendulum
-from airflow.sdk import dag, task
+from airflow.sdk import dag
 
 from modelops.assets import MODEL_APPROVED, MODEL_CANDIDATE
 from modelops.operators.compliance import ComplianceGateOperator
+from modelops.operators.planning import StagePlanOperator
 from modelops.params import model_param, version_param
 
 
@@ -44,21 +44,13 @@ from modelops.params import model_param, version_param
     },
 )
 def modelops_compliance_gate() -> None:
-    @task
-    def plan_gate(**context: Any) -> list[dict[str, Any]]:
-        """The newest version per model from the triggering events, or the form's."""
-        from modelops.operators.planning import version_plan
-
-        params = context["params"]
-        return version_plan(
-            context, asset=MODEL_CANDIDATE, model=params["model"], model_version=params["model_version"]
-        )
+    plan = StagePlanOperator(task_id="plan_gate", stage="gate")
 
     ComplianceGateOperator.partial(
         task_id="evaluate_policy",
         outlets=[MODEL_APPROVED],
         map_index_template="{{ task.model }}",
-    ).expand_kwargs(plan_gate())
+    ).expand_kwargs(plan.output)
 
 
 modelops_compliance_gate()

@@ -19,12 +19,12 @@ the one named, else the one whose incoming folder holds it).
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
 import pendulum
-from airflow.sdk import dag, task
+from airflow.sdk import dag
 
 from modelops.assets import VALIDATED_DATASET
+from modelops.operators.planning import StagePlanOperator
 from modelops.operators.validation import ValidateDatasetOperator
 from modelops.params import datasets_param, optional_text_param
 
@@ -48,19 +48,13 @@ from modelops.params import datasets_param, optional_text_param
     },
 )
 def modelops_data_validation() -> None:
-    @task
-    def find_new_files(**context: Any) -> list[dict[str, Any]]:
-        """The files to validate, each with its dataset spec; none means nothing new was dropped."""
-        from modelops.operators.planning import validation_plan
-
-        params = context["params"]
-        return validation_plan(datasets=params["datasets"], dataset_uri=params["dataset_uri"])
+    plan = StagePlanOperator(task_id="find_new_files", stage="validation")
 
     ValidateDatasetOperator.partial(
         task_id="validate_dataset",
         outlets=[VALIDATED_DATASET],
         map_index_template="{{ task.dataset }}",
-    ).expand_kwargs(find_new_files())
+    ).expand_kwargs(plan.output)
 
 
 modelops_data_validation()

@@ -15,13 +15,13 @@ task; a failed switch rolls the alias back.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
 import pendulum
-from airflow.sdk import dag, task
+from airflow.sdk import dag
 
 from modelops.assets import MODEL_APPROVED, MODEL_DEPLOYED
 from modelops.operators.deployment import DeployModelOperator
+from modelops.operators.planning import StagePlanOperator
 from modelops.params import model_param, version_param
 
 
@@ -41,21 +41,13 @@ from modelops.params import model_param, version_param
     },
 )
 def modelops_deployment() -> None:
-    @task
-    def plan_deployment(**context: Any) -> list[dict[str, Any]]:
-        """The newest approved version per model from the triggering events, or the form's."""
-        from modelops.operators.planning import version_plan
-
-        params = context["params"]
-        return version_plan(
-            context, asset=MODEL_APPROVED, model=params["model"], model_version=params["model_version"]
-        )
+    plan = StagePlanOperator(task_id="plan_deployment", stage="deployment")
 
     DeployModelOperator.partial(
         task_id="deploy_to_gateway",
         outlets=[MODEL_DEPLOYED],
         map_index_template="{{ task.model }}",
-    ).expand_kwargs(plan_deployment())
+    ).expand_kwargs(plan.output)
 
 
 modelops_deployment()

@@ -21,13 +21,13 @@ assess any other window.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
 import pendulum
-from airflow.sdk import CronDataIntervalTimetable, dag, task
+from airflow.sdk import CronDataIntervalTimetable, dag
 
 from modelops.assets import RETRAINING_REQUEST
 from modelops.operators.monitoring import DriftMonitorOperator, RequestRetrainingOperator
+from modelops.operators.planning import StagePlanOperator
 from modelops.params import models_param, optional_text_param
 
 
@@ -52,19 +52,14 @@ from modelops.params import models_param, optional_text_param
     },
 )
 def modelops_drift_monitoring() -> None:
-    @task
-    def find_serving_models(**context: Any) -> list[dict[str, Any]]:
-        """Every model (of those asked for) with a serving version."""
-        from modelops.operators.planning import monitoring_plan
-
-        return monitoring_plan(models=context["params"]["models"])
+    plan = StagePlanOperator(task_id="find_serving_models", stage="monitoring")
 
     assessments = DriftMonitorOperator.partial(
         task_id="assess_drift",
         window_start="{{ params.window_start }}",
         window_end="{{ params.window_end }}",
         map_index_template="{{ task.model }}",
-    ).expand_kwargs(find_serving_models())
+    ).expand_kwargs(plan.output)
 
     RequestRetrainingOperator.partial(
         task_id="request_retraining",

@@ -16,11 +16,11 @@ model), `reason` (required with versions), `dry_run` (report only).
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
 import pendulum
-from airflow.sdk import Param, dag, task
+from airflow.sdk import Param, dag
 
+from modelops.operators.planning import StagePlanOperator
 from modelops.operators.retirement import RetireModelsOperator
 from modelops.params import models_param, optional_text_param
 
@@ -51,23 +51,12 @@ from modelops.params import models_param, optional_text_param
     },
 )
 def modelops_retirement() -> None:
-    @task
-    def find_registered_models(**context: Any) -> list[dict[str, Any]]:
-        """Every registered model (of those asked for), with the form's request."""
-        from modelops.operators.planning import retirement_plan
-
-        params = context["params"]
-        return retirement_plan(
-            models=params["models"],
-            versions=params["versions"],
-            reason=params["reason"],
-            dry_run=params["dry_run"],
-        )
+    plan = StagePlanOperator(task_id="find_registered_models", stage="retirement")
 
     RetireModelsOperator.partial(
         task_id="retire_versions",
         map_index_template="{{ task.model }}",
-    ).expand_kwargs(find_registered_models())
+    ).expand_kwargs(plan.output)
 
 
 modelops_retirement()

@@ -18,12 +18,12 @@ the model's dataset).
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
 import pendulum
-from airflow.sdk import dag, task
+from airflow.sdk import dag
 
 from modelops.assets import MODEL_CANDIDATE, RETRAINING_REQUEST, VALIDATED_DATASET
+from modelops.operators.planning import StagePlanOperator
 from modelops.operators.training import TrainModelOperator
 from modelops.params import model_param, optional_text_param
 
@@ -48,19 +48,13 @@ from modelops.params import model_param, optional_text_param
     },
 )
 def modelops_training() -> None:
-    @task
-    def plan_training(**context: Any) -> list[dict[str, Any]]:
-        """Which models to train on which data, from the triggering events or the form."""
-        from modelops.operators.planning import training_plan
-
-        params = context["params"]
-        return training_plan(context, model=params["model"], dataset_sha256=params["dataset_sha256"])
+    plan = StagePlanOperator(task_id="plan_training", stage="training")
 
     TrainModelOperator.partial(
         task_id="train_and_register",
         outlets=[MODEL_CANDIDATE],
         map_index_template="{{ task.model }}",
-    ).expand_kwargs(plan_training())
+    ).expand_kwargs(plan.output)
 
 
 modelops_training()

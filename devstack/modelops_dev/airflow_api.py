@@ -159,7 +159,12 @@ def stage_lines(result: StageResult) -> list[str]:
     head = f"  {result.stage:<12} {result.state:<8} {result.seconds:6.1f} s  "
     if not result.outcomes:
         return [head + "(no summary returned)"]
-    return [head + (o.summary if o.map_index == -1 else f"{o.label}: {o.summary}") for o in result.outcomes]
+    # A summary that starts with the model's name needs no label in front of it.
+    return [
+        head
+        + (o.summary if o.map_index == -1 or o.summary.startswith(o.label) else f"{o.label}: {o.summary}")
+        for o in result.outcomes
+    ]
 
 
 # --- the client ----------------------------------------------------------------------------------

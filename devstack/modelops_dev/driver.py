@@ -135,8 +135,8 @@ class ModelReport:
         outcome = self.results.get("monitoring")
         if outcome is None:
             return "(no result for this model)"
-        verdict, rows = outcome.value.get("verdict", "?"), outcome.value.get("rows", "?")
-        return f"{verdict} on {rows} rows: {outcome.summary}"
+        # The stage's summary names the verdict and the rows already.
+        return outcome.summary
 
 
 @dataclass

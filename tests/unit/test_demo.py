@@ -1224,8 +1224,8 @@ def test_drive_runs_both_models_through_the_six_stages(
         assert {tuple(call[2]) for call in calls} == {tuple(features[name])}
         assert {call[1] for call in calls[:-1]} == {"web-shop", "mobile-app", "email-campaign"}
     assert (ctr.traffic.rows_scored, diabetes.traffic.rows_scored) == (20, 15)  # type: ignore[union-attr]
-    assert ctr.drift() == "ok on 20 rows: ok: 20 rows, 0 drifted features"
-    assert diabetes.drift() == "ok on 15 rows: ok: 15 rows, 0 drifted features"
+    assert ctr.drift() == "ok: 20 rows, 0 drifted features"
+    assert diabetes.drift() == "ok: 15 rows, 0 drifted features"
 
     # Both scored live through the gateway.
     assert list(ctr.example or {}) == features["ctr_recommender"] and ctr.prediction == [0.9, 0.1]
@@ -1260,7 +1260,7 @@ def test_drive_runs_both_models_through_the_six_stages(
         "  model           diabetes_progression (regression, dataset diabetes)",
         "    version       v1 trained in this run; champion v1 (before: none)",
         "    holdout       RMSE 54.9",
-        "    drift         ok on 15 rows: ok: 15 rows, 0 drifted features",
+        "    drift         ok: 15 rows, 0 drifted features",
         "    serving       POST http://127.0.0.1:18008/models/diabetes_progression/invocations",
         "      answer      152.3",
         "  default model   ctr_recommender also answers POST http://127.0.0.1:18008/invocations",
