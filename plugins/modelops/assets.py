@@ -10,10 +10,11 @@ from __future__ import annotations
 from airflow.sdk import Asset
 
 VALIDATED_DATASET = Asset(name="modelops_validated_dataset")
-"""A dataset version passed validation. extra: dataset, uri, snapshot_uri, sha256, row_count, columns, suite."""
+"""A dataset version passed validation. extra: dataset, model_names (the models that train on it), uri,
+snapshot_uri, sha256, row_count, columns, suite."""
 
 RETRAINING_REQUEST = Asset(name="modelops_retraining_request")
-"""Monitoring (or a person) asks for a retrain. extra: model_name, version, verdict, reason."""
+"""Monitoring (or a person) asks for a retrain of one model. extra: model_name, version, verdict, reason."""
 
 MODEL_CANDIDATE = Asset(name="modelops_model_candidate")
 """A version was registered with alias ``candidate``. extra: model_name, version, train_data_sha256."""

@@ -22,30 +22,26 @@ def model_param(description: str) -> Param:
     return Param(names[0] if names else None, **schema)
 
 
-def models_param(description: str) -> Param:
-    """Any number of models, picked from the known specs; an empty list means every model."""
-    names = model_names()
+def _multi_select(names: list[str], title: str, description: str) -> Param:
+    # An array param with ``examples`` is a multi-select in the trigger form; ``items.enum`` validates it.
     return Param(
         [],
         type="array",
         items={"type": "string", "enum": names} if names else {"type": "string"},
         examples=names,
-        title="Models",
+        title=title,
         description=description,
     )
+
+
+def models_param(description: str) -> Param:
+    """Any number of models, picked from the known specs; an empty list means every model."""
+    return _multi_select(model_names(), "Models", description)
 
 
 def datasets_param(description: str) -> Param:
     """Any number of datasets, picked from the known specs; an empty list means every dataset."""
-    names = dataset_names()
-    return Param(
-        [],
-        type="array",
-        items={"type": "string", "enum": names} if names else {"type": "string"},
-        examples=names,
-        title="Datasets",
-        description=description,
-    )
+    return _multi_select(dataset_names(), "Datasets", description)
 
 
 def version_param(description: str) -> Param:

@@ -372,14 +372,12 @@ def _load_named(folder: Path, model: type[N], what: str) -> tuple[dict[str, N], 
     return found, sources
 
 
-def model_names(root: Path | None = None) -> list[str]:
-    """The names the model specs declare, read cheaply (no validation) for DAG trigger-form drop-downs.
-
-    A file that does not even parse is skipped here; the first task that loads the catalog reports it
-    with its file and field.
-    """
+def _declared_names(folder: Path) -> list[str]:
+    """The ``name`` fields of the spec files in ``folder``, read cheaply (no validation) for DAG
+    trigger-form drop-downs. A file that does not even parse is skipped here; the first task that loads
+    the catalog reports it with its file and field."""
     names = []
-    for path in _spec_files((root or include_dir()) / "models"):
+    for path in _spec_files(folder):
         try:
             data = yaml.safe_load(path.read_text())
         except (OSError, yaml.YAMLError):
@@ -387,19 +385,16 @@ def model_names(root: Path | None = None) -> list[str]:
         if isinstance(data, dict) and isinstance(data.get("name"), str):
             names.append(data["name"])
     return sorted(set(names))
+
+
+def model_names(root: Path | None = None) -> list[str]:
+    """The names the model specs declare (see :func:`_declared_names`)."""
+    return _declared_names((root or include_dir()) / "models")
 
 
 def dataset_names(root: Path | None = None) -> list[str]:
-    """The names the dataset specs declare, read cheaply (see :func:`model_names`)."""
-    names = []
-    for path in _spec_files((root or include_dir()) / "datasets"):
-        try:
-            data = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError):
-            continue
-        if isinstance(data, dict) and isinstance(data.get("name"), str):
-            names.append(data["name"])
-    return sorted(set(names))
+    """The names the dataset specs declare (see :func:`_declared_names`)."""
+    return _declared_names((root or include_dir()) / "datasets")
 
 
 def _normalised_location(uri: str) -> str:

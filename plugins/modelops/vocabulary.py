@@ -150,6 +150,8 @@ class EventField(StrEnum):
     """Keys of Asset event extras. Every event about a model carries ``model_name``."""
 
     MODEL_NAME = "model_name"
+    MODEL_NAMES = "model_names"
+    """On a validated-dataset event: the models whose spec trains on that dataset."""
     VERSION = "version"
     DATASET = "dataset"
     SHA256 = "sha256"

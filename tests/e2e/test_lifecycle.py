@@ -113,7 +113,7 @@ def test_each_stage_starts_from_the_previous_stage_events_for_both_models(stack:
             extras = consumed_extras(run)
             assert extras, f"{dag_id} ran without consuming an event"
             # Every event about a model names it.
-            assert all(extra.get("model_name") or extra.get("dataset") for extra in extras), extras
+            assert all(extra.get("model_name") or extra.get("model_names") for extra in extras), extras
             states.update(mapped_states(run, MAPPED_TASK[dag_id]))
         assert states == {CTR: TaskInstanceState.SUCCESS, DIABETES: TaskInstanceState.SUCCESS}, dag_id
 

@@ -23,6 +23,7 @@ from modelops.storage import as_storage_path, copy_file, files_in, read_dataset,
 from modelops.vocabulary import (
     AuditAction,
     Decision,
+    EventField,
     dataset_location_subject,
     dataset_subject,
 )
@@ -357,7 +358,10 @@ def validate(uri: str, spec: DatasetSpec, catalog: Catalog, storage: ObjectStora
             ),
         )
     passed = len(report.expectations)
-    lineage = report.lineage()
+    lineage = {
+        **report.lineage(),
+        EventField.MODEL_NAMES: [model.name for model in catalog.models_for_dataset(spec.name)],
+    }
     return StageOutcome(
         decision=Decision.PASSED,
         summary=f"{spec.name} sha256 {report.sha256[:12]}... {report.row_count} rows, "
