@@ -33,6 +33,7 @@ from modelops.settings import (
     CompliancePolicy,
     MetricThreshold,
     ModelSpec,
+    ServingSpec,
     load_catalog,
 )
 from modelops.stages.common import plan_versions
@@ -425,6 +426,25 @@ def test_the_plan_takes_the_newest_version_per_model_from_the_events(catalog: Ca
 def test_events_only_of_unknown_models_plan_nothing(catalog: Catalog) -> None:
     events = [{"model_name": "no_such_model", "version": "1"}]
     assert plan_versions(catalog=catalog, events=events, model=CLASSIFIER, model_version=None) == []
+
+
+def test_a_forged_event_with_a_version_that_is_no_number_is_ignored(catalog: Catalog) -> None:
+    events = [{"model_name": CLASSIFIER, "version": "{{ 7 * 7 }}"}, {"model_name": REGRESSOR, "version": "3"}]
+    plan = plan_versions(catalog=catalog, events=events, model=None, model_version=None)
+    assert plan == [{"model": REGRESSOR, "model_version": "3"}]
+
+
+def test_deployment_plans_no_version_of_a_model_that_does_not_serve(catalog: Catalog) -> None:
+    quiet = catalog.models[REGRESSOR].model_copy(update={"serving": ServingSpec(enabled=False)})
+    no_serving = dataclasses.replace(catalog, models={**catalog.models, REGRESSOR: quiet})
+    events = [{"model_name": CLASSIFIER, "version": "2"}, {"model_name": REGRESSOR, "version": "3"}]
+    deploying = plan_versions(
+        catalog=no_serving, events=events, model=None, model_version=None, serving_only=True
+    )
+    assert deploying == [{"model": CLASSIFIER, "model_version": "2"}]
+    # The gate still gates it: approval and serving are separate decisions.
+    gating = plan_versions(catalog=no_serving, events=events, model=None, model_version=None)
+    assert [entry["model"] for entry in gating] == [CLASSIFIER, REGRESSOR]
 
 
 @pytest.mark.parametrize(("given", "planned"), [(7, "7"), ("3", "3"), ("", None), (None, None)])

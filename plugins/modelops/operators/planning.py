@@ -78,7 +78,12 @@ def training_plan(context: Context, *, model: str | None, dataset_sha256: str | 
 
 
 def version_plan(
-    context: Context, *, asset: Asset, model: str | None, model_version: int | str | None
+    context: Context,
+    *,
+    asset: Asset,
+    model: str | None,
+    model_version: int | str | None,
+    serving_only: bool = False,
 ) -> list[dict[str, Any]]:
     from modelops.stages.common import plan_versions
 
@@ -88,6 +93,7 @@ def version_plan(
             events=triggering_extras(context, asset),
             model=model or None,
             model_version=model_version,
+            serving_only=serving_only,
         )
     )
 
@@ -149,7 +155,12 @@ class StagePlanOperator(BaseOperator):
         elif self.stage in ("gate", "deployment"):
             asset = MODEL_CANDIDATE if self.stage == "gate" else MODEL_APPROVED
             plan = version_plan(
-                context, asset=asset, model=params["model"], model_version=params["model_version"]
+                context,
+                asset=asset,
+                model=params["model"],
+                model_version=params["model_version"],
+                # An approved version of a model whose spec disables serving is not deployed, not refused.
+                serving_only=self.stage == "deployment",
             )
         elif self.stage == "monitoring":
             plan = monitoring_plan(models=params["models"])

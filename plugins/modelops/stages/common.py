@@ -25,19 +25,29 @@ def resolve_version(registry: ModelRegistry, name: str, version: str | int | Non
 
 
 def plan_versions(
-    *, catalog: Catalog, events: list[dict[str, Any]], model: str | None, model_version: int | str | None
+    *,
+    catalog: Catalog,
+    events: list[dict[str, Any]],
+    model: str | None,
+    model_version: int | str | None,
+    serving_only: bool = False,
 ) -> list[dict[str, Any]]:
     """One entry per model a version-stage (gate, deployment) acts on: ``{"model", "model_version"}``.
 
     From the triggering events, the newest version per model a spec declares (an event of an unknown
-    model is ignored); with no event (a manual run), the form's model and version (None: its alias).
+    model, or with a version that is not a number, is ignored; with ``serving_only``, so is a model whose
+    spec disables serving); with no event (a manual run), the form's model and version (None: its alias),
+    which the stage then accepts or refuses on the record.
     """
     newest: dict[str, str] = {}
     for event in events:
-        name, version = event.get(EventField.MODEL_NAME), event.get(EventField.VERSION)
-        if name in catalog.models and version is not None:
-            if name not in newest or int(version) > int(newest[name]):
-                newest[name] = str(version)
+        name, version = event.get(EventField.MODEL_NAME), str(event.get(EventField.VERSION, ""))
+        if name not in catalog.models or not version.isdigit():
+            continue
+        if serving_only and not catalog.models[name].serving.enabled:
+            continue
+        if name not in newest or int(version) > int(newest[name]):
+            newest[name] = version
     if events:
         return [{"model": name, "model_version": newest[name]} for name in sorted(newest)]
     if not model:
