@@ -85,6 +85,16 @@ class PlatformSettings(StrictModel):
     default_model: str = Field(
         description="The model the gateway answers at /invocations (MLflow's own scoring path)"
     )
+    dataset_roots: list[str] = Field(
+        default_factory=list,
+        description="Folders (local or s3://) any dataset file may be read from, besides the incoming folders",
+    )
+
+    @field_validator("dataset_roots")
+    @classmethod
+    def _no_blank_roots(cls, value: list[str]) -> list[str]:
+        # An unset ${VAR:-} expands to "", which as a path would mean the working directory: drop it.
+        return [root for root in value if root.strip()]
 
 
 # --- datasets ------------------------------------------------------------------------------------
@@ -115,7 +125,16 @@ class DatasetSpec(StrictModel):
     file_pattern: str = Field(default="*.csv", description="Which files in incoming_uri are versions")
     expectation_suite: str = Field(description="GX suite file, relative to include/expectations/")
     pii_patterns: list[PiiPattern] = Field(default_factory=list)
-    pii_sample_rows: int = Field(default=10_000, gt=0)
+    allowed_roots: list[str] = Field(
+        default_factory=list,
+        description="Folders besides incoming_uri this dataset's files may be read from (local or s3://)",
+    )
+
+    @field_validator("allowed_roots")
+    @classmethod
+    def _no_blank_roots(cls, value: list[str]) -> list[str]:
+        # An unset ${VAR:-} expands to "", which as a path would mean the working directory: drop it.
+        return [root for root in value if root.strip()]
 
 
 # --- models --------------------------------------------------------------------------------------

@@ -144,6 +144,8 @@ class Decision(StrEnum):
     REQUESTED = "requested"
     RETIRED = "retired"
     WOULD_RETIRE = "would_retire"
+    ERROR = "error"
+    """The stage could not reach a decision (an exception); the record says which, the task log why."""
 
 
 class EventField(StrEnum):

@@ -845,4 +845,5 @@ def test_operator_fails_without_retry_when_there_is_no_version_to_gate(
     operator.catalog = dataclasses.replace(catalog, models={**catalog.models, "never_trained": ghost})
     with pytest.raises(AirflowFailException, match="'never_trained' has no version with alias"):
         operator.execute(task_context("manual__ghost"))
-    assert audit_records(modelops_home, AuditAction.GATE_DECIDED) == []
+    # No decision about any version, but the task's own failure is on record.
+    assert [r.decision for r in audit_records(modelops_home, AuditAction.GATE_DECIDED)] == [Decision.ERROR]

@@ -645,7 +645,8 @@ def test_operator_fails_without_retry_when_there_is_no_challenger(stack: Stack, 
     )
     with pytest.raises(AirflowFailException, match="'never_approved' has no version with alias"):
         operator.execute(task_context("manual__ghost"))
-    assert audit_last(modelops_home, AuditAction.MODEL_DEPLOYED) is None
+    # No decision about any version, but the task's own failure is on record.
+    assert audit_last(modelops_home, AuditAction.MODEL_DEPLOYED).decision == Decision.ERROR
 
 
 def test_deploying_one_model_leaves_the_other_alone(stack: Stack) -> None:

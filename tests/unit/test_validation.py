@@ -273,8 +273,8 @@ def test_out_of_range_values_are_named(modelops_home: Path, incoming: Path, cata
     }
     assert failed == {"hour_of_day", "item_price"}
     problems = " | ".join(report.problems())
-    assert "27" in problems  # the sample of bad hours
-    assert "25 unexpected values (5.00%)" in problems
+    assert "25 unexpected values (5.00%)" in problems and "(masked)" in problems
+    assert "27" not in problems  # the bad hours are counted, never quoted
     assert not report.pii_findings
     assert not datasets_dir(modelops_home).exists()
 
@@ -495,7 +495,7 @@ def test_plan_of_one_file_finds_its_dataset_from_its_folder(incoming: Path, cata
 
 
 def test_plan_of_one_file_elsewhere_needs_its_dataset_named(
-    tmp_path: Path, incoming: Path, catalog, audit_store
+    tmp_path: Path, incoming: Path, catalog, audit_store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     elsewhere = write_csv(generate_clicks(20, seed=1), tmp_path / "downloads" / "clicks.csv")
     with pytest.raises(SettingsError) as raised:
@@ -504,8 +504,16 @@ def test_plan_of_one_file_elsewhere_needs_its_dataset_named(
     assert str(elsewhere) in message and str(incoming / "ctr_clicks") in message
     assert str(incoming / "diabetes") in message
 
+    # Named, it is still outside every folder datasets may be read from: refused, naming them.
+    with pytest.raises(DatasetError, match="outside the folders datasets may be read from") as raised:
+        plan_validation(
+            catalog=catalog, audit=audit_store, datasets=["ctr_clicks"], dataset_uri=str(elsewhere)
+        )
+    assert str(incoming / "ctr_clicks") in str(raised.value)
+    # A folder allowed in the platform settings makes it readable.
+    monkeypatch.setenv("MODELOPS_DATASET_ROOT", str(elsewhere.parent))
     plan = plan_validation(
-        catalog=catalog, audit=audit_store, datasets=["ctr_clicks"], dataset_uri=str(elsewhere)
+        catalog=load_catalog(), audit=audit_store, datasets=["ctr_clicks"], dataset_uri=str(elsewhere)
     )
     assert plan == [{"dataset": "ctr_clicks", "dataset_uri": str(elsewhere)}]
     # An explicit dataset wins over the folder the file is in.
@@ -638,4 +646,182 @@ def test_operator_with_an_unknown_dataset_names_the_known_ones(
         AirflowFailException, match=r"'diabetis'; known datasets: \['ctr_clicks', 'diabetes'\]"
     ):
         operator.execute(task_context())
-    assert audit_store.count() == 0
+    # The task's own failure is on record (an error, not a decision about any file).
+    (record,) = audit_store.records()
+    assert record.decision == "error" and record.details["error"] == "SettingsError"
+    assert record.subject == "dataset-uri:/x.csv" and record.details["retried_by_airflow"] is False
+
+
+# --- attacks: nothing sensitive in records, every row scanned, inputs confined ------------------------
+
+
+def test_pii_in_a_categorical_column_is_never_quoted(
+    modelops_home: Path, incoming: Path, catalog, storage
+) -> None:
+    frame = generate_clicks(ROWS, seed=3)
+    addresses = [f"customer.{i}@example.com" for i in range(40)]
+    frame.loc[: len(addresses) - 1, "item_category"] = addresses
+    path = write_csv(frame, incoming / "ctr_clicks" / "leaky.csv")
+    outcome = run_validate(catalog, storage, path, "ctr_clicks")
+    assert outcome.decision == Decision.FAILED
+    problems = outcome.records[0].details["problems"]
+    assert any("item_category" in p and "40 unexpected values" in p for p in problems)
+    assert any("column 'item_category' holds email address values (40 rows" in p for p in problems)
+    recorded = json.dumps([outcome.records[0].details, outcome.refusal, outcome.summary], default=str)
+    recorded += json.dumps(check(catalog, storage, path).to_dict(), default=str)
+    for address in addresses:
+        assert address not in recorded and address.split("@")[0] not in recorded
+    assert not datasets_dir(modelops_home).exists()  # no snapshot, so no data card
+
+
+def test_data_card_quotes_no_identifier_or_free_text_values(
+    modelops_home: Path, incoming: Path, catalog, storage
+) -> None:
+    path = csv_of(incoming, "good")
+    report = check(catalog, storage, path)
+    card = json.loads(Path(report.data_card_uri.removeprefix("file://")).read_text())
+    assert card["columns"]["device"]["kind"] == "categorical" and card["columns"]["device"]["top_values"]
+    assert card["pii_scan"]["rows_scanned"] == ROWS and card["pii_scan"]["findings"] == []
+    assert "item_category" in card["pii_scan"]["columns_scanned"]
+    assert card["pii_scan"]["patterns"] == [p.name for p in catalog.dataset("ctr_clicks").pii_patterns]
+    from modelops.stages.validation import data_card
+
+    frame = generate_clicks(ROWS, seed=3)
+    frame["note"] = [f"free text number {i}" for i in range(ROWS)]
+    entry = data_card(report, frame)["columns"]["note"]
+    assert "top_values" not in entry and entry["kind"].startswith("free text or identifier")
+
+
+def test_pii_scan_covers_every_row(modelops_home: Path, incoming: Path, catalog, storage) -> None:
+    rows = 25_000
+    frame = generate_clicks(rows, seed=3)
+    frame["comment"] = "ok"
+    addresses = [f"late.{i}@example.org" for i in range(50)]
+    frame.loc[20_000:20_049, "comment"] = addresses  # rows 20,001-20,050
+    path = write_csv(frame, incoming / "ctr_clicks" / "late.csv")
+    outcome = run_validate(catalog, storage, path, "ctr_clicks")
+    assert outcome.decision == Decision.FAILED
+    problems = outcome.records[0].details["problems"]
+    assert any("column 'comment' holds email address values (50 rows" in p for p in problems)
+    assert not any(address in outcome.refusal for address in addresses)
+    assert not datasets_dir(modelops_home).exists()
+    # Streamed: chunk by chunk, and all rows are counted.
+    from modelops.stages.validation import scan_pii
+
+    scan = scan_pii(str(path), catalog.dataset("ctr_clicks"), chunk_rows=1_000)
+    assert scan.rows_scanned == rows and "comment" in scan.columns_scanned
+    (finding,) = scan.findings
+    assert (finding.column, finding.matching_rows) == ("comment", 50)
+
+
+def _refused_unopened(
+    catalog: Catalog, storage: ObjectStoragePath, uri: str, monkeypatch: pytest.MonkeyPatch
+) -> StageOutcome:
+    import modelops.stages.validation as stage
+
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"{uri} was opened")
+
+    for name in ("as_storage_path", "sha256_of", "read_dataset", "dataset_chunks", "validate_dataset"):
+        monkeypatch.setattr(stage, name, never)
+    outcome = validate(uri, catalog.dataset("ctr_clicks"), catalog, storage)
+    monkeypatch.undo()
+    return outcome
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "file:///etc/os-release",
+        "/etc/passwd",
+        "/proc/self/environ",
+        "s3://bucket/incoming/ctr_clicks/a.csv",
+    ],
+)
+def test_a_location_outside_the_allowed_roots_is_refused_unopened(
+    uri: str, modelops_home: Path, incoming: Path, catalog, storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outcome = _refused_unopened(catalog, storage, uri, monkeypatch)
+    assert outcome.decision == Decision.REFUSED and outcome.asset_extra is None
+    assert outcome.refusal is not None and str(incoming / "ctr_clicks") in outcome.refusal
+    assert str(incoming / "diabetes") in outcome.refusal and "allowed_roots" in outcome.refusal
+    (record,) = outcome.records
+    assert record.action == AuditAction.DATASET_VALIDATED and record.decision == Decision.REFUSED
+    assert record.subject == dataset_location_subject(uri)
+    everything = json.dumps([record.details, outcome.refusal, outcome.summary, outcome.details])
+    for line in Path("/etc/os-release").read_text().splitlines():
+        if line.strip():
+            assert line not in everything
+    assert not datasets_dir(modelops_home).exists()
+
+
+def test_dot_dot_and_symlinks_out_of_the_incoming_folder_are_refused(
+    modelops_home: Path,
+    incoming: Path,
+    catalog,
+    storage,
+    audit_store: AuditStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    folder = incoming / "ctr_clicks"
+    folder.mkdir(parents=True)
+    dotted = f"{folder}/../../../../../../../../etc/passwd"
+    assert Path(dotted).exists()
+    for uri in (dotted, "file://" + dotted):
+        assert _refused_unopened(catalog, storage, uri, monkeypatch).decision == Decision.REFUSED
+    link = folder / "link.csv"
+    link.symlink_to("/etc/os-release")
+    for uri in (str(link), link.as_uri()):
+        assert _refused_unopened(catalog, storage, uri, monkeypatch).decision == Decision.REFUSED
+    # A sibling folder whose name extends the root's is not under it.
+    assert _refused_unopened(catalog, storage, f"{folder}-evil/a.csv", monkeypatch).decision == (
+        Decision.REFUSED
+    )
+    # Named explicitly, the plan refuses them too; polled, the link is planned (to record its refusal)
+    # without being hashed, and not again once that refusal is recorded.
+    for uri in (dotted, str(link)):
+        with pytest.raises((DatasetError, SettingsError)):
+            plan_validation(catalog=catalog, audit=audit_store, datasets=["ctr_clicks"], dataset_uri=uri)
+    plan = plan_validation(catalog=catalog, audit=audit_store, datasets=[], dataset_uri=None)
+    assert plan == [{"dataset": "ctr_clicks", "dataset_uri": link.as_uri()}]
+    outcome = validate(plan[0]["dataset_uri"], catalog.dataset("ctr_clicks"), catalog, storage)
+    assert outcome.decision == Decision.REFUSED
+    (record,) = outcome.records
+    audit_store.append(
+        actor="test",
+        action=record.action,
+        subject=record.subject,
+        decision=record.decision,
+        details=record.details,
+    )
+    assert plan_validation(catalog=catalog, audit=audit_store, datasets=[], dataset_uri=None) == []
+    assert "root:" not in json.dumps(record.details)
+
+
+def test_operator_fails_a_refused_location_without_retry(
+    modelops_home: Path, incoming: Path, audit_store: AuditStore
+) -> None:
+    operator = ValidateDatasetOperator(task_id="validate", dataset="ctr_clicks", dataset_uri="/etc/passwd")
+    with pytest.raises(AirflowFailException, match="outside the folders datasets may be read from"):
+        operator.execute(task_context())
+    record = audit_store.last(action=AuditAction.DATASET_VALIDATED)
+    assert record.decision == Decision.REFUSED
+    assert record.subject == dataset_location_subject("/etc/passwd")
+    assert "root:" not in json.dumps(record.details)
+
+
+def test_a_text_file_that_is_no_dataset_is_not_echoed(
+    modelops_home: Path, incoming: Path, catalog, storage
+) -> None:
+    content = Path("/etc/os-release").read_text()
+    path = incoming / "ctr_clicks" / "os-release.csv"
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    outcome = run_validate(catalog, storage, path, "ctr_clicks")
+    assert outcome.decision in (Decision.FAILED, Decision.UNREADABLE)
+    everything = json.dumps([outcome.records[0].details, outcome.refusal, outcome.summary], default=str)
+    for line in content.splitlines():
+        for part in line.split(","):
+            if len(part.strip()) > 3:
+                assert part.strip() not in everything, part
+    assert not datasets_dir(modelops_home).exists()

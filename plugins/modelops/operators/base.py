@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import Asset, BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
 
-from modelops.errors import GateFailed, RegistryError, SettingsError
+from modelops.errors import GateFailed, ModelOpsError, RegistryError, SettingsError
 from modelops.hooks.audit import AuditHook
 from modelops.hooks.gateway import GatewayHook
 from modelops.hooks.prediction_log import PredictionLogHook
 from modelops.hooks.registry import MlflowRegistryHook
+from modelops.vocabulary import AuditAction, Decision
 
 if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
@@ -82,7 +83,14 @@ class ModelOpsBaseOperator(BaseOperator):
 
     # --- the stage ----------------------------------------------------------------------------------
 
+    audit_action: AuditAction
+    """What this stage's records record; a failure of the stage is recorded under it too."""
+
     def run_stage(self, context: Context) -> StageOutcome:
+        raise NotImplementedError
+
+    def audit_subject(self) -> str:
+        """Who or what this task decides about, for the record of its failure."""
         raise NotImplementedError
 
     def execute(self, context: Context) -> dict[str, Any]:
@@ -91,8 +99,37 @@ class ModelOpsBaseOperator(BaseOperator):
         except (GateFailed, SettingsError, RegistryError) as exc:
             # A refusal, a settings mistake or a version that does not exist: the same inputs give the
             # same answer, so fail now, naming the problem, instead of retrying.
+            self.record_failure(exc, context, retried=False)
             raise AirflowFailException(str(exc)) from exc
+        except Exception as exc:
+            # Recorded, then re-raised unchanged: Airflow retries it as configured.
+            self.record_failure(exc, context, retried=True)
+            raise
         return self.act_on(outcome, context)
+
+    def record_failure(self, error: BaseException, context: Context, *, retried: bool) -> None:
+        """Write the stage's own failure to the audit log, so no failed decision goes unrecorded.
+
+        Our own errors name the problem without quoting data; anything else is recorded by its type
+        only (a library's message may quote input values), the traceback stays in the task log.
+        """
+        message = str(error) if isinstance(error, ModelOpsError) else "see the task log for the traceback"
+        try:
+            self.audit_hook.record(
+                action=self.audit_action,
+                subject=self.audit_subject(),
+                decision=Decision.ERROR,
+                details={
+                    "error": type(error).__name__,
+                    "message": message[:2000],
+                    "retried_by_airflow": retried,
+                },
+                context=context,
+            )
+        except Exception:
+            # The audit log itself is failing (e.g. its database is down): say so loudly, and let the
+            # original error, which is what the task failed of, propagate.
+            self.log.exception("could not record the failure of %s in the audit log", self.task_id)
 
     def act_on(self, outcome: StageOutcome, context: Context) -> dict[str, Any]:
         """Record, then fail on a refusal, else emit the event and return the XCom."""

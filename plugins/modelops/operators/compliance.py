@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from modelops.operators.base import ModelOpsBaseOperator
+from modelops.vocabulary import AuditAction, model_subject
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -20,11 +21,15 @@ class ComplianceGateOperator(ModelOpsBaseOperator):
     # Asset event extra or a trigger-form string is never rendered as Jinja.
     template_fields: Sequence[str] = ()
     ui_color = "#f8f0e0"
+    audit_action = AuditAction.GATE_DECIDED
 
     def __init__(self, *, model: str, model_version: str | int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.model = model
         self.model_version = model_version
+
+    def audit_subject(self) -> str:
+        return model_subject(self.model, self.model_version or None)
 
     def run_stage(self, context: Context) -> StageOutcome:
         from modelops.stages.compliance import gate

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk.exceptions import AirflowSkipException
 
 from modelops.operators.base import ModelOpsBaseOperator
+from modelops.vocabulary import AuditAction, model_subject
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -22,6 +23,7 @@ class DriftMonitorOperator(ModelOpsBaseOperator):
 
     template_fields: Sequence[str] = ("window_start", "window_end")
     ui_color = "#fdeaea"
+    audit_action = AuditAction.DRIFT_ASSESSED
 
     def __init__(
         self, *, model: str, window_start: str | None = None, window_end: str | None = None, **kwargs: Any
@@ -30,6 +32,9 @@ class DriftMonitorOperator(ModelOpsBaseOperator):
         self.model = model
         self.window_start = window_start
         self.window_end = window_end
+
+    def audit_subject(self) -> str:
+        return model_subject(self.model)
 
     def run_stage(self, context: Context) -> StageOutcome:
         from modelops.stages.monitoring import assess, monitoring_window
@@ -61,6 +66,7 @@ class RequestRetrainingOperator(ModelOpsBaseOperator):
 
     template_fields: Sequence[str] = ()
     ui_color = "#fdeaea"
+    audit_action = AuditAction.RETRAINING_REQUESTED
 
     def __init__(self, *, assessment: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -72,8 +78,15 @@ class RequestRetrainingOperator(ModelOpsBaseOperator):
         policy = self.catalog.policies_for(self.assessment["model_name"]).monitoring
         return retraining_request(self.assessment, policy)
 
+    def audit_subject(self) -> str:
+        return model_subject(self.assessment.get("model_name", "?"), self.assessment.get("version"))
+
     def execute(self, context: Context) -> dict[str, Any]:
-        outcome = self.run_stage(context)
+        try:
+            outcome = self.run_stage(context)
+        except Exception as exc:
+            self.record_failure(exc, context, retried=True)
+            raise
         if outcome is None:
             raise AirflowSkipException(
                 f"verdict {self.assessment.get('verdict')!r} of {self.assessment.get('model_name')} does not "

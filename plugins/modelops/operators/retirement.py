@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from modelops.operators.base import ModelOpsBaseOperator
+from modelops.vocabulary import AuditAction, model_subject
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -23,6 +24,7 @@ class RetireModelsOperator(ModelOpsBaseOperator):
     # Asset event extra or a trigger-form string is never rendered as Jinja.
     template_fields: Sequence[str] = ()
     ui_color = "#ececec"
+    audit_action = AuditAction.MODEL_RETIRED
 
     def __init__(
         self,
@@ -38,6 +40,9 @@ class RetireModelsOperator(ModelOpsBaseOperator):
         self.versions = versions
         self.reason = reason
         self.dry_run = dry_run
+
+    def audit_subject(self) -> str:
+        return model_subject(self.model)
 
     def run_stage(self, context: Context) -> StageOutcome:
         from modelops.stages.retirement import retire

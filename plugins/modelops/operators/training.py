@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from modelops.operators.base import ModelOpsBaseOperator
-from modelops.vocabulary import Trigger
+from modelops.vocabulary import AuditAction, Trigger, model_subject
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -21,6 +21,7 @@ class TrainModelOperator(ModelOpsBaseOperator):
     # Asset event extra or a trigger-form string is never rendered as Jinja.
     template_fields: Sequence[str] = ()
     ui_color = "#e8eef8"
+    audit_action = AuditAction.MODEL_REGISTERED
 
     def __init__(
         self,
@@ -34,6 +35,9 @@ class TrainModelOperator(ModelOpsBaseOperator):
         self.model = model
         self.dataset_sha256 = dataset_sha256
         self.trigger = trigger
+
+    def audit_subject(self) -> str:
+        return model_subject(self.model)
 
     def run_stage(self, context: Context) -> StageOutcome:
         from modelops.stages.training import train

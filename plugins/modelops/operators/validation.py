@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from modelops.operators.base import ModelOpsBaseOperator
+from modelops.vocabulary import AuditAction, dataset_location_subject
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -22,11 +23,15 @@ class ValidateDatasetOperator(ModelOpsBaseOperator):
     # Not templated: a dropped file's name must never be rendered as Jinja.
     template_fields: Sequence[str] = ()
     ui_color = "#e8f4ea"
+    audit_action = AuditAction.DATASET_VALIDATED
 
     def __init__(self, *, dataset: str, dataset_uri: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.dataset = dataset
         self.dataset_uri = dataset_uri
+
+    def audit_subject(self) -> str:
+        return dataset_location_subject(str(self.dataset_uri))
 
     def run_stage(self, context: Context) -> StageOutcome:
         from modelops.stages.validation import validate

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from modelops.settings import Catalog, CompliancePolicy, MetricThreshold, ModelSpec
 from modelops.stages.common import resolve_version
-from modelops.stages.outcome import AuditEntry, StageOutcome, sha256_json
+from modelops.stages.outcome import AuditEntry, StageOutcome, dataset_evidence, sha256_json
 from modelops.vocabulary import (
     Alias,
     AuditAction,
@@ -181,7 +181,11 @@ def gate(
             "checks": [asdict(check) for check in report.checks],
             "failed": [check.name for check in report.failures],
         },
-        evidence={"policy": sha256_json(policy.model_dump()), "gate_report": report_sha, "dataset": sha},
+        evidence={
+            "policy": sha256_json(policy.model_dump()),
+            "gate_report": report_sha,
+            **dataset_evidence(sha),
+        },
     )
     details = {
         "model_name": spec.name,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from modelops.errors import DeploymentFailed
 from modelops.settings import ModelSpec
 from modelops.stages.common import resolve_version
-from modelops.stages.outcome import AuditEntry, StageOutcome, sha256_json
+from modelops.stages.outcome import AuditEntry, StageOutcome, dataset_evidence, sha256_json
 from modelops.storage import read_dataset
 from modelops.vocabulary import (
     SMOKE_TEST_CALLER,
@@ -222,6 +222,11 @@ def deploy(
             f"{spec.name} v{version} has compliance_status={status!r}; only versions approved by the "
             "compliance gate deploy. Run modelops_compliance_gate on it first."
         )
+    elif not tags.get(Tag.TRAIN_DATA_URI):
+        refusal = (
+            f"{spec.name} v{version} has no {Tag.TRAIN_DATA_URI} lineage tag, so there is no training data "
+            "to smoke-test it with and nothing traces it to validated data; register it through training"
+        )
     if refusal is not None:
         return StageOutcome(
             decision=Decision.REFUSED,
@@ -249,7 +254,7 @@ def deploy(
         details=result.to_dict(),
         evidence={
             "smoke_test": sha256_json(asdict(result.smoke_test)),
-            "dataset": tags.get(Tag.TRAIN_DATA_SHA256, ""),
+            **dataset_evidence(tags.get(Tag.TRAIN_DATA_SHA256)),
         },
     )
     serving_url = gateway.invocations_url(spec.name)

@@ -9,10 +9,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from modelops.vocabulary import AuditAction
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def dataset_evidence(sha256: str | None) -> dict[str, str]:
+    """``{"dataset": sha256}`` when the value is a SHA-256 hex digest, else nothing.
+
+    A version's ``train_data_sha256`` is a registry tag anyone with an MLflow client can set to anything;
+    the record of the decision about such a version must still be writable (the gate's checks say the
+    tag is missing or wrong), so a value that is no digest never reaches the evidence.
+    """
+    return {"dataset": sha256} if sha256 and _SHA256.fullmatch(sha256) else {}
 
 
 def sha256_json(data: Any) -> str:

@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING, Any
 from modelops.errors import DatasetError
 from modelops.settings import Catalog, DatasetSpec
 from modelops.stages.outcome import AuditEntry, StageOutcome, sha256_json
-from modelops.storage import as_storage_path, copy_file, files_in, read_dataset, sha256_of
+from modelops.storage import (
+    as_storage_path,
+    copy_file,
+    dataset_chunks,
+    files_in,
+    is_within,
+    read_dataset,
+    sha256_of,
+)
 from modelops.vocabulary import (
     AuditAction,
     Decision,
@@ -58,6 +66,36 @@ class PiiFinding:
         return f"column '{self.column}' holds {self.pattern} values ({self.matching_rows} rows, e.g. {self.example})"
 
 
+PII_SCAN_CHUNK_ROWS = 50_000
+"""Rows read at a time by the PII scan: every row is scanned, memory stays flat."""
+
+EXAMPLES_QUOTED = 2
+"""How many (masked) examples of unexpected values a problem shows."""
+
+_PLAIN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_ .%()-]{0,63}$")
+"""A column name that reads as a name; anything else in a header may be data (a file that is no
+dataset parses as CSV with its first line as the header) and is masked."""
+
+
+@dataclass(frozen=True)
+class PiiScan:
+    """What the PII scan looked at, for the data card, and what it found."""
+
+    rows_scanned: int
+    columns_scanned: list[str]
+    patterns: list[str]
+    findings: list[PiiFinding]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "rows_scanned": self.rows_scanned,
+            "columns_scanned": self.columns_scanned,
+            "patterns": self.patterns,
+            "findings": [finding.describe() for finding in self.findings],
+            "result": "no PII pattern found" if not self.findings else f"{len(self.findings)} finding(s)",
+        }
+
+
 @dataclass
 class DatasetValidationReport:
     dataset: str
@@ -69,6 +107,7 @@ class DatasetValidationReport:
     suite: str
     expectations: list[ExpectationOutcome]
     pii_findings: list[PiiFinding]
+    pii_scan: dict[str, Any] = field(default_factory=dict)
     validated_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     snapshot_uri: str | None = None
     data_card_uri: str | None = None
@@ -107,18 +146,49 @@ def snapshot_dir(storage: ObjectStoragePath, dataset: str, sha256: str) -> Objec
 
 
 def _observed(result: dict[str, Any]) -> str:
+    """What GX saw, without quoting data: problems go to the audit log, the task log and the refusal.
+
+    Unexpected values are given as a count, a share and masked examples only (a value in any column may
+    be PII, even in one that should hold categories); an observed aggregate is quoted only if a number.
+    """
     mismatched = (result.get("details") or {}).get("mismatched") or {}
     if mismatched.get("missing") or mismatched.get("unexpected"):
-        parts = [f"{kind} columns {sorted(cols)}" for kind, cols in sorted(mismatched.items()) if cols]
+        parts = [
+            f"{kind} columns {sorted(safe_name(str(col)) for col in cols)}"
+            for kind, cols in sorted(mismatched.items())
+            if cols
+        ]
         return "; ".join(parts)
     if "observed_value" in result:
-        return f"observed {result['observed_value']!r}"
+        observed = result["observed_value"]
+        if isinstance(observed, int | float) and not isinstance(observed, bool):
+            return f"observed {observed!r}"
+        return f"observed a {type(observed).__name__} value (not quoted)"
     if result.get("unexpected_count") is not None:
         sample = result.get("partial_unexpected_list") or []
         pct = result.get("unexpected_percent")
         share = f" ({pct:.2f}%)" if isinstance(pct, int | float) else ""
-        return f"{result['unexpected_count']} unexpected values{share}, e.g. {sample[:3]!r}"
+        examples = [_mask(str(value)) for value in sample[:EXAMPLES_QUOTED]]
+        shown = f", e.g. {', '.join(examples)} (masked)" if examples else ""
+        return f"{result['unexpected_count']} unexpected values{share}{shown}"
     return "failed"
+
+
+def safe_name(name: str) -> str:
+    """A column name as it may be quoted in a record: as is if it reads as a name, else masked."""
+    return name if _PLAIN_NAME.match(name) else _mask(name)
+
+
+_QUOTED = re.compile(r"""(['"])(.*?)\1""")
+
+
+def _scrubbed(message: str, names: set[str]) -> str:
+    # A library's error may quote the value it choked on; keep quoted column names, mask the rest.
+    def mask_quoted(match: re.Match[str]) -> str:
+        inner = match.group(2)
+        return match.group(0) if inner in names and _PLAIN_NAME.match(inner) else f"'{_mask(inner)}'"
+
+    return _QUOTED.sub(mask_quoted, message)[:500]
 
 
 def _exception_message(info: dict[str, Any] | None) -> str | None:
@@ -159,12 +229,15 @@ def run_expectations(frame: pd.DataFrame, suite_file: Path) -> tuple[str, list[E
         .get_batch(batch_parameters={"dataframe": frame})
     )
     result = batch.validate(suite, result_format="SUMMARY")
+    names = {str(column) for column in frame.columns} | {
+        str(item.expectation_config.kwargs.get("column")) for item in result.results
+    }
     outcomes = []
     for item in result.results:
         config = item.expectation_config
         error = _exception_message(item.exception_info)
         if error is not None:
-            detail = f"could not be evaluated: {error}"
+            detail = f"could not be evaluated: {_scrubbed(error, names)}"
         else:
             detail = "passed" if item.success else _observed(item.result or {})
         outcomes.append(
@@ -178,26 +251,46 @@ def run_expectations(frame: pd.DataFrame, suite_file: Path) -> tuple[str, list[E
     return suite.name, outcomes
 
 
-def scan_pii(frame: pd.DataFrame, spec: DatasetSpec) -> list[PiiFinding]:
-    """Look for PII patterns in the text columns of a sample of rows."""
-    sample = frame.head(spec.pii_sample_rows)
-    findings = []
-    for column in sample.columns:
-        if sample[column].dtype != object:
-            continue
-        values = sample[column].dropna().astype(str)
-        for pattern in spec.pii_patterns:
-            hits = values[values.str.contains(re.compile(pattern.regex), regex=True)]
-            if len(hits):
-                findings.append(
-                    PiiFinding(
-                        column=column,
-                        pattern=pattern.name,
-                        matching_rows=len(hits),
-                        example=_mask(hits.iloc[0]),
-                    )
-                )
-    return findings
+def scan_pii(uri: str, spec: DatasetSpec, chunk_rows: int = PII_SCAN_CHUNK_ROWS) -> PiiScan:
+    """Look for PII patterns in every row of the file, read ``chunk_rows`` at a time.
+
+    Every column but floating-point ones is scanned (a float cannot hold an address or a phone number;
+    a whole number can be a card number), each chunk as pandas reads it, so a text value anywhere in a
+    column makes that chunk of it text and is seen.
+    """
+    patterns = [(pattern.name, re.compile(pattern.regex)) for pattern in spec.pii_patterns]
+    counts: dict[tuple[str, str], int] = {}
+    examples: dict[tuple[str, str], str] = {}
+    scanned: dict[str, None] = {}
+    rows = 0
+    for chunk in dataset_chunks(uri, chunk_rows):
+        rows += len(chunk)
+        for column in chunk.columns:
+            series = chunk[column]
+            if series.dtype.kind in "fc":
+                continue
+            scanned[str(column)] = None
+            if not patterns:
+                continue
+            values = series.dropna().astype(str)
+            for name, regex in patterns:
+                hits = values[values.str.contains(regex, regex=True)]
+                if len(hits):
+                    key = (str(column), name)
+                    counts[key] = counts.get(key, 0) + len(hits)
+                    examples.setdefault(key, _mask(hits.iloc[0]))
+    findings = [
+        PiiFinding(
+            column=safe_name(column), pattern=name, matching_rows=count, example=examples[(column, name)]
+        )
+        for (column, name), count in counts.items()
+    ]
+    return PiiScan(
+        rows_scanned=rows,
+        columns_scanned=[safe_name(column) for column in scanned],
+        patterns=[name for name, _ in patterns],
+        findings=findings,
+    )
 
 
 def _mask(value: str) -> str:
@@ -223,6 +316,7 @@ def validate_dataset(
         raise DatasetError(f"dataset {uri} is empty (0 bytes); it needs a header row and data")
     frame = read_dataset(uri)
     suite_name, outcomes = run_expectations(frame, suite_file)
+    pii = scan_pii(uri, spec)
     report = DatasetValidationReport(
         dataset=spec.name,
         source_uri=str(source),
@@ -232,7 +326,8 @@ def validate_dataset(
         columns=[str(c) for c in frame.columns],
         suite=suite_name,
         expectations=outcomes,
-        pii_findings=scan_pii(frame, spec),
+        pii_findings=pii.findings,
+        pii_scan=pii.summary(),
     )
     if report.passed:
         _write_snapshot(report, source, frame, storage)
@@ -273,9 +368,17 @@ def data_card(report: DatasetValidationReport, frame: pd.DataFrame) -> dict[str,
                 min=float(series.min()), max=float(series.max()), mean=round(float(series.mean()), 6)
             )
         else:
-            entry["distinct"] = int(series.nunique())
-            entry["top_values"] = {str(k): int(v) for k, v in series.value_counts().head(10).items()}
-        columns[str(name)] = entry
+            distinct = int(series.nunique())
+            entry["distinct"] = distinct
+            if _is_free_text_or_identifier(series, distinct):
+                # Values unique to a row (names, ids, notes) are not quoted: they describe a person.
+                entry["kind"] = "free text or identifier (values not quoted)"
+            else:
+                entry["kind"] = "categorical"
+                entry["top_values"] = {
+                    str(k): int(v) for k, v in series.value_counts().head(10).items() if _quotable(str(k))
+                }
+        columns[safe_name(str(name))] = entry
     return {
         "dataset": report.dataset,
         "sha256": report.sha256,
@@ -285,9 +388,19 @@ def data_card(report: DatasetValidationReport, frame: pd.DataFrame) -> dict[str,
         "validated_at": report.validated_at,
         "expectation_suite": report.suite,
         "expectations_evaluated": len(report.expectations),
-        "pii_scan": "no PII pattern found",
+        "pii_scan": report.pii_scan,
         "columns": columns,
     }
+
+
+def _is_free_text_or_identifier(series: pd.Series, distinct: int) -> bool:
+    present = int(series.notna().sum())
+    return distinct > 50 and distinct > present // 2
+
+
+def _quotable(value: str) -> bool:
+    # A category that looks like an address, a number or a sentence is not a category to quote.
+    return bool(_PLAIN_NAME.match(value)) and not any(ch.isdigit() for ch in value)
 
 
 # --- the stage: one file against one dataset spec ---------------------------------------------------
@@ -298,6 +411,28 @@ def validate(uri: str, spec: DatasetSpec, catalog: Catalog, storage: ObjectStora
     suite_file = catalog.suite_path(spec)
     spec_file = catalog.source_of("datasets", spec.name)
     used = f"dataset spec {spec.name!r} ({spec_file}) and suite {suite_file.name}"
+    roots = allowed_roots(catalog, spec)
+    # Checked on the spelling alone, before anything opens the location (no exists, hash or read).
+    if not is_within(uri, roots):
+        message = (
+            f"{uri} is outside the folders datasets may be read from ({', '.join(roots)}); drop the file "
+            f"into {spec.incoming_uri}, or add its folder to allowed_roots in {spec_file} (or to "
+            "dataset_roots in modelops.yaml). Nothing was read."
+        )
+        return StageOutcome(
+            decision=Decision.REFUSED,
+            summary=f"{uri} is outside the allowed dataset folders; not read",
+            details={"dataset": spec.name, "uri": uri, "allowed_roots": roots},
+            records=(
+                AuditEntry(
+                    AuditAction.DATASET_VALIDATED,
+                    dataset_location_subject(uri),
+                    Decision.REFUSED,
+                    details={"dataset": spec.name, "uri": uri, "allowed_roots": roots, "error": message},
+                ),
+            ),
+            refusal=message,
+        )
     try:
         report = validate_dataset(uri, spec, suite_file, storage)
     except DatasetError as exc:
@@ -327,7 +462,7 @@ def validate(uri: str, spec: DatasetSpec, catalog: Catalog, storage: ObjectStora
         "snapshot_uri": report.snapshot_uri,
         "data_card_uri": report.data_card_uri,
         "row_count": report.row_count,
-        "columns": report.columns,
+        "columns": [safe_name(column) for column in report.columns],
         "suite": report.suite,
         "suite_file": str(suite_file),
         "expectations_evaluated": len(report.expectations),
@@ -381,6 +516,16 @@ def _unreadable_subject(uri: str) -> str:
     return dataset_location_subject(uri)
 
 
+def allowed_roots(catalog: Catalog, spec: DatasetSpec) -> list[str]:
+    """The folders a file validated against ``spec`` may be read from: ``spec``'s own first, then every
+    other dataset's (a file may be checked against another dataset's spec), then the platform's."""
+    roots = [spec.incoming_uri, *spec.allowed_roots]
+    for other in catalog.datasets.values():
+        roots += [other.incoming_uri, *other.allowed_roots]
+    roots += catalog.platform.dataset_roots
+    return list(dict.fromkeys(roots))
+
+
 # --- what to validate -------------------------------------------------------------------------------
 
 
@@ -402,6 +547,13 @@ def plan_validation(
                 f"dataset_uri names one file but datasets names {datasets}; name at most one dataset"
             )
         spec = catalog.dataset(datasets[0]) if datasets else catalog.dataset_for_location(dataset_uri)
+        roots = allowed_roots(catalog, spec)
+        if not is_within(dataset_uri, roots):
+            raise DatasetError(
+                f"dataset_uri {dataset_uri} is outside the folders datasets may be read from "
+                f"({', '.join(roots)}); drop the file into {spec.incoming_uri}, or add its folder to the "
+                "dataset spec's allowed_roots (or dataset_roots in modelops.yaml)"
+            )
         return [{"dataset": spec.name, "dataset_uri": dataset_uri}]
     # A delivery is a file at a location: the same bytes dropped again under a new name are a new delivery
     # (and are validated, snapshotted once, and trained on again); the same file seen again is not.
@@ -412,7 +564,13 @@ def plan_validation(
     plan = []
     for name in datasets or sorted(catalog.datasets):
         spec = catalog.dataset(name)
+        roots = allowed_roots(catalog, spec)
         for path in files_in(spec.incoming_uri, spec.file_pattern):
-            if (dataset_subject(sha256_of(path)[0]), str(path)) not in seen:
+            # A link out of the folder is not hashed (that would read it); validate() records its refusal.
+            if is_within(str(path), roots):
+                subject = dataset_subject(sha256_of(path)[0])
+            else:
+                subject = dataset_location_subject(str(path))
+            if (subject, str(path)) not in seen:
                 plan.append({"dataset": name, "dataset_uri": str(path)})
     return plan
