@@ -14,10 +14,18 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from modelops.errors import SettingsError, UnknownModel
 from modelops.vocabulary import Tag
@@ -70,6 +78,15 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _without_blanks(roots: list[str]) -> list[str]:
+    # An unset ${VAR:-} expands to "", which as a path would mean the working directory: drop it.
+    return [root for root in roots if root.strip()]
+
+
+Roots = Annotated[list[str], AfterValidator(_without_blanks)]
+"""Folders (local paths, file:// or s3://) files may be read from."""
+
+
 # --- platform -------------------------------------------------------------------------------------
 
 
@@ -85,16 +102,10 @@ class PlatformSettings(StrictModel):
     default_model: str = Field(
         description="The model the gateway answers at /invocations (MLflow's own scoring path)"
     )
-    dataset_roots: list[str] = Field(
+    dataset_roots: Roots = Field(
         default_factory=list,
         description="Folders (local or s3://) any dataset file may be read from, besides the incoming folders",
     )
-
-    @field_validator("dataset_roots")
-    @classmethod
-    def _no_blank_roots(cls, value: list[str]) -> list[str]:
-        # An unset ${VAR:-} expands to "", which as a path would mean the working directory: drop it.
-        return [root for root in value if root.strip()]
 
 
 # --- datasets ------------------------------------------------------------------------------------
@@ -125,16 +136,10 @@ class DatasetSpec(StrictModel):
     file_pattern: str = Field(default="*.csv", description="Which files in incoming_uri are versions")
     expectation_suite: str = Field(description="GX suite file, relative to include/expectations/")
     pii_patterns: list[PiiPattern] = Field(default_factory=list)
-    allowed_roots: list[str] = Field(
+    allowed_roots: Roots = Field(
         default_factory=list,
         description="Folders besides incoming_uri this dataset's files may be read from (local or s3://)",
     )
-
-    @field_validator("allowed_roots")
-    @classmethod
-    def _no_blank_roots(cls, value: list[str]) -> list[str]:
-        # An unset ${VAR:-} expands to "", which as a path would mean the working directory: drop it.
-        return [root for root in value if root.strip()]
 
 
 # --- models --------------------------------------------------------------------------------------
