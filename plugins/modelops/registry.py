@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,15 +81,11 @@ class ModelRegistry:
     def __repr__(self) -> str:
         return f"ModelRegistry({self.tracking_uri!r})"
 
-    @property
+    @cached_property
     def _client(self) -> MlflowClient:
-        client = self.__dict__.get("_mlflow_client")
-        if client is None:
-            from mlflow import MlflowClient
+        from mlflow import MlflowClient
 
-            client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
-            self.__dict__["_mlflow_client"] = client
-        return client
+        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
 
     # --- registered models -------------------------------------------------------------------------
 

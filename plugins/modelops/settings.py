@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from modelops.errors import SettingsError, UnknownModel
+from modelops.locations import is_within
 from modelops.vocabulary import Tag
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -421,15 +422,6 @@ def dataset_names(root: Path | None = None) -> list[str]:
     return _declared_names((root or include_dir()) / "datasets")
 
 
-def _normalised_location(uri: str) -> str:
-    text = str(uri)
-    if text.startswith("file://"):
-        text = text.removeprefix("file://")
-    if "://" not in text:
-        text = str(Path(text).expanduser().resolve())
-    return text.rstrip("/")
-
-
 @dataclass(frozen=True)
 class Catalog:
     """Everything under ``include/``: the platform, every model, dataset and policy, cross-checked.
@@ -489,10 +481,8 @@ class Catalog:
 
     def dataset_for_location(self, uri: str) -> DatasetSpec:
         """The dataset whose incoming folder holds ``uri``; a file under no such folder is refused."""
-        location = _normalised_location(uri)
         for spec in self.datasets.values():
-            folder = _normalised_location(spec.incoming_uri)
-            if location == folder or location.startswith(folder + "/"):
+            if is_within(uri, [spec.incoming_uri]):
                 return spec
         folders = {name: spec.incoming_uri for name, spec in sorted(self.datasets.items())}
         raise SettingsError(

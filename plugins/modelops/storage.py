@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import posixpath
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlparse
 
 from airflow.sdk import ObjectStoragePath
 
@@ -33,41 +32,32 @@ def as_storage_path(uri: str | Path, conn_id: str | None = None) -> ObjectStorag
     return ObjectStoragePath(text, conn_id=conn_id) if conn_id else ObjectStoragePath(text)
 
 
-def normalised_location(uri: str | Path) -> str:
-    """``uri`` spelled so that containment can be checked by prefix, without opening anything.
-
-    A local path (plain or ``file://``) is made absolute with ``..`` and symlinks resolved, so a link or a
-    ``../..`` cannot lead out of a folder unnoticed. Any other URI keeps its scheme and bucket, with ``.``,
-    ``..`` and doubled slashes in its key collapsed. No trailing slash.
-    """
-    text = str(uri)
-    if text.startswith("file:"):
-        parsed = urlparse(text)
-        if parsed.netloc not in ("", "localhost"):
-            # A file on another host is never under a local root.
-            return f"file://{parsed.netloc}{posixpath.normpath('/' + unquote(parsed.path))}".rstrip("/")
-        text = unquote(parsed.path)
-    if "://" not in text:
-        return str(Path(text).expanduser().resolve()).rstrip("/") or "/"
-    scheme, _, rest = text.partition("://")
-    bucket, _, key = rest.partition("/")
-    key = posixpath.normpath("/" + key) if key else ""
-    return f"{scheme.lower()}://{bucket}{key}".rstrip("/")
-
-
-def is_within(uri: str | Path, roots: Sequence[str]) -> bool:
-    """Whether ``uri`` is one of ``roots`` or under one (compared normalised, a root ending in '/')."""
-    location = normalised_location(uri)
-    for root in roots:
-        folder = normalised_location(root)
-        if location == folder or location.startswith(folder.rstrip("/") + "/"):
-            return True
-    return False
-
-
 def storage_root(settings: PlatformSettings | None = None) -> ObjectStoragePath:
     settings = settings or platform_settings()
     return as_storage_path(settings.storage_root, settings.storage_conn_id or None)
+
+
+@contextmanager
+def _csv_errors(uri: str, columns: Sequence[str] | None = None) -> Iterator[None]:
+    """Turn pandas' reading errors into a ``DatasetError`` that names the problem's kind and never quotes
+    file content (a parser's message may)."""
+    import pandas as pd
+
+    try:
+        yield
+    except pd.errors.EmptyDataError as exc:
+        raise DatasetError(
+            f"dataset {uri} is empty (0 bytes or no header); it needs a header row and data"
+        ) from exc
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"dataset {uri} is not a readable CSV file ({type(exc).__name__})") from exc
+    except ValueError as exc:
+        if columns:
+            raise DatasetError(
+                f"dataset {uri} lacks some of the columns {list(columns)}: {exc}; "
+                "check the model spec's features against the data"
+            ) from exc
+        raise DatasetError(f"dataset {uri} is not a readable CSV file ({type(exc).__name__})") from exc
 
 
 def read_dataset(uri: str, *, columns: Sequence[str] | None = None, nrows: int | None = None) -> pd.DataFrame:
@@ -78,43 +68,20 @@ def read_dataset(uri: str, *, columns: Sequence[str] | None = None, nrows: int |
     path = as_storage_path(uri)
     if not path.exists():
         raise DatasetError(f"dataset not found at {uri}; check the dataset_uri param or drop the file there")
-    try:
-        with path.open("rb") as stream:
-            frame = pd.read_csv(stream, usecols=list(columns) if columns else None, nrows=nrows)
-    except pd.errors.EmptyDataError as exc:
-        raise DatasetError(
-            f"dataset {uri} is empty (0 bytes or no header); it needs a header row and data"
-        ) from exc
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        # The parser's message may quote file content; name the problem without echoing data.
-        raise DatasetError(f"dataset {uri} is not a readable CSV file ({type(exc).__name__})") from exc
-    except ValueError as exc:
-        if columns:
-            raise DatasetError(
-                f"dataset {uri} lacks some of the columns {list(columns)}: {exc}; "
-                "check the model spec's features against the data"
-            ) from exc
-        raise DatasetError(f"dataset {uri} is not a readable CSV file ({type(exc).__name__})") from exc
+    with _csv_errors(uri, columns), path.open("rb") as stream:
+        frame = pd.read_csv(stream, usecols=list(columns) if columns else None, nrows=nrows)
     if frame.empty:
         raise DatasetError(f"dataset {uri} has a header but no data rows; a dataset needs at least one row")
     return frame
 
 
 def dataset_chunks(uri: str, chunk_rows: int) -> Iterator[pd.DataFrame]:
-    """The rows of a CSV dataset, ``chunk_rows`` at a time, so a scan of every row keeps memory flat.
-
-    A file that cannot be parsed is a ``DatasetError`` naming the problem's kind, never quoting content.
-    """
+    """The rows of a CSV dataset, ``chunk_rows`` at a time, so a scan of every row keeps memory flat
+    whatever the file's size (the PII scan reads this way on purpose, not from a frame in memory)."""
     import pandas as pd
 
-    path = as_storage_path(uri)
-    try:
-        with path.open("rb") as stream:
-            yield from pd.read_csv(stream, chunksize=chunk_rows)
-    except pd.errors.EmptyDataError as exc:
-        raise DatasetError(f"dataset {uri} is empty (0 bytes or no header)") from exc
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
-        raise DatasetError(f"dataset {uri} is not a readable CSV file ({type(exc).__name__})") from exc
+    with _csv_errors(uri), as_storage_path(uri).open("rb") as stream:
+        yield from pd.read_csv(stream, chunksize=chunk_rows)
 
 
 def files_in(folder_uri: str, pattern: str) -> list[ObjectStoragePath]:

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import Asset, BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
+from sqlalchemy.exc import SQLAlchemyError
 
 from modelops.errors import GateFailed, ModelOpsError, RegistryError, SettingsError
 from modelops.hooks.audit import AuditHook
 from modelops.hooks.gateway import GatewayHook
 from modelops.hooks.prediction_log import PredictionLogHook
 from modelops.hooks.registry import MlflowRegistryHook
+from modelops.stages.outcome import json_safe
 from modelops.vocabulary import AuditAction, Decision
 
 if TYPE_CHECKING:
@@ -126,9 +127,9 @@ class ModelOpsBaseOperator(BaseOperator):
                 },
                 context=context,
             )
-        except Exception:
-            # The audit log itself is failing (e.g. its database is down): say so loudly, and let the
-            # original error, which is what the task failed of, propagate.
+        except (ModelOpsError, SQLAlchemyError, OSError):
+            # The audit log itself is failing (its connection undefined, its database down): say so loudly,
+            # and let the original error, which is what the task failed of, propagate (the caller re-raises).
             self.log.exception("could not record the failure of %s in the audit log", self.task_id)
 
     def act_on(self, outcome: StageOutcome, context: Context) -> dict[str, Any]:
@@ -145,14 +146,9 @@ class ModelOpsBaseOperator(BaseOperator):
         if outcome.refusal is not None:
             raise AirflowFailException(outcome.refusal)
         if outcome.asset_extra is not None:
-            extra = _plain(outcome.asset_extra)
+            extra = json_safe(outcome.asset_extra)
             for outlet in self.outlets:
                 if isinstance(outlet, Asset):
                     context["outlet_events"][outlet].extra = extra
         self.log.info("%s", outcome.summary)
-        return _plain(outcome.xcom())
-
-
-def _plain(value: dict[str, Any]) -> dict[str, Any]:
-    # Vocabulary enums are str subclasses; XCom and event extras must hold plain JSON values.
-    return json.loads(json.dumps(value, default=str))
+        return json_safe(outcome.xcom())

@@ -7,7 +7,6 @@ that cannot be made from the inputs (an unknown model, a settings error) fails t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +16,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from modelops.errors import ModelOpsError
 from modelops.hooks.audit import AuditHook
 from modelops.hooks.registry import MlflowRegistryHook
+from modelops.stages.outcome import json_safe
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -40,7 +40,7 @@ def _planned(make: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
     except ModelOpsError as exc:
         # The same inputs would give the same error: fail without a retry, naming the problem.
         raise AirflowFailException(str(exc)) from exc
-    return json.loads(json.dumps(plan, default=str))
+    return json_safe(plan)
 
 
 def _catalog() -> Catalog:

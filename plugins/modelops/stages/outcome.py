@@ -28,6 +28,12 @@ def dataset_evidence(sha256: str | None) -> dict[str, str]:
     return {"dataset": sha256} if sha256 and _SHA256.fullmatch(sha256) else {}
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with only plain JSON types: vocabulary enums are str subclasses, and XCom and Asset event
+    extras must hold plain values."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def sha256_json(data: Any) -> str:
     """Hash of a JSON-safe object in canonical form: the evidence hash of a report or a policy."""
     return hashlib.sha256(

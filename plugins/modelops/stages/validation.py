@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelops.errors import DatasetError
+from modelops.locations import is_within
 from modelops.settings import Catalog, DatasetSpec
 from modelops.stages.outcome import AuditEntry, StageOutcome, sha256_json
 from modelops.storage import (
@@ -24,7 +25,6 @@ from modelops.storage import (
     copy_file,
     dataset_chunks,
     files_in,
-    is_within,
     read_dataset,
     sha256_of,
 )
