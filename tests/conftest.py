@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -33,6 +34,21 @@ os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "True"
 os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_SESSION_DIR / 'airflow' / 'airflow.db'}"
 os.environ["MODELOPS_HOME"] = str(_SESSION_DIR / "modelops-home")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# The audit log's signing key for every test (tests.support.keyring_for_tests() is the same keyring).
+os.environ["AIRFLOW_CONN_MODELOPS_AUDIT_KEY"] = (
+    '{"conn_type": "generic", "login": "test-k1", '
+    '"password": "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"}'
+)
+os.environ["MODELOPS_AUDIT_KEYS"] = (
+    '{"current": "test-k1", "keys": {"test-k1": "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"}}'
+)
+# Where the audit log's head is anchored, for every test (the modelops_home fixture points it into the
+# test's own home): the Airflow connection for tasks, the URI for processes outside Airflow (the CLI).
+_SESSION_ANCHORS = _SESSION_DIR / "modelops-home" / "audit-anchors"
+os.environ["AIRFLOW_CONN_MODELOPS_AUDIT_ANCHOR"] = json.dumps(
+    {"conn_type": "fs", "extra": {"path": str(_SESSION_ANCHORS)}}
+)
+os.environ["MODELOPS_AUDIT_ANCHORS"] = _SESSION_ANCHORS.as_uri()
 os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
 # One OpenMP thread per process: on 2 cores with other test processes (MLflow server, gateway threads)
 # a HistGradientBoosting fit took 45-89 s with the default threads and 2 s with one.
@@ -81,7 +97,8 @@ def postgres_url() -> str:
 
 @pytest.fixture
 def modelops_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private MODELOPS_HOME with SQLite connections for the audit and prediction logs."""
+    """A private MODELOPS_HOME with SQLite connections for the audit and prediction logs, and the audit
+    anchors in its folder ``audit-anchors``."""
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("MODELOPS_HOME", str(home))
@@ -89,6 +106,11 @@ def modelops_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv(
         "AIRFLOW_CONN_MODELOPS_PREDICTIONS", f'{{"conn_type": "sqlite", "host": "{home}/predictions.db"}}'
     )
+    anchors = home / "audit-anchors"
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MODELOPS_AUDIT_ANCHOR", json.dumps({"conn_type": "fs", "extra": {"path": str(anchors)}})
+    )
+    monkeypatch.setenv("MODELOPS_AUDIT_ANCHORS", anchors.as_uri())
     return home
 
 

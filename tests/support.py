@@ -18,6 +18,67 @@ if TYPE_CHECKING:
     from modelops.settings import Catalog
 
 
+# The keyring every test signs audit records with; tests/conftest.py also exposes it to Airflow (the
+# connection modelops_audit_key) and to processes outside Airflow (MODELOPS_AUDIT_KEYS).
+TEST_KEY_ID = "test-k1"
+TEST_KEY_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
+
+
+def keyring_for_tests() -> Any:
+    from modelops.audit import AuditKeyring
+
+    return AuditKeyring(current=TEST_KEY_ID, keys={TEST_KEY_ID: TEST_KEY_SECRET})
+
+
+def authorise(
+    store: Any,
+    registry: ModelRegistry,
+    name: str,
+    version: str,
+    *,
+    register: bool = False,
+    approve: bool = True,
+    promote: bool = False,
+) -> dict[str, str]:
+    """Write the authentic records the pipeline would write about ``name`` v``version`` (registration,
+    gate approval, promotion), each holding the version's file hashes as they are now; returns them.
+
+    For tests of the gateway or deployment that need a version the pipeline vouches for without running
+    training and the gate."""
+    from modelops.evidence import CHAMPION_FIELD, evidence_summary, version_file_hashes
+    from modelops.vocabulary import AuditAction, Decision, model_subject
+
+    files = version_file_hashes(registry, name, str(version))
+    subject = model_subject(name, version)
+    facts = evidence_summary(files)
+    if register:
+        found = registry.version(name, version)
+        store.append(
+            actor="test",
+            action=AuditAction.MODEL_REGISTERED,
+            subject=subject,
+            decision=Decision.CANDIDATE,
+            details={"run_id": found.run_id, "tags": found.tags, "metrics": {}, **facts},
+        )
+    if approve:
+        store.append(
+            actor="test",
+            action=AuditAction.GATE_DECIDED,
+            subject=subject,
+            decision=Decision.APPROVED,
+            details=facts,
+        )
+    if promote:
+        store.append(
+            actor="test",
+            action=AuditAction.MODEL_DEPLOYED,
+            subject=subject,
+            decision=Decision.PROMOTED,
+            details={CHAMPION_FIELD: str(version), **facts},
+        )
+    return files
+
+
 @contextmanager
 def serve_in_thread(app: Any, *, timeout: float = 30.0, **config: Any) -> Iterator[str]:
     """Serve an ASGI app with a real uvicorn server on a free loopback port; yields its base URL.

@@ -79,7 +79,15 @@ GATE_DAG = "modelops_compliance_gate"
 DEPLOYMENT_DAG = "modelops_deployment"
 DRIFT_DAG = "modelops_drift_monitoring"
 RETIREMENT_DAG = "modelops_retirement"
-DAG_IDS = (VALIDATION_DAG, TRAINING_DAG, GATE_DAG, DEPLOYMENT_DAG, DRIFT_DAG, RETIREMENT_DAG)
+DAG_IDS = (
+    VALIDATION_DAG,
+    TRAINING_DAG,
+    GATE_DAG,
+    DEPLOYMENT_DAG,
+    DRIFT_DAG,
+    RETIREMENT_DAG,
+    "modelops_audit_anchor",
+)
 # Started by Airflow on Asset events, never by the driver.
 ASSET_STAGES = (("training", TRAINING_DAG), ("gate", GATE_DAG), ("deployment", DEPLOYMENT_DAG))
 # Runs of these DAGs since the datasets were dropped must not fail.
@@ -375,7 +383,7 @@ def summary_lines(
             f"      answer      {describe_prediction(spec.task, model.prediction)}",
         ]
     chain = (
-        f"verified, {audit.count} records"
+        f"verified, {audit.count} records, HMACs and {audit.anchors_checked} anchors checked"
         if audit.ok
         else f"BROKEN after {audit.count} records: {audit.problem}"
     )
@@ -476,9 +484,15 @@ def up() -> int:
 
     report = drive(api, MlflowApi(ports.mlflow_url), ports.gateway_url, catalog)
 
-    from modelops.audit import AuditStore
+    from modelops.audit import AuditKeyring, AuditStore
+    from modelops.audit.keys import KEYS_ENV
 
-    audit = AuditStore(audit_url(layout)).verify()
+    keyring = AuditKeyring.from_json(os.environ[KEYS_ENV], source=KEYS_ENV)
+    from modelops.audit.anchors import LocalFolderAnchorStore
+
+    # The anchors the demo's tasks wrote (connection modelops_audit_anchor in airflow_settings.yaml).
+    anchors = LocalFolderAnchorStore(layout.modelops_home / "audit-anchors")
+    audit = AuditStore(audit_url(layout), keyring=keyring).verify(anchors)
     for line in summary_lines(
         report,
         ports=ports,

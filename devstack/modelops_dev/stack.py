@@ -24,6 +24,7 @@ from modelops_dev import LOOPBACK
 from modelops_dev.processes import Service
 
 ADMIN_USER = "admin"
+DEMO_AUDIT_KEY_ID = "demo-k1"
 DEV_ROOT = Path(__file__).resolve().parents[1]
 """The folder that holds ``modelops_dev`` (``devstack/``): on PYTHONPATH for every process of the stack."""
 
@@ -148,6 +149,10 @@ class Layout:
     def gateway_token_file(self) -> Path:
         return self.modelops_home / "gateway_admin_token"
 
+    @property
+    def audit_key_file(self) -> Path:
+        return self.modelops_home / "audit_key"
+
     def create(self) -> None:
         for folder in (self.airflow_home, self.incoming, self.mlflow_dir / "artifacts", self.logs, self.run):
             folder.mkdir(parents=True, exist_ok=True)
@@ -185,13 +190,25 @@ def ensure_gateway_token(token_file: Path) -> str:
     Even on loopback, staging and promoting a model version takes the token: the deployment DAG sends
     it as the ``modelops_gateway`` connection's password.
     """
-    if token_file.is_file() and token_file.read_text().strip():
-        return token_file.read_text().strip()
-    token_file.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(24)
-    token_file.write_text(token + "\n")
-    token_file.chmod(0o600)
-    return token
+    return _ensure_secret(token_file, 24)
+
+
+def ensure_audit_key(key_file: Path) -> str:
+    """The audit log's signing key (HMAC), created once per ``.demo/`` (owner-only file). Losing it makes
+    the demo's audit log unverifiable, exactly as in production."""
+    return _ensure_secret(key_file, 32)
+
+
+def _ensure_secret(secret_file: Path, nbytes: int) -> str:
+    if secret_file.is_file() and secret_file.read_text().strip():
+        return secret_file.read_text().strip()
+    secret_file.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(nbytes)
+    # Created owner-only before the secret is written, so it is never readable by others.
+    secret_file.touch(mode=0o600)
+    secret_file.chmod(0o600)
+    secret_file.write_text(secret + "\n")
+    return secret
 
 
 # --- environment and services --------------------------------------------------------------------
@@ -200,6 +217,7 @@ def ensure_gateway_token(token_file: Path) -> str:
 def stack_env(layout: Layout, ports: Ports, base: Mapping[str, str]) -> dict[str, str]:
     """The environment of every process of the stack (Airflow's settings as ``AIRFLOW__`` variables)."""
     env = dict(base)
+    audit_key = ensure_audit_key(layout.audit_key_file)
     # A developer's own Airflow settings must not leak into the demo's.
     for name in [n for n in env if n.startswith(("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_"))]:
         del env[name]
@@ -239,6 +257,12 @@ def stack_env(layout: Layout, ports: Ports, base: Mapping[str, str]) -> dict[str
             "MODELOPS_INCOMING_ROOT": str(layout.incoming),
             **{name: str(number) for name, number in ports.by_variable().items()},
             "MODELOPS_GATEWAY_ADMIN_TOKEN": ensure_gateway_token(layout.gateway_token_file),
+            # Airflow reads it through the connection modelops_audit_key (airflow_settings.yaml), processes
+            # outside Airflow (the gateway, the CLI, the driver) as a keyring.
+            "MODELOPS_AUDIT_KEY": audit_key,
+            "MODELOPS_AUDIT_KEYS": json.dumps(
+                {"current": DEMO_AUDIT_KEY_ID, "keys": {DEMO_AUDIT_KEY_ID: audit_key}}
+            ),
             "MLFLOW_TRACKING_URI": ports.mlflow_url,
             "PYTHONPATH": os.pathsep.join(dict.fromkeys(python_path)),
             "GIT_PYTHON_REFRESH": "quiet",
@@ -353,7 +377,11 @@ def services(
                 "--port",
                 str(ports.gateway),
             ],
-            env={**other_env, "MODELOPS_PREDICTIONS_URL": predictions_url(layout)},
+            env={
+                **other_env,
+                "MODELOPS_PREDICTIONS_URL": predictions_url(layout),
+                "MODELOPS_AUDIT_URL": audit_url(layout),
+            },
             health_url=f"{ports.gateway_url}/health",
             log_file=log / "gateway.log",
             port=ports.gateway,

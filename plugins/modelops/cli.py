@@ -13,11 +13,11 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from modelops.errors import ModelOpsError
+from modelops.errors import AuditChainBroken, ConfigurationError, ModelOpsError
 from modelops.vocabulary import AuditAction
 
 if TYPE_CHECKING:
-    from modelops.audit import AuditStore
+    from modelops.audit import AnchorStore, AuditStore
 
 # SQLAlchemy and the audit store are imported by the commands, not here: `modelops --help` and a usage
 # error answer without them, and no command imports Airflow unless it must resolve an Airflow connection.
@@ -27,29 +27,61 @@ EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
 
 AUDIT_URL_ENV = "MODELOPS_AUDIT_URL"
+# Spelled here as well as in modelops.audit.anchors, so the help text needs no import of the audit store.
+ANCHORS_ENV = "MODELOPS_AUDIT_ANCHORS"
 
 
 def _open_audit_store(url: str | None) -> AuditStore:
     """``--url``, else ``$MODELOPS_AUDIT_URL``, else the Airflow connection ``modelops_audit``."""
-    from modelops.audit import AuditStore
+    from modelops.audit import AuditKeyring, AuditStore
+    from modelops.audit.keys import KEYS_ENV
 
     url = url or os.environ.get(AUDIT_URL_ENV)
-    if not url:
-        # Imported here: Airflow is slow to import and not needed when a URL is given.
+    keys = os.environ.get(KEYS_ENV, "").strip()
+    keyring = AuditKeyring.from_json(keys, source=f"${KEYS_ENV}") if keys else None
+    if not url or keyring is None:
+        # Imported here: Airflow is slow to import and not needed when both are given.
         from modelops.hooks.audit import AuditHook
 
-        url = AuditHook().url
+        hook = AuditHook()
+        url = url or hook.url
+        keyring = keyring or hook.keyring
     # Never create a log here: an empty new log would make a wrong URL look like a verified chain.
-    return AuditStore(url, create=False)
+    return AuditStore(url, keyring=keyring, create=False)
+
+
+def _open_anchor_store(uri: str | None) -> AnchorStore:
+    """``--anchors``, else ``$MODELOPS_AUDIT_ANCHORS``, else the Airflow connection ``modelops_audit_anchor``."""
+    from modelops.audit.anchors import anchor_store_from_uri
+
+    uri = uri or os.environ.get(ANCHORS_ENV, "").strip()
+    if uri:
+        return anchor_store_from_uri(uri)
+    from modelops.hooks.audit import AuditHook
+
+    try:
+        return AuditHook().anchor_store
+    except ConfigurationError as exc:
+        raise ConfigurationError(
+            f"no audit anchor store is configured: pass --anchors file:///folder or s3://bucket/prefix, set "
+            f"${ANCHORS_ENV}, or define the Airflow connection modelops_audit_anchor ({exc})"
+        ) from exc
 
 
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
     store = _open_audit_store(args.url)
     try:
-        result = store.verify()
+        anchors = _open_anchor_store(args.anchors)
+        result = store.verify(anchors)
         head = store.head()
     finally:
         store.dispose()
+    newest = "none" if result.newest_anchored_seq is None else f"seq={result.newest_anchored_seq}"
+    print(
+        f"checked: {result.count} records (hash chain, HMACs; keys: {', '.join(result.key_ids) or 'none'}), "
+        f"{result.anchors_checked} anchors at {result.anchor_store} (newest anchored: {newest}, "
+        f"{result.unanchored} records not anchored yet)"
+    )
     if not result.ok:
         print(f"audit chain BROKEN: {result.problem}")
         return EXIT_CHECK_FAILED
@@ -57,6 +89,25 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
         print("audit chain OK: 0 records (empty log)")
     else:
         print(f"audit chain OK: {result.count} records, head seq={head[0]} hash={head[1]}")
+    return EXIT_OK
+
+
+def _cmd_audit_anchor(args: argparse.Namespace) -> int:
+    store = _open_audit_store(args.url)
+    try:
+        anchors = _open_anchor_store(args.anchors)
+        anchored = store.anchor_head(anchors)
+    except AuditChainBroken as exc:
+        print(f"audit chain BROKEN: {exc}")
+        return EXIT_CHECK_FAILED
+    finally:
+        store.dispose()
+    if anchored is None:
+        print("audit log is empty: nothing to anchor")
+        return EXIT_OK
+    anchor, written = anchored
+    state = "anchored" if written else "was already anchored"
+    print(f"head seq={anchor.seq} hash={anchor.record_hash} {state} at {anchors.uri}")
     return EXIT_OK
 
 
@@ -88,6 +139,15 @@ def _add_url_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_anchors_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--anchors",
+        metavar="URI",
+        help=f"where the chain's head is anchored: file:///folder or s3://bucket/prefix (default: ${ANCHORS_ENV}, "
+        "else the Airflow connection modelops_audit_anchor)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modelops", description="ModelOps lifecycle tools.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -95,9 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     audit = commands.add_parser("audit", help="inspect the tamper-evident audit log")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="AUDIT_COMMAND")
 
-    verify = audit_commands.add_parser("verify", help="check the hash chain; exit 1 if it is broken")
+    verify = audit_commands.add_parser(
+        "verify",
+        help="check the hash chain, every record's and anchor's HMAC, and the log against the anchors; "
+        "exit 1 naming the attack if anything does not verify",
+    )
     _add_url_option(verify)
+    _add_anchors_option(verify)
     verify.set_defaults(handler=_cmd_audit_verify)
+
+    anchor = audit_commands.add_parser("anchor", help="anchor the chain's head to write-once storage now")
+    _add_url_option(anchor)
+    _add_anchors_option(anchor)
+    anchor.set_defaults(handler=_cmd_audit_anchor)
 
     show = audit_commands.add_parser("show", help="print records as JSON lines, oldest first")
     _add_url_option(show)

@@ -106,6 +106,9 @@ DRIFT_RUN_KIND = "drift_assessment"
 """The ``RunTag.KIND`` of the MLflow run logged per model and monitoring window."""
 
 SMOKE_TEST_CALLER = "modelops-deployment-smoke-test"
+
+# The subject of the audit log's own records (key rotations).
+AUDIT_KEYRING_SUBJECT = "audit:keyring"
 """The caller id of deployment's smoke-test calls: logged, but never counted as traffic by monitoring."""
 
 
@@ -127,6 +130,10 @@ class AuditAction(StrEnum):
     DRIFT_ASSESSED = "drift.assessed"
     RETRAINING_REQUESTED = "retraining.requested"
     MODEL_RETIRED = "model.retired"
+    MODEL_ROLLED_BACK = "model.rolled_back"
+    """The champion went back to an earlier deployed version (details name the champion now serving)."""
+    KEY_ROTATED = "audit.key_rotated"
+    """The audit log's signing key changed; the record is endorsed with the previous key."""
 
 
 class Decision(StrEnum):
@@ -145,6 +152,10 @@ class Decision(StrEnum):
     RETIRED = "retired"
     WOULD_RETIRE = "would_retire"
     ERROR = "error"
+    PROMOTED = "promoted"
+    """A deployment's decision to make a version champion, recorded before the alias moves."""
+    ROLLED_BACK = "rolled_back"
+    ROTATED = "rotated"
     """The stage could not reach a decision (an exception); the record says which, the task log why."""
 
 
@@ -193,6 +204,8 @@ def latest_passed_validation(
     for record in reversed(records):
         if record.decision != Decision.PASSED:
             continue
+        if not store.authentic(record):
+            continue  # written without the audit key: not evidence of anything
         if dataset is not None and record.details.get("dataset") != dataset:
             continue
         return record

@@ -22,6 +22,7 @@ EXPECTED_DAGS = {
     "modelops_deployment",
     "modelops_drift_monitoring",
     "modelops_retirement",
+    "modelops_audit_anchor",
 }
 
 _PROBE = """
@@ -49,7 +50,7 @@ def test_no_import_errors(dagbag) -> None:
     assert dagbag.import_errors == {}, "\n".join(f"{k}: {v}" for k, v in dagbag.import_errors.items())
 
 
-def test_one_dag_per_file_and_all_stages_present(dagbag) -> None:
+def test_one_dag_per_file_and_all_dags_present(dagbag) -> None:
     present = set(dagbag.dag_ids)
     assert present <= EXPECTED_DAGS, f"unexpected DAGs: {present - EXPECTED_DAGS}"
     assert len(present) == len(DAG_FILES)

@@ -177,6 +177,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "AIRFLOW_CONN_MODELOPS_PREDICTIONS": json.dumps(
             {"conn_type": "sqlite", "host": str(home / "predictions.db")}
         ),
+        "AIRFLOW_CONN_MODELOPS_AUDIT_ANCHOR": json.dumps(
+            {"conn_type": "fs", "extra": {"path": str(home / "audit-anchors")}}
+        ),
+        "MODELOPS_AUDIT_ANCHORS": (home / "audit-anchors").as_uri(),
     }
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
@@ -198,9 +202,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     _unpause_all()
 
     from modelops.serving.gateway import GatewayConfig, create_app
+    from tests.support import keyring_for_tests
 
     app = create_app(
-        GatewayConfig(tracking_uri=tracking_uri, predictions_url=predictions_url, default_model=CTR)
+        GatewayConfig(
+            tracking_uri=tracking_uri,
+            predictions_url=predictions_url,
+            default_model=CTR,
+            audit_url=audit_url,
+            audit_keyring=keyring_for_tests(),
+        )
     )
     from airflow.dag_processing.dagbag import DagBag
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sqlite3
 import uuid
@@ -29,6 +30,7 @@ from modelops.data.synthetic import DriftShift, generate_clicks, write_csv
 from modelops.data.traffic import simulate_traffic
 from modelops.registry import ModelRegistry
 from modelops.vocabulary import Alias, AuditAction, Decision, ModelTag, Tag, model_subject
+from tests.support import keyring_for_tests
 
 from .conftest import CTR, DIABETES, PROJECT_ROOT, Stack, consumed_extras
 
@@ -50,7 +52,7 @@ def registry(stack: Stack) -> ModelRegistry:
 
 
 def audit(stack: Stack) -> AuditStore:
-    return AuditStore(stack.audit_url)
+    return AuditStore(stack.audit_url, keyring=keyring_for_tests())
 
 
 def mapped_states(run, task_id: str) -> dict[str, str]:
@@ -377,9 +379,14 @@ def test_rejected_version_moves_no_alias(stack: Stack, chain: Chain, monkeypatch
 
 
 def test_audit_chain_verifies_and_catches_tampering(stack: Stack, chain: Chain, tmp_path: Path) -> None:
+    from modelops.audit.anchors import anchor_store_from_uri
+
     store = audit(stack)
-    result = store.verify()
+    anchors = anchor_store_from_uri(os.environ["MODELOPS_AUDIT_ANCHORS"])
+    result = store.verify(anchors)
     assert result.ok, result.problem
+    # Every decision of the run anchored the head on the way (only the newest may be pending).
+    assert result.anchors_checked >= 5 and result.unanchored == 0
     records = store.records()
     assert {
         AuditAction.DATASET_VALIDATED,
@@ -404,12 +411,24 @@ def test_audit_chain_verifies_and_catches_tampering(stack: Stack, chain: Chain, 
             {"seq": deploy_seq},
         )
     engine.dispose()
-    broken = AuditStore(f"sqlite:///{edited}").verify()
+    broken = AuditStore(f"sqlite:///{edited}", keyring=keyring_for_tests()).verify()
     assert not broken.ok and broken.first_bad_seq == deploy_seq
 
     engine = sa.create_engine(f"sqlite:///{deleted}")
     with engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM modelops_audit_log WHERE seq = :seq"), {"seq": gate_seq})
     engine.dispose()
-    broken = AuditStore(f"sqlite:///{deleted}").verify()
+    broken = AuditStore(f"sqlite:///{deleted}", keyring=keyring_for_tests()).verify()
     assert not broken.ok and str(gate_seq) in broken.problem
+
+    # The newest records deleted (what hides a deployment): only the anchors catch it.
+    truncated = tmp_path / "truncated.db"
+    with sqlite3.connect(db) as source, sqlite3.connect(truncated) as copy:
+        source.backup(copy)
+    engine = sa.create_engine(f"sqlite:///{truncated}")
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM modelops_audit_log WHERE seq > :seq"), {"seq": records[-1].seq - 3})
+    engine.dispose()
+    assert AuditStore(f"sqlite:///{truncated}", keyring=keyring_for_tests()).verify().ok  # chain alone: fine
+    broken = AuditStore(f"sqlite:///{truncated}", keyring=keyring_for_tests()).verify(anchors)
+    assert not broken.ok and "were deleted, or the log was restored from an older backup" in broken.problem

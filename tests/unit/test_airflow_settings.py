@@ -43,8 +43,20 @@ def _write(tmp_path: Path, text: str) -> Path:
 def test_shipped_file_loads() -> None:
     settings = airflow_settings.load_settings_file()
     by_id = {c.conn_id: c for c in settings.connections}
-    assert set(by_id) == {"mlflow_default", "modelops_audit", "modelops_predictions", "modelops_gateway"}
+    assert set(by_id) == {
+        "mlflow_default",
+        "modelops_audit",
+        "modelops_audit_key",
+        "modelops_audit_anchor",
+        "modelops_predictions",
+        "modelops_gateway",
+    }
     assert by_id["modelops_audit"].conn_host == f"{os.environ['MODELOPS_HOME']}/audit.db"
+    anchor = by_id["modelops_audit_anchor"]
+    assert (anchor.conn_type, anchor.conn_extra) == (
+        "fs",
+        {"path": f"{os.environ['MODELOPS_HOME']}/audit-anchors"},
+    )
     assert by_id["mlflow_default"].conn_port == int(os.environ.get("MODELOPS_MLFLOW_PORT", "5000"))
     assert [(p.pool_name, p.pool_slot) for p in settings.pools] == [("modelops_training", 1)]
 

@@ -25,6 +25,7 @@ from modelops.audit import AuditStore
 from modelops.data.sklearn_datasets import write_diabetes_csv
 from modelops.data.synthetic import generate_clicks, write_csv
 from modelops.errors import GateFailed, SettingsError, UnknownModel
+from modelops.evidence import evidence_summary, version_file_hashes
 from modelops.operators.compliance import ComplianceGateOperator
 from modelops.registry import ModelRegistry, json_tag
 from modelops.settings import (
@@ -50,7 +51,7 @@ from modelops.vocabulary import (
     dataset_subject,
     model_subject,
 )
-from tests.support import mlflow_client, use_sqlite_registry
+from tests.support import keyring_for_tests, mlflow_client, use_sqlite_registry
 
 # skops resolves names through module attributes, which trips Airflow's deprecated-import shims.
 pytestmark = pytest.mark.filterwarnings(
@@ -498,8 +499,8 @@ def lineage_tags(spec: ModelSpec, csv: Path, sha: str) -> dict[str, str]:
 def trained(tmp_path_factory: pytest.TempPathFactory, catalog: Catalog) -> Iterator[Trained]:
     """One registry for the module with one version of each shipped model, registered as training does:
     its spec's pipeline fitted on the model's own data, holdout metrics logged to a run, lineage tags,
-    alias candidate. The gate never loads the model, so no model files are logged (saving one costs MLflow
-    a requirements-inference subprocess)."""
+    alias candidate. The gate never loads the model, so small stand-in model files are logged (saving a
+    real one costs MLflow a requirements-inference subprocess); the gate hashes them."""
     root = tmp_path_factory.mktemp("compliance")
     with pytest.MonkeyPatch.context() as patch:
         tracking_uri, registry, _ = use_sqlite_registry(root, patch)
@@ -518,8 +519,16 @@ def trained(tmp_path_factory: pytest.TempPathFactory, catalog: Catalog) -> Itera
             metrics = holdout_metrics(spec, model, x_holdout, y_holdout)
             tags = lineage_tags(spec, csv, hashes[name])
             registry.ensure_model(name, model_tags(spec, catalog))
+            files = root / f"files-{name}"
+            files.mkdir()
+            (files / "MLmodel").write_text(f"flavors: {{}}\nmodel: {name}\n")
+            (files / "model.skops").write_bytes(name.encode() * 64)
             run_id = registry.log_run(
-                experiment=spec.experiment_name, run_name=f"train-{name}", tags=tags, metrics=metrics
+                experiment=spec.experiment_name,
+                run_name=f"train-{name}",
+                tags=tags,
+                metrics=metrics,
+                artifact_dirs={"model": files},
             )
             version = registry.register_version(name, run_id=run_id, artifact_path="model", tags=tags)
             registry.set_alias(name, Alias.CANDIDATE, version.version)
@@ -528,10 +537,16 @@ def trained(tmp_path_factory: pytest.TempPathFactory, catalog: Catalog) -> Itera
 
 
 def register_copy(
-    trained: Trained, name: str, *, run_id: str | None = None, tags: dict[str, str] | None = None
+    trained: Trained,
+    name: str,
+    *,
+    run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    audit: AuditStore | Path | None = None,
 ) -> str:
     """A new version of ``name`` from the model its training run logged (or from run ``run_id``), with
-    the trained version's lineage tags, or exactly ``tags``."""
+    the trained version's lineage tags, or exactly ``tags``; with ``audit`` (a store, or a MODELOPS_HOME
+    whose audit.db to use), also the registration record training writes."""
     result = trained.results[name]
     version = trained.registry.register_version(
         name,
@@ -539,12 +554,39 @@ def register_copy(
         artifact_path="model",
         tags=result.tags if tags is None else tags,
     )
+    if audit is not None:
+        store = (
+            AuditStore(f"sqlite:///{audit}/audit.db", keyring=keyring_for_tests())
+            if isinstance(audit, Path)
+            else audit
+        )
+        record_registration(trained, store, name, version.version)
+        if isinstance(audit, Path):
+            store.dispose()
     return version.version
+
+
+def record_registration(trained: Trained, store: AuditStore, name: str, version: str) -> None:
+    """The registration record training writes: the version's run, tags, metrics and file hashes."""
+    found = trained.registry.version(name, version)
+    files = version_file_hashes(trained.registry, name, version)
+    store.append(
+        actor="test",
+        action=AuditAction.MODEL_REGISTERED,
+        subject=model_subject(name, version),
+        decision=Decision.CANDIDATE,
+        details={
+            "run_id": found.run_id,
+            "tags": found.tags,
+            "metrics": trained.registry.run_metrics(found.run_id),
+            **evidence_summary(files),
+        },
+    )
 
 
 @pytest.fixture
 def audit(tmp_path: Path) -> Iterator[AuditStore]:
-    store = AuditStore(f"sqlite:///{tmp_path}/audit.db")
+    store = AuditStore(f"sqlite:///{tmp_path}/audit.db", keyring=keyring_for_tests())
     yield store
     store.dispose()
 
@@ -576,15 +618,18 @@ def gate_report(trained: Trained, name: str, version: str) -> dict[str, Any]:
 def run_gate(
     trained: Trained, catalog: Catalog, audit: AuditStore, name: str, version: str | None
 ) -> StageOutcome:
-    return gate(
+    outcome = gate(
         spec=catalog.model(name), catalog=catalog, registry=trained.registry, audit=audit, version=version
     )
+    for effect in outcome.effects:  # as the operator does, after recording
+        effect()
+    return outcome
 
 
 def test_the_gate_approves_a_compliant_classifier(
     trained: Trained, catalog: Catalog, audit: AuditStore
 ) -> None:
-    version = register_copy(trained, CLASSIFIER)
+    version = register_copy(trained, CLASSIFIER, audit=audit)
     record_validation(audit, trained.sha256[CLASSIFIER], "ctr_clicks")
     outcome = run_gate(trained, catalog, audit, CLASSIFIER, version)
 
@@ -600,6 +645,8 @@ def test_the_gate_approves_a_compliant_classifier(
     report = gate_report(trained, CLASSIFIER, version)
     assert report["verdict"] == "approved" and all(check["passed"] for check in report["checks"])
     assert [check["name"] for check in report["checks"]] == [
+        "provenance:registered_by_training",
+        "files:unchanged_since_training",
         *[f"tag:{tag}" for tag in policy.required_tags],
         "lineage:model_spec",
         "metric:holdout_roc_auc (policy standard)",
@@ -621,14 +668,16 @@ def test_the_gate_approves_a_compliant_classifier(
     assert entry.evidence == {
         "policy": sha256_json(policy.model_dump()),
         "gate_report": tags[Tag.COMPLIANCE_REPORT_SHA256],
+        "artifacts": sha256_json(version_file_hashes(trained.registry, CLASSIFIER, version)),
         "dataset": trained.sha256[CLASSIFIER],
     }
+    assert entry.details["artifacts"] == version_file_hashes(trained.registry, CLASSIFIER, version)
 
 
 def test_the_gate_approves_the_regression_model_under_the_strict_policy(
     trained: Trained, catalog: Catalog, audit: AuditStore
 ) -> None:
-    version = register_copy(trained, REGRESSOR)
+    version = register_copy(trained, REGRESSOR, audit=audit)
     metrics = trained.results[REGRESSOR].metrics
     assert metrics["holdout_r2"] >= 0.3 and metrics["holdout_rmse"] <= 70  # what the spec asks
     record_validation(audit, trained.sha256[REGRESSOR], "diabetes")
@@ -659,8 +708,9 @@ def test_a_regressor_below_the_strict_policys_r2_is_rejected_and_no_alias_moves(
         run_name="weak",
         tags={},
         metrics={**trained.results[REGRESSOR].metrics, "holdout_r2": 0.15},
+        artifact_dirs={"model": trained.root / f"files-{REGRESSOR}"},
     )
-    version = register_copy(trained, REGRESSOR, run_id=weak_run)
+    version = register_copy(trained, REGRESSOR, run_id=weak_run, audit=audit)
     record_validation(audit, trained.sha256[REGRESSOR], "diabetes")
     before = aliases(trained, REGRESSOR)
 
@@ -688,7 +738,7 @@ def test_a_version_registered_under_another_models_name_fails_its_lineage(
     # Everything about it would pass for the classifier, except that its tags say it was trained as
     # the regressor's spec.
     tags = {**trained.results[CLASSIFIER].tags, Tag.MODEL_SPEC: REGRESSOR}
-    version = register_copy(trained, CLASSIFIER, tags=tags)
+    version = register_copy(trained, CLASSIFIER, tags=tags, audit=audit)
     record_validation(audit, trained.sha256[CLASSIFIER], "ctr_clicks")
     before = aliases(trained, CLASSIFIER)
 
@@ -705,7 +755,7 @@ def test_data_validated_needs_a_passing_record_of_the_models_own_dataset(
     trained: Trained, catalog: Catalog, audit: AuditStore
 ) -> None:
     sha = trained.sha256[CLASSIFIER]
-    version = register_copy(trained, CLASSIFIER)
+    version = register_copy(trained, CLASSIFIER, audit=audit)
 
     def failed() -> list[str]:
         (entry,) = run_gate(trained, catalog, audit, CLASSIFIER, version).records
@@ -726,6 +776,7 @@ def test_without_a_version_the_gate_takes_the_candidate(
 ) -> None:
     candidate = trained.results[REGRESSOR].version
     assert aliases(trained, REGRESSOR)[Alias.CANDIDATE] == candidate
+    record_registration(trained, audit, REGRESSOR, candidate)
     record_validation(audit, trained.sha256[REGRESSOR], "diabetes")
     outcome = run_gate(trained, catalog, audit, REGRESSOR, None)
     assert outcome.decision == Decision.APPROVED and outcome.details["version"] == candidate
@@ -753,7 +804,7 @@ def test_the_missing_alias_is_named_by_its_value(
 
 
 def audit_records(home: Path, action: str) -> list[Any]:
-    store = AuditStore(f"sqlite:///{home}/audit.db")
+    store = AuditStore(f"sqlite:///{home}/audit.db", keyring=keyring_for_tests())
     try:
         assert store.verify().ok
         return store.records(action=action)
@@ -762,7 +813,7 @@ def audit_records(home: Path, action: str) -> list[Any]:
 
 
 def record_validated_in(home: Path, sha: str, dataset: str) -> None:
-    store = AuditStore(f"sqlite:///{home}/audit.db")
+    store = AuditStore(f"sqlite:///{home}/audit.db", keyring=keyring_for_tests())
     try:
         record_validation(store, sha, dataset)
     finally:
@@ -772,7 +823,7 @@ def record_validated_in(home: Path, sha: str, dataset: str) -> None:
 def test_operator_approves_records_and_emits_the_event(
     trained: Trained, catalog: Catalog, modelops_home: Path
 ) -> None:
-    version = register_copy(trained, CLASSIFIER)
+    version = register_copy(trained, CLASSIFIER, audit=modelops_home)
     record_validated_in(modelops_home, trained.sha256[CLASSIFIER], "ctr_clicks")
     context = task_context()
     result = ComplianceGateOperator(
@@ -807,7 +858,7 @@ def test_operator_records_a_rejection_before_failing_and_moves_no_alias(
 ) -> None:
     # A version whose lineage is incomplete and whose data was never validated.
     partial_tags = {Tag.TRAIN_DATA_SHA256: "d" * 64, Tag.FRAMEWORK: "scikit-learn", Tag.TRIGGER: "manual"}
-    rejected = register_copy(trained, CLASSIFIER, tags=partial_tags)
+    rejected = register_copy(trained, CLASSIFIER, tags=partial_tags, audit=modelops_home)
     before = aliases(trained, CLASSIFIER)
     context = task_context("manual__reject")
 
@@ -847,3 +898,51 @@ def test_operator_fails_without_retry_when_there_is_no_version_to_gate(
         operator.execute(task_context("manual__ghost"))
     # No decision about any version, but the task's own failure is on record.
     assert [r.decision for r in audit_records(modelops_home, AuditAction.GATE_DECIDED)] == [Decision.ERROR]
+
+
+# --- attacks on the gate: each must be caught -----------------------------------------------------
+
+
+def test_a_version_registered_straight_into_mlflow_is_rejected_with_a_record(
+    trained: Trained, catalog: Catalog, audit: AuditStore
+) -> None:
+    """Attack: register a version with an MLflow client, with every lineage tag and
+    compliance_status=approved set by hand. Training never recorded it, so the gate rejects it (and says
+    why), recording the rejection; no alias moves."""
+    version = register_copy(trained, CLASSIFIER)  # no registration record: not the training stage's
+    trained.client.set_model_version_tag(CLASSIFIER, version, Tag.COMPLIANCE_STATUS, "approved")
+    record_validation(audit, trained.sha256[CLASSIFIER], "ctr_clicks")
+    before = aliases(trained, CLASSIFIER)
+    outcome = run_gate(trained, catalog, audit, CLASSIFIER, version)
+    assert outcome.decision == Decision.REJECTED
+    (entry,) = outcome.records
+    assert entry.details["failed"] == ["provenance:registered_by_training", "files:unchanged_since_training"]
+    assert "was not registered by the training stage" in outcome.refusal
+    assert aliases(trained, CLASSIFIER) == before
+
+
+def test_model_files_changed_after_training_are_rejected(
+    trained: Trained, catalog: Catalog, audit: AuditStore, tmp_path: Path
+) -> None:
+    """Attack: overwrite a registered version's model file through MLflow's artifact API before the gate."""
+    files = tmp_path / "model"
+    files.mkdir()
+    (files / "MLmodel").write_text("flavors: {}\n")
+    (files / "model.skops").write_bytes(b"honest")
+    run_id = trained.registry.log_run(
+        experiment=catalog.model(CLASSIFIER).experiment_name,
+        run_name="to-tamper",
+        tags={},
+        metrics=trained.results[CLASSIFIER].metrics,
+        artifact_dirs={"model": files},
+    )
+    version = register_copy(trained, CLASSIFIER, run_id=run_id, audit=audit)
+    record_validation(audit, trained.sha256[CLASSIFIER], "ctr_clicks")
+    (files / "model.skops").write_bytes(b"malicious")
+    trained.client.log_artifact(run_id, str(files / "model.skops"), "model")
+
+    outcome = run_gate(trained, catalog, audit, CLASSIFIER, version)
+    assert outcome.decision == Decision.REJECTED
+    (entry,) = outcome.records
+    assert entry.details["failed"] == ["files:unchanged_since_training"]
+    assert "model.skops changed" in outcome.refusal

@@ -1,17 +1,25 @@
 """docker-compose.yaml, its Dockerfile and the postgres init script agree with each other and with the code.
 
 Nothing here needs Docker: the compose file is read with PyYAML (anchors and ``<<`` merges resolved the
-way Compose resolves them) and ``${VAR:-default}`` references are replaced by their defaults, i.e. the
-stack as `docker compose up` starts it without an .env file. The connections are then resolved by the
-project's own hooks, so a renamed connection, a moved port or a database nobody creates fails here.
+way Compose resolves them) and ``${VAR:-default}`` references are replaced by their defaults, and the
+required ``${VAR:?message}`` ones (the secrets with no default) by a test value per variable, i.e. the
+stack as `docker compose up` starts it with an .env file that sets only the required variables. The
+connections are then resolved by the project's own hooks, so a renamed connection, a moved port or a
+database nobody creates fails here. One test starts a real ``mlflow server --app-name basic-auth`` with the
+compose stack's auth settings and shows who may write.
 """
 
 from __future__ import annotations
 
+import configparser
+import hashlib
 import json
 import os
 import re
+import subprocess
+import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,10 +29,24 @@ import yaml
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from tests.conftest import _stop_process_group, _wait_healthy
+from tests.support import free_port
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yaml"
 DOCKERFILE = PROJECT_ROOT / "Dockerfile"
 INIT_DIR = PROJECT_ROOT / "docker" / "postgres" / "init"
+MLFLOW_AUTH_INI = PROJECT_ROOT / "docker" / "mlflow" / "basic_auth.ini"
+README = PROJECT_ROOT / "README.md"
+
+# The variables compose requires (``${VAR:?message}``): secrets with no default, set in .env.
+REQUIRED_VARIABLES = {
+    "MLFLOW_ADMIN_USERNAME",
+    "MLFLOW_ADMIN_PASSWORD",
+    "MLFLOW_GATEWAY_PASSWORD",
+    "MLFLOW_FLASK_SECRET_KEY",
+    "MODELOPS_AUDIT_KEY",
+}
 
 AIRFLOW_SERVICES = {
     "airflow-init": None,
@@ -40,8 +62,15 @@ SCHEDULER_HEALTH_PORT = 8974
 _REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
+def required_value(name: str) -> str:
+    """The .env value of a required variable in these tests: 40+ characters, distinct per variable, and
+    nowhere in docker-compose.yaml (so finding it in a resolved value proves where it came from)."""
+    return f"test-{name.lower().replace('_', '-')}-{hashlib.sha256(name.encode()).hexdigest()[:24]}"
+
+
 def interpolate(value: Any) -> Any:
-    """Compose's variable substitution with an empty environment: defaults apply, ``$$`` is ``$``."""
+    """Compose's variable substitution with an .env holding only the required variables: defaults apply,
+    ``${VAR:?message}`` takes :func:`required_value`, ``$$`` is ``$``."""
     if isinstance(value, str):
 
         def substitute(match: re.Match[str]) -> str:
@@ -50,7 +79,8 @@ def interpolate(value: Any) -> Any:
             name = match.group(1) or match.group(4)
             operator, default = match.group(2), match.group(3)
             if operator in (":?", "?"):
-                pytest.fail(f"docker-compose.yaml requires {name} to be set; give it a default")
+                assert name in REQUIRED_VARIABLES, f"docker-compose.yaml requires {name}: add it to the tests"
+                return required_value(name)
             if operator in (":-", "-"):
                 return default
             pytest.fail(f"docker-compose.yaml uses ${{{name}}} without a default")
@@ -194,7 +224,7 @@ def test_dependencies_have_no_cycle(services: dict[str, dict[str, Any]]) -> None
 
 def test_long_running_services_have_healthchecks_and_restart(services: dict[str, dict[str, Any]]) -> None:
     one_shots = one_shot_services(services)
-    assert one_shots == {"airflow-init", "minio-init"}
+    assert one_shots == {"airflow-init", "minio-init", "mlflow-init"}
     for name, service in services.items():
         if name in one_shots:
             continue
@@ -213,6 +243,9 @@ def test_long_running_services_wait_for_what_they_use(services: dict[str, dict[s
             assert depends["airflow-init"]["condition"] == "service_completed_successfully", name
     assert services["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert services["gateway"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
+    # The gateway logs in to MLflow as the user mlflow-init creates.
+    assert services["gateway"]["depends_on"]["mlflow-init"]["condition"] == "service_completed_successfully"
+    assert services["mlflow-init"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
     # Tasks deploy through the gateway and log to MLflow.
     worker = services["airflow-worker"]["depends_on"]
     assert worker["mlflow"]["condition"] == worker["gateway"]["condition"] == "service_healthy"
@@ -429,6 +462,402 @@ def test_mlflow_server_accepts_the_flags_used() -> None:
     for flag in ("--backend-store-uri", "--artifacts-destination", "--host", "--port", "--workers"):
         assert flag in result.output
     assert "--allowed-hosts" in result.output
+    assert "--app-name" in result.output and "basic-auth" in result.output
+
+
+# --- MLflow authentication, secrets, exposure --------------------------------------------------------
+
+# A reference that compose refuses to start without: ``${NAME:?message}``.
+_REQUIRED = r"\$\{{{name}:\?[^}}]+\}}"
+_ANY_REFERENCE = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?[-?][^}]*)?\}")
+_SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|_KEYS?$")
+BASIC_AUTH = "mlflow.server.auth:authenticate_request_basic_auth"
+
+
+def is_required_reference(value: str, name: str) -> bool:
+    return re.fullmatch(_REQUIRED.format(name=re.escape(name)), value) is not None
+
+
+def raw_environments(raw_compose: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Each service's environment before substitution (safe_load has resolved anchors and merges)."""
+    return {name: environment(service) for name, service in raw_compose["services"].items()}
+
+
+def test_mlflow_runs_the_basic_auth_app_with_the_mounted_config(services: dict[str, dict[str, Any]]) -> None:
+    from mlflow.utils.plugins import get_entry_points
+
+    mlflow = services["mlflow"]
+    command = mlflow["command"]
+    assert command[:2] == ["mlflow", "server"]
+    assert "--app-name" in command, "MLflow must run its basic-auth app: authentication off otherwise"
+    assert command[command.index("--app-name") + 1] == "basic-auth"
+    # The app that name selects, in the locked MLflow.
+    apps = {entry.name: entry.value for entry in get_entry_points("mlflow.app")}
+    assert apps.get("basic-auth") == "mlflow.server.auth:create_app"
+    env = environment(mlflow)
+    mount = f"./{MLFLOW_AUTH_INI.relative_to(PROJECT_ROOT)}:{env['MLFLOW_AUTH_CONFIG_PATH']}:ro"
+    assert mount in mlflow["volumes"], (
+        f"the auth config is not mounted where MLFLOW_AUTH_CONFIG_PATH says: {mount}"
+    )
+    # CSRF protection of the auth app needs one static secret for all workers.
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"] == required_value("MLFLOW_FLASK_SECRET_KEY")
+
+
+def test_the_basic_auth_app_is_importable_with_the_locked_dependencies() -> None:
+    # mlflow[auth]: the app imports Flask-WTF for CSRF and the server refuses to start without it.
+    assert "flask-wtf" in locked_names(), "uv.lock lacks flask-wtf: depend on mlflow[auth] in pyproject.toml"
+    import mlflow.server.auth  # noqa: F401
+
+
+def test_mlflow_auth_config_grants_no_write_by_default_and_lives_in_postgres(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.server.auth.config import read_auth_config
+    from mlflow.server.auth.permissions import get_permission
+    from sqlalchemy.engine import make_url
+
+    parser = configparser.ConfigParser()
+    parser.read_string(MLFLOW_AUTH_INI.read_text())
+    # No secret in the file: the admin comes from the environment, the DB password from PGPASSWORD.
+    assert not {"admin_username", "admin_password"} & set(parser["mlflow"]), "admin credentials in the ini"
+
+    # The configuration as MLflow reads it in the container.
+    env = environment(services["mlflow"])
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(MLFLOW_AUTH_INI))
+    for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+        monkeypatch.setenv(name, env[name])
+    config = read_auth_config()
+    assert config.default_permission in ("NO_PERMISSIONS", "READ")
+    default = get_permission(config.default_permission)
+    assert not (default.can_use or default.can_update or default.can_delete or default.can_manage)
+    assert config.authorization_function == BASIC_AUTH
+    assert not config.grant_default_workspace_access
+    assert config.admin_username == required_value("MLFLOW_ADMIN_USERNAME")
+    assert config.admin_password == required_value("MLFLOW_ADMIN_PASSWORD")
+
+    # Users and grants persist in PostgreSQL (not an SQLite file inside the container), in their own
+    # database, reached as the mlflow role with the password the postgres service gives that role.
+    auth = make_url(config.database_uri)
+    command = services["mlflow"]["command"]
+    tracking = make_url(command[command.index("--backend-store-uri") + 1])
+    assert auth.get_backend_name() == "postgresql" and (auth.host, auth.port) == ("postgres", 5432)
+    assert auth.database in created_databases(services), f"{auth.database}: no init script creates it"
+    assert auth.database != tracking.database, "the auth database must be apart from the tracking store"
+    assert auth.username == tracking.username and auth.username in created_roles(services)
+    assert auth.password is None, "no password in the ini: PGPASSWORD carries it"
+    assert env["PGPASSWORD"] == tracking.password == environment(services["postgres"])["MLFLOW_DB_PASSWORD"]
+
+
+def test_required_variables_are_the_secrets_without_default_and_documented(
+    raw_compose: dict[str, Any],
+) -> None:
+    text = COMPOSE_FILE.read_text()
+    references = re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:?[-?])?", text)
+    required = {name for name, operator in references if operator in (":?", "?")}
+    assert required == REQUIRED_VARIABLES
+    for name in REQUIRED_VARIABLES:
+        # Required wherever it is used: a default in one place would be the value there.
+        assert {operator for used, operator in references if used == name} == {":?"}, name
+    header = text.split("\nx-", 1)[0]
+    readme = README.read_text().split("## MLflow authentication in production", 1)
+    assert len(readme) == 2, "README.md has no section '## MLflow authentication in production'"
+    section = readme[1].split("\n## ", 1)[0]
+    for name in REQUIRED_VARIABLES:
+        assert name in header, f"{name}: list it in docker-compose.yaml's header"
+        assert name in section, f"{name}: document it in README's MLflow authentication section"
+
+    raw = raw_environments(raw_compose)
+    mlflow = raw["mlflow"]
+    assert is_required_reference(mlflow["MLFLOW_AUTH_ADMIN_USERNAME"], "MLFLOW_ADMIN_USERNAME")
+    assert is_required_reference(mlflow["MLFLOW_AUTH_ADMIN_PASSWORD"], "MLFLOW_ADMIN_PASSWORD")
+    assert is_required_reference(mlflow["MLFLOW_FLASK_SERVER_SECRET_KEY"], "MLFLOW_FLASK_SECRET_KEY")
+    for name, env in raw.items():
+        if "MLFLOW_TRACKING_PASSWORD" in env:
+            value = env["MLFLOW_TRACKING_PASSWORD"]
+            assert is_required_reference(value, "MLFLOW_ADMIN_PASSWORD") or is_required_reference(
+                value, "MLFLOW_GATEWAY_PASSWORD"
+            ), f"{name}: MLFLOW_TRACKING_PASSWORD={value!r}"
+
+
+def test_no_secret_is_written_into_compose(raw_compose: dict[str, Any]) -> None:
+    """Every password, key, token and secret is a ${...} reference: never a literal in the file."""
+
+    def literal_secret(value: str) -> bool:
+        return not _ANY_REFERENCE.fullmatch(value)
+
+    def check_json(where: str, text: str) -> None:
+        # A connection's password, a keyring's secrets: each must be one reference, nothing else.
+        fields = json.loads(_ANY_REFERENCE.sub("<reference>", text))
+        secrets = {"password": fields.get("password"), **(fields.get("keys") or {})}
+        for field, secret in secrets.items():
+            assert secret in (None, "<reference>"), f"{where}: {field} is a literal: use a ${{VARIABLE}}"
+
+    blocks = {f"services.{name}": service for name, service in raw_compose["services"].items()}
+    blocks |= {key: value for key, value in raw_compose.items() if key.startswith("x-")}
+    for where, block in blocks.items():
+        for key, value in environment(block).items():
+            if value.lstrip().startswith("{"):
+                check_json(f"{where}.{key}", value)
+            elif _SECRET_NAME.search(key) and value:
+                assert not literal_secret(value), f"{where}.{key} is a literal: use a ${{VARIABLE}}"
+        # Passwords inside URLs, in environments and commands alike.
+        for match in re.finditer(r"://[^:/@\s\"']+:([^@\s\"']+)@", json.dumps(block)):
+            assert not literal_secret(match.group(1)), f"{where}: literal password in a URL"
+    # The values the tests give the required variables appear nowhere in the file.
+    text = COMPOSE_FILE.read_text()
+    assert not any(required_value(name) in text for name in REQUIRED_VARIABLES)
+
+
+def test_every_service_that_talks_to_mlflow_logs_in(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.utils.credentials import get_default_host_creds
+
+    clients = {name for name, service in services.items() if "MLFLOW_TRACKING_URI" in environment(service)}
+    assert clients == {*AIRFLOW_SERVICES, "gateway", "mlflow-init"}
+    mlflow = environment(services["mlflow"])
+    admin = (mlflow["MLFLOW_AUTH_ADMIN_USERNAME"], mlflow["MLFLOW_AUTH_ADMIN_PASSWORD"])
+    for name in sorted(clients):
+        env = environment(services[name])
+        for variable in [v for v in os.environ if v.startswith("MLFLOW_TRACKING_")]:
+            monkeypatch.delenv(variable)
+        for variable in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            assert env.get(variable), f"{name} talks to MLflow without {variable}"
+            monkeypatch.setenv(variable, env[variable])
+        # What the MLflow client of that container sends (the hook's and the gateway's clients alike).
+        creds = get_default_host_creds(env["MLFLOW_TRACKING_URI"])
+        expected = (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"])
+        assert (creds.username, creds.password) == expected, name
+        if name != "gateway":
+            assert expected == admin, f"{name}: the pipeline and mlflow-init log in as MLflow's admin"
+    # The gateway is the non-admin user mlflow-init creates: default_permission READ, it cannot write.
+    gateway, init = environment(services["gateway"]), environment(services["mlflow-init"])
+    gateway_user = (gateway["MLFLOW_TRACKING_USERNAME"], gateway["MLFLOW_TRACKING_PASSWORD"])
+    assert gateway_user == (
+        init["MODELOPS_GATEWAY_MLFLOW_USERNAME"],
+        init["MODELOPS_GATEWAY_MLFLOW_PASSWORD"],
+    )
+    assert gateway_user[0] != admin[0]
+    assert "update_user_admin(user, False)" in services["mlflow-init"]["command"][-1]
+    # MlflowRegistryHook takes the address only from mlflow_default; credentials there would be ignored.
+    connection = json.loads(environment(services["airflow-worker"])["AIRFLOW_CONN_MLFLOW_DEFAULT"])
+    assert not {"login", "password"} & set(connection), "MlflowRegistryHook does not pass them to MLflow"
+
+
+def test_every_published_port_listens_on_loopback_only(services: dict[str, dict[str, Any]]) -> None:
+    published = set()
+    for name, service in services.items():
+        assert service.get("network_mode") != "host", f"{name}: host networking publishes every port"
+        for mapping in service.get("ports") or []:
+            if isinstance(mapping, dict):
+                assert mapping.get("host_ip") == "127.0.0.1", f"{name}: {mapping}"
+            else:
+                host_ip, _, rest = str(mapping).partition(":")
+                assert host_ip == "127.0.0.1" and rest.count(":") == 1, (
+                    f"{name}: {mapping} is not 127.0.0.1:host:container"
+                )
+            published.add(name)
+    assert {"mlflow", "gateway", "airflow-api-server"} <= published
+
+
+@pytest.mark.usefixtures("compose_connections")
+def test_the_audit_key_is_required_and_the_same_for_airflow_and_the_gateway(
+    raw_compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    from modelops.audit import AuditKeyring
+    from modelops.hooks.audit import AuditHook
+
+    raw = raw_environments(raw_compose)
+    for name in AIRFLOW_SERVICES:
+        connection = json.loads(_ANY_REFERENCE.sub("x", raw[name]["AIRFLOW_CONN_MODELOPS_AUDIT_KEY"]))
+        assert connection["conn_type"] == "generic" and connection["login"] == "k1", name
+        assert re.search(
+            r'"password": "\$\{MODELOPS_AUDIT_KEY:\?[^}]+\}"', raw[name]["AIRFLOW_CONN_MODELOPS_AUDIT_KEY"]
+        )
+    assert re.search(r'"k1": "\$\{MODELOPS_AUDIT_KEY:\?[^}]+\}"', raw["gateway"]["MODELOPS_AUDIT_KEYS"])
+
+    hook = AuditHook()
+    assert AuditHook.default_key_conn_name == "modelops_audit_key"
+    gateway = environment(services["gateway"])
+    keyring = AuditKeyring.from_json(gateway["MODELOPS_AUDIT_KEYS"], source="MODELOPS_AUDIT_KEYS")
+    assert hook.keyring.current == keyring.current == "k1"
+    assert dict(hook.keyring.keys) == dict(keyring.keys) == {"k1": required_value("MODELOPS_AUDIT_KEY")}
+    # The gateway checks deployments against the very log the pipeline writes.
+    assert gateway["MODELOPS_AUDIT_URL"] == hook.url
+
+
+# A real basic-auth server, as compose configures it (app, ini settings, admin and CSRF variables) but with
+# SQLite stores in a temporary folder: not the session's shared server of tests/conftest.py, which runs
+# without authentication like the demo.
+
+
+@pytest.fixture
+def basic_auth_server(tmp_path: Path, services: dict[str, dict[str, Any]]) -> Iterator[str]:
+    """``mlflow server`` with compose's command flags for auth and its ini, on a free loopback port."""
+    parser = configparser.ConfigParser()
+    parser.read_string(MLFLOW_AUTH_INI.read_text())
+    parser["mlflow"]["database_uri"] = f"sqlite:///{tmp_path / 'auth.db'}"
+    ini = tmp_path / "basic_auth.ini"
+    with ini.open("w") as handle:
+        parser.write(handle)
+    compose_env = environment(services["mlflow"])
+    command = services["mlflow"]["command"]
+    port = free_port()
+    argv = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--app-name",
+        command[command.index("--app-name") + 1],
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(tmp_path / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    env |= {
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
+    }
+    for name in (
+        "MLFLOW_AUTH_ADMIN_USERNAME",
+        "MLFLOW_AUTH_ADMIN_PASSWORD",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    ):
+        env[name] = compose_env[name]
+    log_file = tmp_path / "mlflow-server.log"
+    with log_file.open("ab") as log:
+        # Its own process group: `mlflow server` runs uvicorn as a child, and both must stop at the end.
+        process = subprocess.Popen(
+            argv, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if not _wait_healthy(url, process, timeout=90):
+            pytest.fail(f"mlflow server --app-name basic-auth did not start:\n{log_file.read_text()[-3000:]}")
+        yield url
+    finally:
+        _stop_process_group(process)
+
+
+def test_basic_auth_server_refuses_anonymous_writes_and_lets_the_pipeline_write(
+    basic_auth_server: str,
+    services: dict[str, dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    import httpx
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    from modelops.registry import ModelRegistry
+
+    api = f"{basic_auth_server}/api/2.0/mlflow"
+    http = httpx.Client(trust_env=False, timeout=30)
+    admin = environment(services["mlflow"])
+    admin_user = admin["MLFLOW_AUTH_ADMIN_USERNAME"]
+
+    def create_model(name: str, auth: tuple[str, str] | None = None) -> int:
+        return http.post(f"{api}/registered-models/create", json={"name": name}, auth=auth).status_code
+
+    # Anonymous, an unknown user and a wrong password: 401, for reads, writes and sign-ups alike.
+    assert create_model("auth_probe") == 401
+    assert create_model("auth_probe", ("intruder", "intruder-password")) == 401
+    assert create_model("auth_probe", (admin_user, "not-the-admin-password")) == 401
+    assert http.get(f"{api}/registered-models/search").status_code == 401
+    signup = {"username": "intruder", "password": "intruder-password"}
+    assert http.post(f"{api}/users/create", json=signup).status_code == 401
+
+    def log_in_as(env: dict[str, str]) -> ModelRegistry:
+        for variable in [v for v in os.environ if v.startswith("MLFLOW_TRACKING_")]:
+            monkeypatch.delenv(variable)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", env["MLFLOW_TRACKING_USERNAME"])
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", env["MLFLOW_TRACKING_PASSWORD"])
+        return ModelRegistry(basic_auth_server)
+
+    # The Airflow services' credentials: the pipeline registers a model, a version and its champion alias.
+    worker_env = environment(services["airflow-worker"])
+    pipeline = log_in_as(worker_env)
+    model = pipeline.ensure_model("auth_probe", tags={"modelops.owner": "test"})
+    assert model.tags["modelops.owner"] == "test"
+    client = MlflowClient(basic_auth_server)
+    run = client.create_run(client.create_experiment("auth_probe"))
+    client.log_text(run.info.run_id, "weights v1", "model/weights.txt")
+    version = client.create_model_version(
+        "auth_probe", f"{run.info.artifact_uri}/model", run_id=run.info.run_id
+    ).version
+    pipeline.set_alias("auth_probe", "champion", version)
+
+    # mlflow-init's script as compose runs it, twice (a restart of the stack): the gateway's user.
+    init_env = environment(services["mlflow-init"])
+    log_in_as(init_env)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", basic_auth_server)
+    for variable in ("MODELOPS_GATEWAY_MLFLOW_USERNAME", "MODELOPS_GATEWAY_MLFLOW_PASSWORD"):
+        monkeypatch.setenv(variable, init_env[variable])
+    script = services["mlflow-init"]["command"][-1]
+    for _ in range(2):
+        exec(compile(script, "mlflow-init", "exec"), {})
+
+    # The gateway's credentials read what it serves: the champion and its files.
+    gateway_env = environment(services["gateway"])
+    gateway = log_in_as(gateway_env)
+    champion = gateway.version_by_alias("auth_probe", "champion")
+    assert champion is not None and champion.version == str(version)
+    downloaded = download_artifacts(
+        run_id=run.info.run_id,
+        artifact_path="model/weights.txt",
+        dst_path=str(tmp_path / "download"),
+        tracking_uri=basic_auth_server,
+    )
+    assert Path(downloaded).read_text() == "weights v1"
+
+    # ... and change nothing of the pipeline's: no tag, alias, version or file (the issue's attacks).
+    gateway_auth = (gateway_env["MLFLOW_TRACKING_USERNAME"], gateway_env["MLFLOW_TRACKING_PASSWORD"])
+    forbidden = {
+        "registered-models/set-tag": {"name": "auth_probe", "key": "compliance_status", "value": "approved"},
+        "registered-models/alias": {"name": "auth_probe", "alias": "champion", "version": str(version)},
+        "model-versions/create": {"name": "auth_probe", "source": f"{run.info.artifact_uri}/model"},
+        "model-versions/set-tag": {"name": "auth_probe", "version": str(version), "key": "k", "value": "v"},
+    }
+    for endpoint, body in forbidden.items():
+        assert http.post(f"{api}/{endpoint}", json=body, auth=gateway_auth).status_code == 403, endpoint
+    assert (
+        http.delete(
+            f"{api}/registered-models/alias",
+            params={"name": "auth_probe", "alias": "champion"},
+            auth=gateway_auth,
+        ).status_code
+        == 403
+    )
+    artifact = f"{basic_auth_server}/api/2.0/mlflow-artifacts/artifacts/"
+    artifact += f"{run.info.artifact_uri.removeprefix('mlflow-artifacts:/')}/model/weights.txt"
+    assert http.put(artifact, content=b"tampered").status_code == 401
+    assert http.put(artifact, content=b"tampered", auth=gateway_auth).status_code == 403
+    with pytest.raises(MlflowException):
+        gateway.set_alias("auth_probe", "champion", version)
+
+    # MLflow lets any known user create a new experiment or model (its creator owns it); it gives no
+    # right on anyone else's (README, "MLflow authentication in production").
+    assert create_model("gateway_probe", gateway_auth) == 200
+
+    log_in_as(worker_env)
+    assert pipeline.aliases("auth_probe") == {"champion": str(version)}
+    assert client.get_registered_model("auth_probe").tags == {"modelops.owner": "test"}
+    fresh = download_artifacts(
+        run_id=run.info.run_id,
+        artifact_path="model/weights.txt",
+        dst_path=str(tmp_path / "after"),
+        tracking_uri=basic_auth_server,
+    )
+    assert Path(fresh).read_text() == "weights v1"
 
 
 # --- commands against the code ---------------------------------------------------------------------

@@ -548,6 +548,40 @@ def test_the_log_server_service_listens_on_loopback_only(tmp_path: Path) -> None
         assert processes.stop(log_server.name, layout.run, grace_seconds=10) in ("stopped", "killed")
 
 
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads listening sockets from /proc")
+def test_the_demo_mlflow_gateway_and_airflow_listen_on_loopback_only(tmp_path: Path) -> None:
+    """The demo's MLflow has no authentication: it, the gateway and Airflow must not be reachable from
+    another machine. MLflow and the gateway are started as `make demo` starts them and their listening
+    sockets read; the api-server's address is the one Airflow's own CLI parser reads from its argv."""
+    from airflow.cli import cli_parser
+
+    from tests.support import free_port
+
+    layout = Layout(tmp_path / ".demo")
+    layout.create()
+    ports = Ports(free_port(), free_port(), free_port(), free_port(), free_port())
+    env = stack_env(layout, ports, dict(os.environ))
+    by_name = {service.name: service for service in services(layout, ports, env, {})}
+
+    api_server = by_name["airflow-api-server"]
+    args = cli_parser.get_parser().parse_args(list(api_server.argv[1:]))
+    assert (args.host, int(args.port)) == ("127.0.0.1", ports.airflow)
+    assert env["AIRFLOW__API__HOST"] == "127.0.0.1"
+
+    started: list[processes.Service] = []
+    try:
+        for name in ("mlflow", "gateway"):
+            service = by_name[name]
+            processes.start(service, layout.run)
+            started.append(service)
+            processes.wait_healthy(service, 120, layout.run, poll_seconds=0.2)
+            assert service.port is not None
+            assert _listeners(service.port) == {"0100007F"}, name  # 127.0.0.1, and nothing on IPv6
+    finally:
+        for service in reversed(started):
+            assert processes.stop(service.name, layout.run, grace_seconds=10) in ("stopped", "killed")
+
+
 # --- datasets and traffic --------------------------------------------------------------------------
 
 
@@ -1244,7 +1278,7 @@ def test_drive_runs_both_models_through_the_six_stages(
         ports=PORT_SET_A,
         default_model="ctr_recommender",
         password="pw",
-        audit=ChainVerification(ok=True, count=21),
+        audit=ChainVerification(ok=True, count=21, anchors_checked=9),
         logs=Path("/x/.demo/logs"),
         wall_seconds=95.2,
     )
@@ -1264,7 +1298,7 @@ def test_drive_runs_both_models_through_the_six_stages(
         "    serving       POST http://127.0.0.1:18008/models/diabetes_progression/invocations",
         "      answer      152.3",
         "  default model   ctr_recommender also answers POST http://127.0.0.1:18008/invocations",
-        "  audit chain     verified, 21 records",
+        "  audit chain     verified, 21 records, HMACs and 9 anchors checked",
         "  Airflow UI      http://127.0.0.1:18080  (login admin / pw)",
         "  wall time       95 s",
     ):

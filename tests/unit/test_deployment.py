@@ -29,12 +29,14 @@ from modelops.audit import AuditStore
 from modelops.data.sklearn_datasets import write_diabetes_csv
 from modelops.data.synthetic import generate_clicks, write_csv
 from modelops.errors import DeploymentFailed
+from modelops.evidence import evidence_summary, version_file_hashes
 from modelops.operators.deployment import DeployModelOperator
 from modelops.registry import ModelRegistry
 from modelops.serving.client import GatewayClient
 from modelops.settings import Catalog, ModelSpec, ServingSpec, load_catalog
 from modelops.stages import deployment
 from modelops.stages.deployment import SMOKE_TEST_CALLER, deploy, deploy_version, rollback, smoke_test
+from modelops.stages.outcome import AuditEntry
 from modelops.storage import read_dataset
 from modelops.vocabulary import (
     Alias,
@@ -43,9 +45,10 @@ from modelops.vocabulary import (
     Decision,
     DeploymentStatus,
     Tag,
+    dataset_subject,
     model_subject,
 )
-from tests.support import mlflow_client, serve_in_thread, use_sqlite_registry
+from tests.support import authorise, keyring_for_tests, mlflow_client, serve_in_thread, use_sqlite_registry
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -101,6 +104,19 @@ class Stack:
     sha256: dict[str, str]  # model -> hash of its training data
     rows: dict[str, pd.DataFrame]  # model -> its smoke-test rows
     runs: dict[str, str]  # kind of model (a model name, or a BAD_KINDS key) -> run that logged it at "model"
+    audit: AuditStore  # the audit log the gateway reads its authority from
+    audit_url: str
+
+    def record(self, entry: AuditEntry) -> dict[str, Any]:
+        """What the operator's recorder does, outside a task."""
+        return self.audit.append(
+            actor="test",
+            action=entry.action,
+            subject=entry.subject,
+            decision=entry.decision,
+            details=entry.details,
+            evidence=entry.evidence,
+        ).to_dict()
 
     def spec(self, model: str, name: str | None = None) -> ModelSpec:
         """The shipped spec of ``model``, under another registered ``name`` if given (an isolated test)."""
@@ -173,12 +189,25 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 artifact_dirs={"model": folder},
             )
 
+        audit_url = f"sqlite:///{root / 'audit.db'}"
+        audit = AuditStore(audit_url, keyring=keyring_for_tests())
+        sha256 = {model: hashlib.sha256(path.read_bytes()).hexdigest() for model, path in csv.items()}
+        for model, path in csv.items():  # what validation records of each model's data
+            audit.append(
+                actor="test",
+                action=AuditAction.DATASET_VALIDATED,
+                subject=dataset_subject(sha256[model]),
+                decision=Decision.PASSED,
+                details={"dataset": catalog.model(model).dataset, "snapshot_uri": path.as_uri()},
+            )
         app = create_app(
             GatewayConfig(
                 tracking_uri=tracking_uri,
                 predictions_url=f"sqlite:///{root / 'predictions.db'}",
                 default_model=CLASSIFIER,
                 models=(REGRESSOR,),
+                audit_url=audit_url,
+                audit_keyring=keyring_for_tests(),
             )
         )
         with serve_in_thread(app) as gateway_url:
@@ -196,7 +225,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 gateway=gateway,
                 gateway_url=gateway_url,
                 csv=csv,
-                sha256={model: hashlib.sha256(path.read_bytes()).hexdigest() for model, path in csv.items()},
+                sha256=sha256,
                 rows={
                     model: read_dataset(
                         path.as_uri(),
@@ -206,8 +235,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                     for model, path in csv.items()
                 },
                 runs=runs,
+                audit=audit,
+                audit_url=audit_url,
             )
             gateway.close()
+        audit.dispose()
 
 
 def task_of(kind: str) -> str:
@@ -220,15 +252,46 @@ def lineage_tags(stack: Stack, model: str) -> dict[str, str]:
 
 
 def register(stack: Stack, name: str, kind: str, status: str | None = ComplianceStatus.APPROVED) -> str:
-    """A new version of ``name`` from the logged model ``kind``, with the lineage tags of its data, and
-    tagged with compliance ``status`` as the gate tags it (None: never gated)."""
+    """A new version of ``name`` from the logged model ``kind``, with the lineage tags of its data, and the
+    authentic records training and the gate would write (``status`` approved or rejected; None: never
+    gated)."""
     stack.registry.ensure_model(name, {})
     version = stack.registry.register_version(
         name, run_id=stack.runs[kind], artifact_path="model", tags=lineage_tags(stack, task_of(kind))
     ).version
+    files = authorise(stack.audit, stack.registry, name, version, register=True, approve=False)
     if status is not None:
-        stack.registry.set_version_tags(name, version, {Tag.COMPLIANCE_STATUS: status})
+        stack.audit.append(
+            actor="test",
+            action=AuditAction.GATE_DECIDED,
+            subject=model_subject(name, version),
+            decision=status,
+            details={Tag.TRAIN_DATA_SHA256: stack.sha256[task_of(kind)], **evidence_summary(files)},
+        )
     return version
+
+
+def ship(stack: Stack, spec: ModelSpec, version: str, gateway: GatewayClient | None = None) -> Any:
+    """deploy_version as deploy() calls it, with the version's files as they are now."""
+    return deploy_version(
+        registry=stack.registry,
+        gateway=gateway or stack.gateway,
+        audit=stack.audit,
+        record=stack.record,
+        spec=spec,
+        version=version,
+        files=version_file_hashes(stack.registry, spec.name, version),
+        smoke_rows=stack.rows[task_of(spec.name) if spec.name in MODELS else _model_of(spec)],
+    )
+
+
+def _model_of(spec: ModelSpec) -> str:
+    return CLASSIFIER if spec.task == "binary_classification" else REGRESSOR
+
+
+def promotion(stack: Stack, name: str, version: str) -> Any:
+    """The promotion record of ``name`` v``version``."""
+    return stack.audit.last(action=AuditAction.MODEL_DEPLOYED, subject=model_subject(name, version))
 
 
 def unique(prefix: str) -> str:
@@ -336,13 +399,11 @@ def test_smoke_test_of_a_version_that_is_not_staged_reports_the_http_error(stack
 
 def test_deploy_promotes_supersedes_and_a_retry_is_a_no_op(stack: Stack) -> None:
     spec = stack.spec(CLASSIFIER, unique("deploy_chain"))
-    name, rows = spec.name, stack.rows[CLASSIFIER]
+    name = spec.name
     v1, v2 = register(stack, name, CLASSIFIER), register(stack, name, CLASSIFIER)
 
     def deploy_it(version: str) -> deployment.DeploymentResult:
-        return deploy_version(
-            registry=stack.registry, gateway=stack.gateway, spec=spec, version=version, smoke_rows=rows
-        )
+        return ship(stack, spec, version)
 
     first = deploy_it(v1)
     assert first.smoke_test.passed and first.previous_version is None and not first.already_live
@@ -372,14 +433,12 @@ def test_deploy_promotes_supersedes_and_a_retry_is_a_no_op(stack: Stack) -> None
 
 def test_a_failed_smoke_test_leaves_the_previous_champion_serving(stack: Stack) -> None:
     spec = stack.spec(REGRESSOR, unique("deploy_smoke_fail"))
-    name, rows = spec.name, stack.rows[REGRESSOR]
+    name = spec.name
     good, bad = register(stack, name, REGRESSOR), register(stack, name, "nan")
-    deploy_version(registry=stack.registry, gateway=stack.gateway, spec=spec, version=good, smoke_rows=rows)
+    ship(stack, spec, good)
     good_tags = stack.client.get_model_version(name, good).tags
 
-    result = deploy_version(
-        registry=stack.registry, gateway=stack.gateway, spec=spec, version=bad, smoke_rows=rows
-    )
+    result = ship(stack, spec, bad)
     assert not result.smoke_test.passed and result.previous_version == good
     assert "is not a finite number" in result.smoke_test.problems[0]
     assert result.to_dict()["smoke_test"]["passed"] is False
@@ -396,13 +455,7 @@ def test_a_failed_smoke_test_leaves_the_previous_champion_serving(stack: Stack) 
 def test_a_first_deployment_that_fails_its_smoke_test_leaves_nothing_live(stack: Stack) -> None:
     spec = stack.spec(CLASSIFIER, unique("deploy_first_bad"))
     bad = register(stack, spec.name, "short")
-    result = deploy_version(
-        registry=stack.registry,
-        gateway=stack.gateway,
-        spec=spec,
-        version=bad,
-        smoke_rows=stack.rows[CLASSIFIER],
-    )
+    result = ship(stack, spec, bad)
     assert not result.smoke_test.passed and result.previous_version is None
     assert aliases(stack, spec.name) == {}
     assert served(stack, spec.name).get("live_version") is None
@@ -422,14 +475,14 @@ class ReloadFailsOnce(GatewayClient):
 
 def test_a_switch_the_gateway_does_not_take_rolls_the_alias_back(stack: Stack) -> None:
     spec = stack.spec(CLASSIFIER, unique("deploy_switch_fails"))
-    name, rows = spec.name, stack.rows[CLASSIFIER]
+    name = spec.name
     v1, v2 = register(stack, name, CLASSIFIER), register(stack, name, CLASSIFIER)
-    deploy_version(registry=stack.registry, gateway=stack.gateway, spec=spec, version=v1, smoke_rows=rows)
+    ship(stack, spec, v1)
 
     flaky = ReloadFailsOnce(stack.gateway_url)
     try:
         with pytest.raises(DeploymentFailed) as raised:
-            deploy_version(registry=stack.registry, gateway=flaky, spec=spec, version=v2, smoke_rows=rows)
+            ship(stack, spec, v2, flaky)
     finally:
         flaky.close()
     assert f"{name} v{v2} passed the smoke test but the gateway did not take it live" in str(raised.value)
@@ -443,13 +496,13 @@ def test_a_switch_the_gateway_does_not_take_rolls_the_alias_back(stack: Stack) -
 
 def test_a_switch_the_gateway_does_not_take_leaves_nothing_staged(stack: Stack) -> None:
     spec = stack.spec(REGRESSOR, unique("deploy_switch_unstaged"))
-    name, rows = spec.name, stack.rows[REGRESSOR]
+    name = spec.name
     v1, v2 = register(stack, name, REGRESSOR), register(stack, name, REGRESSOR)
-    deploy_version(registry=stack.registry, gateway=stack.gateway, spec=spec, version=v1, smoke_rows=rows)
+    ship(stack, spec, v1)
     flaky = ReloadFailsOnce(stack.gateway_url)
     try:
         with pytest.raises(DeploymentFailed):
-            deploy_version(registry=stack.registry, gateway=flaky, spec=spec, version=v2, smoke_rows=rows)
+            ship(stack, spec, v2, flaky)
     finally:
         flaky.close()
     assert served(stack, name)["staged_version"] is None
@@ -457,15 +510,22 @@ def test_a_switch_the_gateway_does_not_take_leaves_nothing_staged(stack: Stack) 
 
 def test_rollback_puts_the_previous_champion_back(stack: Stack) -> None:
     spec = stack.spec(REGRESSOR, unique("rollback"))
-    name, rows = spec.name, stack.rows[REGRESSOR]
+    name = spec.name
     v1, v2 = register(stack, name, REGRESSOR), register(stack, name, REGRESSOR)
     for version in (v1, v2):
-        deploy_version(
-            registry=stack.registry, gateway=stack.gateway, spec=spec, version=version, smoke_rows=rows
-        )
+        ship(stack, spec, version)
     assert answered_by(stack, REGRESSOR, name) == v2
 
-    rollback(stack.registry, stack.gateway, name, failed_version=v2, previous_version=v1)
+    rollback(
+        stack.registry,
+        stack.gateway,
+        stack.audit,
+        stack.record,
+        name,
+        failed_version=v2,
+        previous=promotion(stack, name, v1),
+        reason="test",
+    )
     assert aliases(stack, name)[Alias.CHAMPION] == v1
     assert (
         stack.client.get_model_version(name, v2).tags[Tag.DEPLOYMENT_STATUS] == DeploymentStatus.ROLLED_BACK
@@ -478,15 +538,18 @@ def test_rollback_without_a_previous_champion_withdraws_the_alias(stack: Stack) 
     spec = stack.spec(CLASSIFIER, unique("rollback_first"))
     name = spec.name
     v1 = register(stack, name, CLASSIFIER)
-    deploy_version(
-        registry=stack.registry,
-        gateway=stack.gateway,
-        spec=spec,
-        version=v1,
-        smoke_rows=stack.rows[CLASSIFIER],
-    )
+    ship(stack, spec, v1)
 
-    rollback(stack.registry, stack.gateway, name, failed_version=v1, previous_version=None)
+    rollback(
+        stack.registry,
+        stack.gateway,
+        stack.audit,
+        stack.record,
+        name,
+        failed_version=v1,
+        previous=None,
+        reason="test",
+    )
     assert Alias.CHAMPION not in aliases(stack, name)
     assert (
         stack.client.get_model_version(name, v1).tags[Tag.DEPLOYMENT_STATUS] == DeploymentStatus.ROLLED_BACK
@@ -500,13 +563,7 @@ def test_a_first_deployment_the_gateway_does_not_take_leaves_nothing_live(stack:
     flaky = ReloadFailsOnce(stack.gateway_url)
     try:
         with pytest.raises(DeploymentFailed) as raised:
-            deploy_version(
-                registry=stack.registry,
-                gateway=flaky,
-                spec=spec,
-                version=v1,
-                smoke_rows=stack.rows[REGRESSOR],
-            )
+            ship(stack, spec, v1, flaky)
     finally:
         flaky.close()
     if "passed the smoke test but the gateway did not take it live" not in str(raised.value):
@@ -520,18 +577,24 @@ def test_a_first_deployment_the_gateway_does_not_take_leaves_nothing_live(stack:
 # --- deploy, and the operator --------------------------------------------------------------------
 
 
-def audit_last(home: Path, action: str) -> Any:
-    store = AuditStore(f"sqlite:///{home}/audit.db")
-    try:
-        assert store.verify().ok
-        return store.last(action=action)
-    finally:
-        store.dispose()
+def audit_last(stack: Stack, action: str) -> Any:
+    assert stack.audit.verify().ok
+    return stack.audit.last(action=action)
+
+
+@pytest.fixture
+def operator_audit(stack: Stack, modelops_home: Path, monkeypatch: pytest.MonkeyPatch) -> AuditStore:
+    """Operators record into the audit log the stack's gateway reads its authority from."""
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MODELOPS_AUDIT",
+        json.dumps({"conn_type": "sqlite", "host": str(stack.root / "audit.db")}),
+    )
+    return stack.audit
 
 
 @pytest.mark.parametrize("status", ["rejected", None])
 def test_operator_refuses_an_unapproved_version(
-    stack: Stack, modelops_home: Path, status: str | None
+    stack: Stack, operator_audit: AuditStore, status: str | None
 ) -> None:
     version = register(stack, CLASSIFIER, CLASSIFIER, status)
     before = aliases(stack, CLASSIFIER)
@@ -541,33 +604,43 @@ def test_operator_refuses_an_unapproved_version(
             task_id="deploy", model=CLASSIFIER, model_version=version, outlets=[MODEL_DEPLOYED]
         ).execute(context)
     message = str(raised.value)
-    assert f"v{version} has compliance_status={status!r}" in message and "modelops_compliance_gate" in message
+    if status is None:
+        assert f"v{version} has no authentic compliance gate decision" in message
+        assert "modelops_compliance_gate" in message
+    else:
+        assert f"v{version} was rejected by the compliance gate" in message
     assert aliases(stack, CLASSIFIER) == before
     assert Tag.DEPLOYMENT_STATUS not in stack.client.get_model_version(CLASSIFIER, version).tags
     assert MODEL_DEPLOYED not in context["outlet_events"]
 
-    record = audit_last(modelops_home, AuditAction.MODEL_DEPLOYED)
+    record = audit_last(stack, AuditAction.MODEL_DEPLOYED)
     assert record.decision == Decision.REFUSED and record.subject == model_subject(CLASSIFIER, version)
-    assert record.details == {"reason": message, "compliance_status": status}
+    assert record.details == {"reason": message}
 
 
 def test_a_model_whose_spec_disables_serving_is_refused(stack: Stack) -> None:
     spec = stack.spec(REGRESSOR).model_copy(update={"serving": ServingSpec(enabled=False)})
     version = register(stack, REGRESSOR, REGRESSOR)  # approved
     before = aliases(stack, REGRESSOR)
-    outcome = deploy(spec=spec, registry=stack.registry, gateway=stack.gateway, version=version)
+    outcome = deploy(
+        spec=spec,
+        registry=stack.registry,
+        gateway=stack.gateway,
+        audit=stack.audit,
+        record=stack.record,
+        version=version,
+    )
     assert outcome.decision == Decision.REFUSED and outcome.asset_extra is None
     assert outcome.refusal is not None and "serving.enabled: false" in outcome.refusal
     (entry,) = outcome.records
     assert entry.action == AuditAction.MODEL_DEPLOYED and entry.decision == Decision.REFUSED
-    assert entry.details["compliance_status"] == "approved"
     assert aliases(stack, REGRESSOR) == before
     assert served(stack, REGRESSOR).get("staged_version") is None
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_operator_deploys_the_challenger_and_emits_the_event(
-    stack: Stack, modelops_home: Path, monkeypatch: pytest.MonkeyPatch, model: str
+    stack: Stack, operator_audit: AuditStore, monkeypatch: pytest.MonkeyPatch, model: str
 ) -> None:
     spec = stack.spec(model)
     version = register(stack, model, model)
@@ -602,7 +675,7 @@ def test_operator_deploys_the_challenger_and_emits_the_event(
         "version": version,
         "previous_version": previous,
     }
-    record = audit_last(modelops_home, AuditAction.MODEL_DEPLOYED)
+    record = audit_last(stack, AuditAction.MODEL_DEPLOYED)
     assert record.decision == Decision.DEPLOYED and record.subject == model_subject(model, version)
     assert record.evidence["dataset"] == stack.sha256[model]
     assert record.actor == "airflow:modelops_deployment.deploy"
@@ -612,7 +685,9 @@ def test_operator_deploys_the_challenger_and_emits_the_event(
         assert answered_by(stack, model, path="/invocations") == version
 
 
-def test_operator_records_a_failed_smoke_test_before_failing(stack: Stack, modelops_home: Path) -> None:
+def test_operator_records_a_failed_smoke_test_before_failing(
+    stack: Stack, operator_audit: AuditStore
+) -> None:
     spec = stack.spec(REGRESSOR)
     good = register(stack, REGRESSOR, REGRESSOR)
     DeployModelOperator(task_id="deploy", model=REGRESSOR, model_version=good).execute(
@@ -631,13 +706,15 @@ def test_operator_records_a_failed_smoke_test_before_failing(stack: Stack, model
     assert MODEL_DEPLOYED not in context["outlet_events"]
     assert answered_by(stack, REGRESSOR) == good
 
-    record = audit_last(modelops_home, AuditAction.MODEL_DEPLOYED)
+    record = audit_last(stack, AuditAction.MODEL_DEPLOYED)
     assert record.decision == Decision.SMOKE_TEST_FAILED and record.subject == model_subject(REGRESSOR, bad)
     assert record.details["smoke_test"]["passed"] is False
     assert len(record.details["smoke_test"]["problems"]) == spec.serving.smoke_rows
 
 
-def test_operator_fails_without_retry_when_there_is_no_challenger(stack: Stack, modelops_home: Path) -> None:
+def test_operator_fails_without_retry_when_there_is_no_challenger(
+    stack: Stack, operator_audit: AuditStore
+) -> None:
     ghost = stack.spec(CLASSIFIER, "never_approved")
     operator = DeployModelOperator(task_id="deploy", model="never_approved")
     operator.catalog = dataclasses.replace(
@@ -646,18 +723,30 @@ def test_operator_fails_without_retry_when_there_is_no_challenger(stack: Stack, 
     with pytest.raises(AirflowFailException, match="'never_approved' has no version with alias"):
         operator.execute(task_context("manual__ghost"))
     # No decision about any version, but the task's own failure is on record.
-    assert audit_last(modelops_home, AuditAction.MODEL_DEPLOYED).decision == Decision.ERROR
+    assert audit_last(stack, AuditAction.MODEL_DEPLOYED).decision == Decision.ERROR
 
 
 def test_deploying_one_model_leaves_the_other_alone(stack: Stack) -> None:
     for model, other in ((CLASSIFIER, REGRESSOR), (REGRESSOR, CLASSIFIER)):
         other_version = register(stack, other, other)
-        deploy(spec=stack.spec(other), registry=stack.registry, gateway=stack.gateway, version=other_version)
+        deploy(
+            spec=stack.spec(other),
+            registry=stack.registry,
+            gateway=stack.gateway,
+            audit=stack.audit,
+            record=stack.record,
+            version=other_version,
+        )
         other_aliases, other_live = aliases(stack, other), served(stack, other)["live_version"]
 
         version = register(stack, model, model)
         outcome = deploy(
-            spec=stack.spec(model), registry=stack.registry, gateway=stack.gateway, version=version
+            spec=stack.spec(model),
+            registry=stack.registry,
+            gateway=stack.gateway,
+            audit=stack.audit,
+            record=stack.record,
+            version=version,
         )
         assert outcome.decision == Decision.DEPLOYED, outcome.refusal
         assert aliases(stack, model)[Alias.CHAMPION] == version
@@ -671,13 +760,7 @@ def test_the_smoke_test_is_logged_as_its_own_caller(stack: Stack) -> None:
 
     spec = stack.spec(CLASSIFIER, unique("smoke_logged"))
     version = register(stack, spec.name, CLASSIFIER)
-    deploy_version(
-        registry=stack.registry,
-        gateway=stack.gateway,
-        spec=spec,
-        version=version,
-        smoke_rows=stack.rows[CLASSIFIER],
-    )
+    ship(stack, spec, version)
     log = PredictionLog(f"sqlite:///{stack.root / 'predictions.db'}")
     try:
         frame = log.window(spec.name, datetime(2000, 1, 1, tzinfo=UTC), datetime.now(UTC) + timedelta(days=1))
@@ -685,3 +768,136 @@ def test_the_smoke_test_is_logged_as_its_own_caller(stack: Stack) -> None:
         log.dispose()
     assert len(frame) == spec.serving.smoke_rows  # one row per scored row, of one request
     assert set(frame["caller_id"]) == {SMOKE_TEST_CALLER} and set(frame["model_version"]) == {version}
+
+
+# --- attacks on the decision: each must be caught ---------------------------------------------------
+
+
+def test_a_version_hand_approved_in_mlflow_is_refused_and_never_loaded(stack: Stack) -> None:
+    """Attack: register straight into MLflow, set compliance_status=approved and the lineage tags by hand.
+    No gate record exists, so deployment refuses and the gateway never loads (runs) the version."""
+    spec = stack.spec(CLASSIFIER, unique("hand_approved"))
+    stack.registry.ensure_model(spec.name, {})
+    version = stack.registry.register_version(
+        spec.name, run_id=stack.runs[CLASSIFIER], artifact_path="model", tags=lineage_tags(stack, CLASSIFIER)
+    ).version
+    stack.client.set_model_version_tag(spec.name, version, Tag.COMPLIANCE_STATUS, ComplianceStatus.APPROVED)
+    stack.client.set_registered_model_alias(spec.name, Alias.CHALLENGER, version)
+    outcome = deploy(
+        spec=spec,
+        registry=stack.registry,
+        gateway=stack.gateway,
+        audit=stack.audit,
+        record=stack.record,
+        version=None,
+    )
+    assert outcome.decision == Decision.REFUSED
+    assert "no authentic compliance gate decision" in outcome.refusal
+    assert "registry tags such as compliance_status do not count" in outcome.refusal
+    assert Alias.CHAMPION not in aliases(stack, spec.name)
+    assert served(stack, spec.name).get("loaded_versions", []) == []
+    # The gateway's own door is shut too: staging it is refused before anything is loaded.
+    with pytest.raises(DeploymentFailed, match="UNVERIFIED_MODEL_VERSION|no authentic compliance gate"):
+        stack.gateway.stage(spec.name, version)
+    assert served(stack, spec.name).get("loaded_versions", []) == []
+
+
+def test_a_forged_gate_record_without_the_key_is_refused(stack: Stack) -> None:
+    """Attack: with database access but not the key, insert an 'approved' gate record (hash recomputed)."""
+    import sqlalchemy as sa
+
+    from modelops.audit.chain import audit_table, canonical_json, compute_record_hash
+
+    spec = stack.spec(REGRESSOR, unique("forged_gate"))
+    version = register(stack, spec.name, REGRESSOR, status=None)
+    files = version_file_hashes(stack.registry, spec.name, version)
+    tail = stack.audit.records(limit=1)[0]
+    fields = {
+        "seq": tail.seq + 1,
+        "recorded_at": datetime.now(UTC).isoformat(),
+        "actor": "airflow:modelops_compliance_gate.gate",
+        "dag_id": None,
+        "run_id": None,
+        "task_id": None,
+        "action": str(AuditAction.GATE_DECIDED),
+        "subject": model_subject(spec.name, version),
+        "decision": str(Decision.APPROVED),
+        "details": {Tag.TRAIN_DATA_SHA256.value: stack.sha256[REGRESSOR], **evidence_summary(files)},
+        "evidence": {},
+        "prev_hash": tail.record_hash,
+        "key_id": tail.key_id,
+    }
+    fields["record_hash"] = compute_record_hash(fields)
+    engine = sa.create_engine(stack.audit_url)
+    with engine.begin() as conn:
+        # The attacker can recompute the hash but not the HMAC: without the key any value is a guess.
+        row = {**fields, "details": canonical_json(fields["details"]), "evidence": "{}", "hmac": "0" * 64}
+        conn.execute(audit_table.insert().values(**row))
+    engine.dispose()
+    try:
+        outcome = deploy(
+            spec=spec,
+            registry=stack.registry,
+            gateway=stack.gateway,
+            audit=stack.audit,
+            record=stack.record,
+            version=version,
+        )
+        assert outcome.decision == Decision.REFUSED
+        assert f"seq={fields['seq']}" in outcome.refusal and "fail their HMAC check" in outcome.refusal
+        assert Alias.CHAMPION not in aliases(stack, spec.name)
+    finally:
+        with sa.create_engine(stack.audit_url).begin() as conn:  # the module's later tests append after it
+            conn.execute(sa.delete(audit_table).where(audit_table.c.seq == fields["seq"]))
+
+
+def test_a_model_file_overwritten_after_the_gate_is_refused(stack: Stack) -> None:
+    """Attack: after the gate approved a version, overwrite its model file through MLflow's artifact API
+    (no authentication). Deployment re-hashes the files against the gate's record and refuses; the
+    champion keeps serving and its predictions do not change."""
+    spec = stack.spec(CLASSIFIER, unique("overwritten"))
+    name = spec.name
+    good = register(stack, name, CLASSIFIER)
+    ship(stack, spec, good)
+    payload = {"dataframe_split": stack.rows[CLASSIFIER].head(3).to_dict(orient="split", index=False)}
+    before = httpx.post(f"{stack.gateway_url}/models/{name}/invocations", json=payload).json()
+
+    # A second run with its own copy of the model, approved by the gate, then tampered with.
+    folder = stack.root / f"tamper-{uuid.uuid4().hex[:6]}"
+    stack.client.download_artifacts(stack.runs[CLASSIFIER], "model", str(folder))
+    run_id = stack.registry.log_run(
+        experiment=spec.experiment_name, run_name="tamper", tags={}, artifact_dirs={"model": folder / "model"}
+    )
+    victim = stack.registry.register_version(
+        name, run_id=run_id, artifact_path="model", tags=lineage_tags(stack, CLASSIFIER)
+    ).version
+    files = authorise(stack.audit, stack.registry, name, victim, register=True, approve=False)
+    stack.audit.append(
+        actor="test",
+        action=AuditAction.GATE_DECIDED,
+        subject=model_subject(name, victim),
+        decision=Decision.APPROVED,
+        details={Tag.TRAIN_DATA_SHA256: stack.sha256[CLASSIFIER], **evidence_summary(files)},
+    )
+    mlmodel = folder / "model" / "MLmodel"
+    mlmodel.write_text(mlmodel.read_text() + "\n# tampered\n")
+    stack.client.log_artifact(run_id, str(mlmodel), "model")  # overwrites model/MLmodel in place
+
+    outcome = deploy(
+        spec=spec,
+        registry=stack.registry,
+        gateway=stack.gateway,
+        audit=stack.audit,
+        record=stack.record,
+        version=victim,
+    )
+    assert outcome.decision == Decision.REFUSED
+    assert (
+        "not those the compliance gate approved" in outcome.refusal and "MLmodel changed" in outcome.refusal
+    )
+    assert aliases(stack, name)[Alias.CHAMPION] == good
+    assert httpx.post(f"{stack.gateway_url}/models/{name}/invocations", json=payload).json() == before
+    # Even staged directly (an admin call), the gateway re-hashes and refuses to load it.
+    with pytest.raises(DeploymentFailed, match="UNVERIFIED_MODEL_VERSION|MLmodel changed"):
+        stack.gateway.stage(name, victim)
+    assert victim not in served(stack, name)["loaded_versions"]

@@ -40,6 +40,7 @@ from modelops.stages.monitoring import (
 )
 from modelops.storage import as_storage_path
 from modelops.vocabulary import DRIFT_RUN_KIND, Alias, AuditAction, Decision, RunTag, Tag
+from tests.support import keyring_for_tests
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -580,7 +581,7 @@ def connections(modelops_home: Path, served: Served, monkeypatch: pytest.MonkeyP
 
 
 def audit_records(home: Path, action: str) -> list[Any]:
-    store = AuditStore(f"sqlite:///{home}/audit.db")
+    store = AuditStore(f"sqlite:///{home}/audit.db", keyring=keyring_for_tests())
     try:
         assert store.verify().ok
         return store.records(action=action)

@@ -18,7 +18,7 @@ from modelops.operators.compliance import ComplianceGateOperator
 from modelops.operators.deployment import DeployModelOperator
 from modelops.stages.outcome import StageOutcome
 from modelops.vocabulary import AuditAction, ComplianceStatus, Decision, Tag, model_subject
-from tests.support import free_port, use_sqlite_registry
+from tests.support import free_port, keyring_for_tests, use_sqlite_registry
 
 CTR = "ctr_recommender"
 
@@ -52,7 +52,7 @@ class FailingStage(ModelOpsBaseOperator):
 
 
 def audit_records(home: Path, action: AuditAction) -> list:
-    store = AuditStore(f"sqlite:///{home / 'audit.db'}")
+    store = AuditStore(f"sqlite:///{home / 'audit.db'}", keyring=keyring_for_tests())
     try:
         assert store.verify().ok
         return store.records(action=action)
@@ -125,7 +125,8 @@ def test_deploying_a_hand_approved_version_without_lineage_is_refused_on_record(
     monkeypatch.setenv("AIRFLOW_CONN_MODELOPS_GATEWAY", f"http://127.0.0.1:{free_port()}")
     registry.set_version_tags(CTR, bare_version, {Tag.COMPLIANCE_STATUS: ComplianceStatus.APPROVED})
     operator = DeployModelOperator(task_id="deploy_to_gateway", model=CTR, model_version=bare_version)
-    with pytest.raises(AirflowFailException, match="no train_data_uri lineage tag"):
+    # A compliance_status tag set by hand counts for nothing: there is no gate record.
+    with pytest.raises(AirflowFailException, match="no authentic compliance gate decision"):
         operator.execute(task_context("deploy_to_gateway"))
     (record,) = audit_records(modelops_home, AuditAction.MODEL_DEPLOYED)
     assert record.decision == Decision.REFUSED and record.subject == model_subject(CTR, bare_version)

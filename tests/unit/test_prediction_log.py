@@ -24,6 +24,7 @@ from modelops.serving.prediction_log import (
     PredictionRecord,
     UnknownRequestError,
 )
+from tests.support import keyring_for_tests
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -203,7 +204,7 @@ def test_both_logs_get_one_engine_set_up_on_sqlite(tmp_path: Path) -> None:
     from modelops.audit import AuditStore
 
     log = PredictionLog(f"sqlite:///{tmp_path}/a/predictions.db")
-    store = AuditStore(f"sqlite:///{tmp_path}/b/audit.db")
+    store = AuditStore(f"sqlite:///{tmp_path}/b/audit.db", keyring=keyring_for_tests())
     try:
         assert _sqlite_settings(log.engine) == ("wal", 30000, 1)
         assert _sqlite_settings(store._engine) == ("wal", 30000, 1)

@@ -31,6 +31,7 @@ from modelops.stages.retirement import (
 )
 from modelops.storage import as_storage_path
 from modelops.vocabulary import Alias, AuditAction, Decision, Tag
+from tests.support import keyring_for_tests
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -427,7 +428,7 @@ def connections(modelops_home: Path, registry: Registry, monkeypatch: pytest.Mon
 
 
 def audit_records(home: Path) -> list[Any]:
-    store = AuditStore(f"sqlite:///{home}/audit.db")
+    store = AuditStore(f"sqlite:///{home}/audit.db", keyring=keyring_for_tests())
     try:
         assert store.verify().ok
         return store.records(action=AuditAction.MODEL_RETIRED)

@@ -56,7 +56,7 @@ from modelops.vocabulary import (
     dataset_subject,
     model_subject,
 )
-from tests.support import mlflow_client, use_sqlite_registry
+from tests.support import keyring_for_tests, mlflow_client, use_sqlite_registry
 
 # skops resolves names through module attributes, which trips Airflow's deprecated-import shims.
 pytestmark = pytest.mark.filterwarnings(
@@ -558,7 +558,7 @@ def test_a_manual_run_needs_a_model(catalog: Catalog) -> None:
 
 @pytest.fixture
 def audit(tmp_path: Path) -> Iterator[AuditStore]:
-    store = AuditStore(f"sqlite:///{tmp_path / 'audit.db'}")
+    store = AuditStore(f"sqlite:///{tmp_path / 'audit.db'}", keyring=keyring_for_tests())
     yield store
     store.dispose()
 
@@ -660,7 +660,7 @@ def test_operator_retry_on_a_validated_dataset_reuses_the_version_and_records_it
     extra = context["outlet_events"][MODEL_CANDIDATE].extra
     assert extra == {"model_name": CTR, "version": "1", "train_data_sha256": data.sha256}
     assert all(type(key) is str and type(value) is str for key, value in extra.items())
-    store = AuditStore(f"sqlite:///{modelops_home}/audit.db")
+    store = AuditStore(f"sqlite:///{modelops_home}/audit.db", keyring=keyring_for_tests())
     try:
         record = store.last(action=AuditAction.MODEL_REGISTERED)
         assert record.decision == Decision.CANDIDATE and record.subject == model_subject(CTR, 1)
@@ -682,7 +682,7 @@ def test_operator_retraining_trains_on_its_own_dataset_when_another_was_validate
 ) -> None:
     diabetes, clicks = trained.data[DIABETES], trained.data[CTR]
     diabetes_lineage = validate_through_operator(diabetes, "diabetes", "manual__v-diabetes")
-    store = AuditStore(f"sqlite:///{modelops_home}/audit.db")
+    store = AuditStore(f"sqlite:///{modelops_home}/audit.db", keyring=keyring_for_tests())
     try:  # a version of another dataset passes validation later
         validated(store, clicks.sha256, "ctr_clicks")
     finally:
@@ -706,7 +706,7 @@ def test_operator_retraining_trains_on_its_own_dataset_when_another_was_validate
         "version": version.version,
         "train_data_sha256": diabetes.sha256,
     }
-    store = AuditStore(f"sqlite:///{modelops_home}/audit.db")
+    store = AuditStore(f"sqlite:///{modelops_home}/audit.db", keyring=keyring_for_tests())
     try:
         record = store.last(action=AuditAction.MODEL_REGISTERED)
         assert record.subject == model_subject(DIABETES, version.version)

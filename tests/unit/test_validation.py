@@ -29,6 +29,7 @@ from modelops.stages.outcome import StageOutcome
 from modelops.stages.validation import plan_validation, snapshot_dir, validate, validate_dataset
 from modelops.storage import as_storage_path, sha256_of, storage_root
 from modelops.vocabulary import AuditAction, Decision, dataset_location_subject, dataset_subject
+from tests.support import keyring_for_tests
 
 ROWS = 500
 DIABETES_ROWS = 442
@@ -74,7 +75,7 @@ def clicks(catalog: Catalog) -> DatasetSpec:
 
 @pytest.fixture
 def audit_store(modelops_home: Path) -> Iterator[AuditStore]:
-    store = AuditStore(f"sqlite:///{modelops_home}/audit.db")
+    store = AuditStore(f"sqlite:///{modelops_home}/audit.db", keyring=keyring_for_tests())
     yield store
     store.dispose()
 

@@ -28,6 +28,7 @@ from modelops.vocabulary import (
     model_subject,
     sha256_from_subject,
 )
+from tests.support import keyring_for_tests
 
 PACKAGE = Path(vocabulary.__file__).resolve().parent
 SHA_A1, SHA_A2, SHA_B1, SHA_A3 = ("a1" * 32, "a2" * 32, "b1" * 32, "a3" * 32)
@@ -91,7 +92,7 @@ def test_model_tags_and_event_fields_agree_where_they_name_the_same_thing() -> N
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[AuditStore]:
-    audit = AuditStore(f"sqlite:///{tmp_path / 'a.db'}")
+    audit = AuditStore(f"sqlite:///{tmp_path / 'a.db'}", keyring=keyring_for_tests())
     yield audit
     audit.dispose()
 

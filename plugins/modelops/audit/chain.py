@@ -1,16 +1,33 @@
-"""The tamper-evident audit log: one append-only, hash-chained table shared by every lifecycle stage.
+"""The tamper-evident audit log: one append-only, hash-chained, keyed table shared by every lifecycle stage.
 
 Each record stores ``prev_hash`` (the previous record's ``record_hash``; 64 zeros for the first) and
-``record_hash`` = sha256 over the canonical JSON of all its other fields, ``seq`` and ``prev_hash``
-included. ``seq`` is the primary key and ``prev_hash`` is UNIQUE, so two writers can never both extend
-the same tail: the database refuses the fork and the loser re-reads the tail and retries.
+``record_hash`` = sha256 over the canonical JSON of all its other fields, ``seq``, ``prev_hash`` and
+``key_id`` included, and ``hmac`` = HMAC-SHA256 of ``record_hash`` under the key ``key_id`` names (see
+:mod:`modelops.audit.keys`). ``seq`` is the primary key and ``prev_hash`` is UNIQUE, so two writers can
+never both extend the same tail: the database refuses the fork and the loser re-reads the tail and
+retries. After every lifecycle decision, and every 15 minutes, the head ``(seq, record_hash)`` is
+signed and written to write-once storage outside this database as an anchor (see
+:mod:`modelops.audit.anchors`).
 
-What the chain proves: any in-place edit, deletion, insertion or reordering of records *before the
-head* breaks the chain at a record that :meth:`AuditStore.verify` names. What it does not prove: an
-attacker with write access can delete the newest records, or rewrite every record from some point on
-and recompute all hashes after it; the result is a self-consistent chain. Those are caught only by
-comparing against a head hash kept outside this database (see :meth:`AuditStore.head`). The chain
-also says nothing about whether a record was true when written; it only shows it was not changed.
+What :meth:`AuditStore.verify` proves, given the keyring and the anchor store:
+
+- every record is as a holder of the audit key wrote it: an edit, a forged or inserted record, or a
+  chain recomputed after an edit by someone without the key fails the hash or the HMAC check, and the
+  record is named;
+- nothing was deleted, inserted or reordered before the head (seq gaps and prev_hash links);
+- keys changed only through an ``audit.key_rotated`` record endorsed by the previous key, so a retired
+  (or leaked) key cannot append after the rotation; a key missing from the keyring is named;
+- the log agrees with every genuine anchor: deleting the newest records (tail truncation, or a restore
+  from an older backup), rewriting records from some seq on (even by someone holding the key), a full
+  rewrite, a replaced database and an emptied table are each named; forged, unreadable and replayed
+  anchors are named too, and only anchors with a valid HMAC decide, so a replay cannot hide a
+  truncation; a log with records but no anchors at all fails (anchoring is off or they were removed).
+
+What it does not prove: records written after the newest anchor can be deleted or rewritten undetected
+by someone holding the key (``verify`` reports how many records are not anchored yet: after every
+decision the head is anchored, so normally none); someone holding the key *and* able to delete anchors
+(root on a local anchor folder, not S3 Object Lock in COMPLIANCE mode) can rewrite history. And the
+chain says nothing about whether a record was true when written; only that it was not changed since.
 """
 
 from __future__ import annotations
@@ -24,13 +41,17 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from modelops import db
-from modelops.errors import ConfigurationError, ModelOpsError
+from modelops.audit.anchors import Anchor, AnchorStore, ListedAnchor
+from modelops.audit.keys import KEYRING_EXAMPLE, KEYS_ENV, AuditKeyring
+from modelops.errors import AuditChainBroken, ConfigurationError, ModelOpsError
+from modelops.vocabulary import AUDIT_KEYRING_SUBJECT, AuditAction, Decision
 
 TABLE_NAME = "modelops_audit_log"
 GENESIS_HASH = "0" * 64
@@ -41,6 +62,8 @@ MAX_APPEND_ATTEMPTS = 10
 # Arbitrary constant naming the audit log's advisory lock on PostgreSQL ("MOAUDIT" in ASCII).
 _PG_ADVISORY_LOCK_KEY = 0x4D4F4155444954
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# Anchored seqs are looked up in the log in batches of this many (bound parameters per query).
+_LOOKUP_BATCH = 500
 
 _metadata = sa.MetaData()
 audit_table = sa.Table(
@@ -62,6 +85,10 @@ audit_table = sa.Table(
     sa.Column("evidence", sa.Text, nullable=False),
     sa.Column("prev_hash", sa.String(64), nullable=False, unique=True),
     sa.Column("record_hash", sa.String(64), nullable=False, unique=True),
+    # Which key of the keyring signed the record (part of the hashed content) and the HMAC-SHA256 of
+    # record_hash under it: without the key, a record cannot be forged or rewritten undetected.
+    sa.Column("key_id", sa.String(64), nullable=False),
+    sa.Column("hmac", sa.String(64), nullable=False),
     # sha256 of (dag_id, run_id, task_id, action, subject, decision) for records written by a task run,
     # NULL otherwise; UNIQUE so a retried task cannot record the same decision twice even when racing.
     sa.Column("idempotency_key", sa.String(64), nullable=True, unique=True),
@@ -80,8 +107,12 @@ _FIELDS = (
     "details",
     "evidence",
     "prev_hash",
+    "key_id",
     "record_hash",
+    "hmac",
 )
+# Not part of the hashed content: the hash itself and its HMAC.
+_UNHASHED = ("record_hash", "hmac")
 
 
 def canonical_json(value: Any) -> str:
@@ -90,9 +121,14 @@ def canonical_json(value: Any) -> str:
 
 
 def compute_record_hash(fields: Mapping[str, Any]) -> str:
-    """sha256 hex over the canonical JSON of every record field except ``record_hash``."""
-    content = {name: fields[name] for name in _FIELDS if name != "record_hash"}
+    """sha256 hex over the canonical JSON of every record field except ``record_hash`` and ``hmac``."""
+    content = {name: fields[name] for name in _FIELDS if name not in _UNHASHED}
     return hashlib.sha256(canonical_json(content).encode("utf-8")).hexdigest()
+
+
+def rotation_message(new_key_id: str, prev_hash: str) -> str:
+    """What the old key signs to endorse a rotation: the new key, bound to the place in the chain."""
+    return f"rotate:{new_key_id}:{prev_hash}"
 
 
 def idempotency_key(
@@ -119,7 +155,9 @@ class AuditRecord:
     details: dict[str, Any] = field(default_factory=dict)
     evidence: dict[str, str] = field(default_factory=dict)
     prev_hash: str = GENESIS_HASH
+    key_id: str = ""
     record_hash: str = ""
+    hmac: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,13 +166,56 @@ class AuditRecord:
         return "AUDIT " + canonical_json(self.to_dict())
 
 
+class Problem(StrEnum):
+    """What :meth:`AuditStore.verify` found: each names an attack (or a mistake that looks like one)."""
+
+    RECORD_DELETED = "record_deleted"
+    RECORD_INSERTED_OR_REORDERED = "record_inserted_or_reordered"
+    RECORD_ALTERED = "record_altered"
+    RECORD_FORGED = "record_forged"
+    """A record's HMAC fails: written or rewritten by someone without the key."""
+    UNKNOWN_KEY = "unknown_key"
+    """Signed by a key not in the keyring (dropped from it, or never part of it)."""
+    KEY_CHANGED_WITHOUT_ROTATION = "key_changed_without_rotation"
+    BAD_ROTATION = "bad_rotation"
+    TAIL_TRUNCATED = "tail_truncated"
+    LOG_REWRITTEN = "log_rewritten"
+    LOG_REPLACED = "log_replaced"
+    """No anchor matches the log: fully rewritten, or the database replaced by another log."""
+    LOG_EMPTIED = "log_emptied"
+    NOT_ANCHORED = "not_anchored"
+    FORGED_ANCHOR = "forged_anchor"
+    REPLAYED_ANCHOR = "replayed_anchor"
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: Problem
+    message: str
+    seq: int | None = None
+
+
 @dataclass(frozen=True)
 class ChainVerification:
     ok: bool
     count: int
     problem: str | None = None
-    # The first seq at which the chain is not intact (for a deleted record: the missing seq).
+    # The first seq at which the log is not intact (for a deleted record: the missing seq).
     first_bad_seq: int | None = None
+    findings: tuple[Finding, ...] = ()
+    # The keys that signed the records checked, in order of first use.
+    key_ids: tuple[str, ...] = ()
+    # Set when anchors were checked: the store, how many objects it holds, the newest anchored seq that
+    # matches the log, and how many records after it are not anchored yet.
+    anchor_store: str | None = None
+    anchors_checked: int = 0
+    newest_anchored_seq: int | None = None
+    unanchored: int | None = None
+
+    @property
+    def attack(self) -> Problem | None:
+        """The first problem found (the chain's own before the anchors'), or None."""
+        return self.findings[0].kind if self.findings else None
 
 
 def _json_safe_details(details: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -183,7 +264,9 @@ def _record_from_row(row: sa.Row[Any]) -> AuditRecord:
         details=json.loads(values["details"]),
         evidence=json.loads(values["evidence"]),
         prev_hash=values["prev_hash"],
+        key_id=values["key_id"],
         record_hash=values["record_hash"],
+        hmac=values["hmac"],
     )
 
 
@@ -192,7 +275,9 @@ class AuditStore:
     production). ``create=False`` refuses to create a missing database or table, for readers such as
     the CLI where an empty new log would hide a wrong URL."""
 
-    def __init__(self, url: str, *, create: bool = True) -> None:
+    def __init__(self, url: str, *, keyring: AuditKeyring | None = None, create: bool = True) -> None:
+        # Without a keyring the store can read, but neither append (nothing to sign with) nor verify.
+        self.keyring = keyring
         parsed = db.parse_url(url)
         self.url = db.safe_url(parsed)
         database_file = db.sqlite_file(parsed)
@@ -210,6 +295,14 @@ class AuditStore:
             raise ConfigurationError(
                 f"{self.url} has no table {TABLE_NAME!r}; check the URL or connection "
                 "(it is created by the first task that records a decision)"
+            )
+        columns = {column["name"] for column in sa.inspect(self._engine).get_columns(TABLE_NAME)}
+        if "hmac" not in columns:
+            self._engine.dispose()
+            raise ConfigurationError(
+                f"the audit log at {self.url} was written by an earlier version without record HMACs; "
+                "keep it as an archive (modelops audit verify of that version still reads it) and point the "
+                "modelops_audit connection at a new database"
             )
 
     @contextmanager
@@ -237,6 +330,7 @@ class AuditStore:
     ) -> AuditRecord:
         """Append one record and return it; a retry of the same decision in the same task run returns
         the record already written instead of writing another."""
+        keyring = self._require_keyring("append to")
         for name, value in (
             ("actor", actor),
             ("action", action),
@@ -261,34 +355,47 @@ class AuditStore:
                         if existing is not None:
                             return _record_from_row(existing)
                     tail_seq, tail_hash = self._tail(conn)
-                    fields: dict[str, Any] = {
-                        "seq": tail_seq + 1,
-                        "recorded_at": datetime.now(UTC).isoformat(timespec="microseconds"),
-                        "actor": actor,
-                        "dag_id": dag_id,
-                        "run_id": run_id,
-                        "task_id": task_id,
-                        "action": action,
-                        "subject": subject,
-                        "decision": decision,
-                        "details": clean_details,
-                        "evidence": clean_evidence,
-                        "prev_hash": tail_hash,
-                    }
-                    fields["record_hash"] = compute_record_hash(fields)
-                    conn.execute(
-                        audit_table.insert().values(
-                            **(
-                                fields
-                                | {
-                                    "details": canonical_json(clean_details),
-                                    "evidence": canonical_json(clean_evidence),
-                                    "idempotency_key": key,
-                                }
-                            )
+                    tail_key_id = self._key_id_at(conn, tail_seq)
+                    if tail_key_id is not None and tail_key_id != keyring.current:
+                        # The keyring's current key changed since the tail was written: record the
+                        # rotation first, endorsed by the old key, so the change itself is on the chain.
+                        rotation = self._insert(
+                            conn,
+                            self._signed_fields(
+                                keyring,
+                                seq=tail_seq + 1,
+                                prev_hash=tail_hash,
+                                actor=actor,
+                                action=AuditAction.KEY_ROTATED.value,
+                                subject=AUDIT_KEYRING_SUBJECT,
+                                decision=Decision.ROTATED.value,
+                                details=self._rotation_details(keyring, tail_key_id, tail_hash),
+                                evidence={},
+                                dag_id=dag_id,
+                                run_id=run_id,
+                                task_id=task_id,
+                            ),
+                            idempotency=None,
                         )
+                        tail_seq, tail_hash = rotation.seq, rotation.record_hash
+                    return self._insert(
+                        conn,
+                        self._signed_fields(
+                            keyring,
+                            seq=tail_seq + 1,
+                            prev_hash=tail_hash,
+                            actor=actor,
+                            action=action,
+                            subject=subject,
+                            decision=decision,
+                            details=clean_details,
+                            evidence=clean_evidence,
+                            dag_id=dag_id,
+                            run_id=run_id,
+                            task_id=task_id,
+                        ),
+                        idempotency=key,
                     )
-                return AuditRecord(**fields)
             except sa.exc.IntegrityError as exc:
                 # A racing writer took this seq/prev_hash (or wrote the same decision): re-read and retry.
                 last_error = exc
@@ -298,6 +405,65 @@ class AuditStore:
             f"attempt lost the race for the chain's tail to another writer (last error: {last_error}); "
             "retry the task, and check that no process writes the table without the write lock"
         ) from last_error
+
+    @staticmethod
+    def _signed_fields(keyring: AuditKeyring, **values: Any) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "recorded_at": datetime.now(UTC).isoformat(timespec="microseconds"),
+            **values,
+            "key_id": keyring.current,
+        }
+        fields["record_hash"] = compute_record_hash(fields)
+        fields["hmac"] = keyring.sign(fields["record_hash"])
+        return fields
+
+    @staticmethod
+    def _insert(conn: Connection, fields: dict[str, Any], *, idempotency: str | None) -> AuditRecord:
+        row = fields | {
+            "details": canonical_json(fields["details"]),
+            "evidence": canonical_json(fields["evidence"]),
+            "idempotency_key": idempotency,
+        }
+        conn.execute(audit_table.insert().values(**row))
+        return AuditRecord(**{name: fields[name] for name in _FIELDS})
+
+    def _rotation_details(self, keyring: AuditKeyring, old_key_id: str, prev_hash: str) -> dict[str, Any]:
+        if not keyring.knows(old_key_id):
+            raise ConfigurationError(
+                f"the audit log at {self.url} was last signed with key {old_key_id!r}, which is not in the "
+                f"keyring {keyring.key_ids}; keep it as a retired key (extra.retired_keys of the connection "
+                f'modelops_audit_key, or under "keys" in ${KEYS_ENV}) so it can endorse the rotation to '
+                f"{keyring.current!r} and its records keep verifying"
+            )
+        return {
+            "from_key_id": old_key_id,
+            "to_key_id": keyring.current,
+            "endorsement": keyring.sign(rotation_message(keyring.current, prev_hash), key_id=old_key_id),
+        }
+
+    @staticmethod
+    def _key_id_at(conn: Connection, seq: int) -> str | None:
+        if seq == 0:
+            return None
+        return conn.execute(sa.select(audit_table.c.key_id).where(audit_table.c.seq == seq)).scalar()
+
+    def _require_keyring(self, doing: str) -> AuditKeyring:
+        if self.keyring is None:
+            raise ConfigurationError(
+                f"cannot {doing} the audit log at {self.url} without its keyring; define the Airflow "
+                f"connection modelops_audit_key or set {KEYS_ENV}={KEYRING_EXAMPLE}"
+            )
+        return self.keyring
+
+    def authentic(self, record: AuditRecord) -> bool:
+        """Whether ``record`` is exactly as its key holder wrote it: its content hashes to its
+        ``record_hash`` and its ``hmac`` is that hash's HMAC under the key it names. A record written
+        or rewritten by someone without the key fails; so does one signed by a key not in the keyring."""
+        keyring = self._require_keyring("authenticate records of")
+        fields = record.to_dict()
+        return compute_record_hash(fields) == record.record_hash and keyring.check(
+            record.record_hash, record.hmac, key_id=record.key_id
+        )
 
     @staticmethod
     def _tail(conn: Connection) -> tuple[int, str]:
@@ -343,45 +509,301 @@ class AuditStore:
             return int(conn.execute(sa.select(sa.func.count()).select_from(audit_table)).scalar_one())
 
     def head(self) -> tuple[int, str] | None:
-        """``(seq, record_hash)`` of the newest record, or None for an empty log. Keep it somewhere
-        else (a ticket, object storage with retention, a signed message): only a head kept outside this
-        database catches truncation or a rewrite of the chain's newest records."""
+        """``(seq, record_hash)`` of the newest record, or None for an empty log."""
         with self._engine.connect() as conn:
             seq, record_hash = self._tail(conn)
         return None if seq == 0 else (seq, record_hash)
 
+    # --- anchoring -------------------------------------------------------------------------------
+
+    def anchor_head(self, anchors: AnchorStore) -> tuple[Anchor, bool] | None:
+        """Sign the head and store it in ``anchors``: ``(anchor, written now)``, or None for an empty
+        log. Anchoring a head that is already anchored writes nothing (``written now`` is False).
+
+        Only an authentic head is anchored: signing a record someone without the key wrote would lend it
+        the key's authority. Raises :class:`~modelops.audit.anchors.AnchorError` if the store fails.
+        """
+        keyring = self._require_keyring("anchor")
+        head = self.last()
+        if head is None:
+            return None
+        if not self.authentic(head):
+            raise AuditChainBroken(
+                f"the head of the audit log at {self.url} (seq={head.seq}) fails its hash or HMAC check, so "
+                "it is not anchored; run `modelops audit verify` to see what was changed"
+            )
+        anchor = Anchor.sign(seq=head.seq, record_hash=head.record_hash, keyring=keyring)
+        return anchor, anchors.put(anchor)
+
     # --- verifying -------------------------------------------------------------------------------
 
-    def verify(self) -> ChainVerification:
-        """Walk the chain in seq order and name the first record that breaks it."""
+    def verify(self, anchors: AnchorStore | None = None) -> ChainVerification:
+        """Check every record (hash, link, HMAC, key changes) and, given the anchor store, every anchor
+        and the log against them; name each problem found (see the module docstring for what this
+        proves). Without ``anchors`` only the chain and the HMACs are checked: that cannot see tail
+        truncation, an emptied table or a rewrite by a key holder."""
+        keyring = self._require_keyring("verify")
+        count, key_ids, chain_finding = self._walk_chain(keyring)
+        findings = [] if chain_finding is None else [chain_finding]
+        anchor_stats: dict[str, Any] = {}
+        if anchors is not None:
+            anchor_findings, anchor_stats = self._check_anchors(keyring, anchors)
+            findings.extend(anchor_findings)
+        if not findings:
+            return ChainVerification(True, count, key_ids=key_ids, **anchor_stats)
+        return ChainVerification(
+            False,
+            count,
+            "; ".join(finding.message for finding in findings),
+            findings[0].seq,
+            tuple(findings),
+            key_ids,
+            **anchor_stats,
+        )
+
+    def _walk_chain(self, keyring: AuditKeyring) -> tuple[int, tuple[str, ...], Finding | None]:
+        """Walk the chain in seq order: (records read, keys used, the first record that breaks it)."""
         count = 0
-        expected_seq, expected_prev = 1, GENESIS_HASH
+        key_ids: list[str] = []
+        expected_seq, expected_prev, prev_key = 1, GENESIS_HASH, None
         with self._engine.connect() as conn:
             for row in conn.execute(sa.select(audit_table).order_by(audit_table.c.seq)):
                 values = row._mapping
                 seq = int(values["seq"])
+                key_id = values["key_id"]
                 count += 1
-                if seq != expected_seq:
-                    if expected_seq == 1:
-                        problem = f"record seq=1 is missing (deleted): the chain starts at seq={seq}"
-                    else:
-                        problem = (
-                            f"record seq={expected_seq} is missing (deleted): "
-                            f"seq={seq} follows seq={expected_seq - 1}"
-                        )
-                    return ChainVerification(False, count, problem, expected_seq)
-                if values["prev_hash"] != expected_prev:
-                    after = "the start of the chain" if seq == 1 else f"seq={seq - 1}"
-                    problem = (
-                        f"record seq={seq} does not follow {after}: prev_hash mismatch (inserted or reordered)"
-                        f"; {self._where_prev_hash_points(values['prev_hash'])}"
-                    )
-                    return ChainVerification(False, count, problem, seq)
-                if self._stored_hash_mismatch(values):
-                    problem = f"record seq={seq} was altered: its stored hash does not match its content"
-                    return ChainVerification(False, count, problem, seq)
-                expected_seq, expected_prev = seq + 1, values["record_hash"]
-        return ChainVerification(True, count)
+                if key_id not in key_ids:
+                    key_ids.append(key_id)
+                finding = self._record_problem(values, seq, expected_seq, expected_prev, prev_key, keyring)
+                if finding is not None:
+                    return count, tuple(key_ids), finding
+                expected_seq, expected_prev, prev_key = seq + 1, values["record_hash"], key_id
+        return count, tuple(key_ids), None
+
+    def _record_problem(
+        self,
+        values: Mapping[str, Any],
+        seq: int,
+        expected_seq: int,
+        expected_prev: str,
+        prev_key: str | None,
+        keyring: AuditKeyring,
+    ) -> Finding | None:
+        if seq != expected_seq:
+            if expected_seq == 1:
+                problem = f"record seq=1 is missing (deleted): the chain starts at seq={seq}"
+            else:
+                problem = f"record seq={expected_seq} is missing (deleted): seq={seq} follows seq={expected_seq - 1}"
+            return Finding(Problem.RECORD_DELETED, problem, expected_seq)
+        if values["prev_hash"] != expected_prev:
+            after = "the start of the chain" if seq == 1 else f"seq={seq - 1}"
+            problem = (
+                f"record seq={seq} does not follow {after}: prev_hash mismatch (inserted or reordered)"
+                f"; {self._where_prev_hash_points(values['prev_hash'])}"
+            )
+            return Finding(Problem.RECORD_INSERTED_OR_REORDERED, problem, seq)
+        if self._stored_hash_mismatch(values):
+            problem = f"record seq={seq} was altered: its stored hash does not match its content"
+            return Finding(Problem.RECORD_ALTERED, problem, seq)
+        key_id = values["key_id"]
+        if not keyring.knows(key_id):
+            problem = (
+                f"record seq={seq} is signed with key {key_id!r}, which is not in the keyring "
+                f"{keyring.key_ids}; add it as a retired key to verify the records it signed"
+            )
+            return Finding(Problem.UNKNOWN_KEY, problem, seq)
+        if not keyring.check(values["record_hash"], values["hmac"], key_id=key_id):
+            problem = (
+                f"record seq={seq} fails its HMAC check: it was written or rewritten by someone "
+                "without the audit key (forged, or the chain recomputed after an edit)"
+            )
+            return Finding(Problem.RECORD_FORGED, problem, seq)
+        if values["action"] == AuditAction.KEY_ROTATED:
+            problem = self._rotation_problem(values, seq, prev_key, keyring)
+            return None if problem is None else Finding(Problem.BAD_ROTATION, problem, seq)
+        if prev_key is not None and key_id != prev_key:
+            problem = (
+                f"record seq={seq} is signed with key {key_id!r} but seq={seq - 1} with {prev_key!r}, with "
+                f"no {AuditAction.KEY_ROTATED.value} record between: it was written with a key that was not "
+                "the current one (a retired or leaked key)"
+            )
+            return Finding(Problem.KEY_CHANGED_WITHOUT_ROTATION, problem, seq)
+        return None
+
+    @staticmethod
+    def _rotation_problem(
+        values: Mapping[str, Any], seq: int, prev_key: str | None, keyring: AuditKeyring
+    ) -> str | None:
+        details = json.loads(values["details"])
+        from_key, to_key = details.get("from_key_id"), details.get("to_key_id")
+        what = f"key rotation record seq={seq}"
+        if to_key != values["key_id"] or (prev_key is not None and from_key != prev_key):
+            return (
+                f"{what} names a rotation {from_key!r} -> {to_key!r}, but the records around it are signed "
+                f"with {prev_key!r} -> {values['key_id']!r}"
+            )
+        if not isinstance(from_key, str) or not keyring.knows(from_key):
+            return (
+                f"{what} is endorsed by key {from_key!r}, which is not in the keyring {keyring.key_ids}; "
+                "add it as a retired key to verify the rotation and the records it signed"
+            )
+        message = rotation_message(values["key_id"], values["prev_hash"])
+        if not keyring.check(message, details.get("endorsement"), key_id=from_key):
+            return f"{what} fails its endorsement: the holder of the old key {from_key!r} did not sign it"
+        return None
+
+    def _check_anchors(
+        self, keyring: AuditKeyring, anchors: AnchorStore
+    ) -> tuple[list[Finding], dict[str, Any]]:
+        """Every anchor's own validity, then the log against the genuine ones."""
+        listed = anchors.list()
+        findings: list[Finding] = []
+        anchor_findings: list[Finding] = []
+        # Genuine = a valid HMAC under a key of the keyring. A replayed anchor is genuine content in the
+        # wrong place: it is named, and its content still counts (it is a true statement of a past head).
+        genuine: dict[tuple[int, str], ListedAnchor] = {}
+        # Anchors stored under their own name first, so a copy elsewhere is the one named as the replay.
+        for item in sorted(listed, key=lambda item: item.anchor is None or item.name != item.anchor.name):
+            finding = self._anchor_problem(item, keyring, genuine)
+            if finding is not None:
+                anchor_findings.append(finding)
+        with self._engine.connect() as conn:
+            last_seq = int(
+                conn.execute(sa.select(sa.func.coalesce(sa.func.max(audit_table.c.seq), 0))).scalar()
+            )
+            logged = self._hashes_at(conn, sorted({seq for seq, _ in genuine if seq <= last_seq}))
+        matched = [seq for seq, record_hash in genuine if seq <= last_seq and logged.get(seq) == record_hash]
+        mismatched = sorted(
+            (seq, record_hash)
+            for seq, record_hash in genuine
+            if seq <= last_seq and logged.get(seq) != record_hash
+        )
+        beyond = [seq for seq, _ in genuine if seq > last_seq]
+        where = anchors.uri
+
+        if last_seq and not genuine:
+            held = f"holds {len(listed)} objects but no genuine anchor" if listed else "holds no anchor"
+            findings.append(
+                Finding(
+                    Problem.NOT_ANCHORED,
+                    f"the log has records up to seq={last_seq} but {where} {held}: anchoring is off or the "
+                    "anchors were removed",
+                    1,
+                )
+            )
+        if not last_seq and genuine:
+            findings.append(
+                Finding(
+                    Problem.LOG_EMPTIED,
+                    f"the log is empty but {where} holds {len(genuine)} genuine anchors, the newest naming "
+                    f"seq={max(beyond)}: the log was emptied, or its database replaced by an empty one",
+                    1,
+                )
+            )
+        elif mismatched and not matched:
+            seq, record_hash = mismatched[0]
+            findings.append(
+                Finding(
+                    Problem.LOG_REPLACED,
+                    f"no anchor matches the log: all {len(mismatched)} anchors within it name other records "
+                    f"(the first, seq={seq}, names hash {record_hash[:16]}..., the log has "
+                    f"{self._short(logged.get(seq))}): the whole log was rewritten, or the database replaced "
+                    "by another log",
+                    seq,
+                )
+            )
+        elif mismatched:
+            first_bad, record_hash = mismatched[0]
+            below = [seq for seq in matched if seq < first_bad]
+            last_good = max(below) if below else None
+            since = f"after seq={last_good}" if last_good is not None else "from its start"
+            findings.append(
+                Finding(
+                    Problem.LOG_REWRITTEN,
+                    f"the log was rewritten {since}: "
+                    + (f"the anchor of seq={last_good} matches, but " if last_good is not None else "")
+                    + f"the anchor of seq={first_bad} names hash {record_hash[:16]}... and the log has "
+                    f"{self._short(logged.get(first_bad))} (records rewritten, by someone holding the key "
+                    "if their HMACs verify)",
+                    (last_good or 0) + 1,
+                )
+            )
+        if beyond and last_seq:
+            newest = max(beyond)
+            findings.append(
+                Finding(
+                    Problem.TAIL_TRUNCATED,
+                    f"the log ends at seq={last_seq} but a genuine anchor names seq={newest}: records "
+                    f"{last_seq + 1}..{newest} were deleted, or the log was restored from an older backup",
+                    last_seq + 1,
+                )
+            )
+        newest_anchored = max(matched) if matched else None
+        stats = {
+            "anchor_store": where,
+            "anchors_checked": len(listed),
+            "newest_anchored_seq": newest_anchored,
+            "unanchored": last_seq - (newest_anchored or 0),
+        }
+        return findings + anchor_findings, stats
+
+    @staticmethod
+    def _anchor_problem(
+        item: ListedAnchor, keyring: AuditKeyring, genuine: dict[tuple[int, str], ListedAnchor]
+    ) -> Finding | None:
+        anchor = item.anchor
+        if anchor is None:
+            return Finding(
+                Problem.FORGED_ANCHOR,
+                f"{item.location} is {item.error}: something other than the audit log wrote it",
+            )
+        if not keyring.knows(anchor.key_id):
+            return Finding(
+                Problem.UNKNOWN_KEY,
+                f"anchor {item.location} is signed with key {anchor.key_id!r}, which is not in the keyring "
+                f"{keyring.key_ids}; add it as a retired key to check the anchors it signed",
+                anchor.seq,
+            )
+        if not anchor.authentic(keyring):
+            return Finding(
+                Problem.FORGED_ANCHOR,
+                f"anchor {item.location} fails its HMAC check: forged by someone without the audit key "
+                "(it is ignored)",
+                anchor.seq,
+            )
+        identity = (anchor.seq, anchor.record_hash)
+        earlier = genuine.get(identity)
+        genuine.setdefault(identity, item)
+        if item.name != anchor.name:
+            return Finding(
+                Problem.REPLAYED_ANCHOR,
+                f"{item.location} holds the anchor of seq={anchor.seq} ({anchor.name}) under another name: "
+                "an old anchor replayed or copied (the newest genuine anchor still decides)",
+                anchor.seq,
+            )
+        if earlier is not None:
+            return Finding(
+                Problem.REPLAYED_ANCHOR,
+                f"{item.location} repeats the anchor of seq={anchor.seq} already stored at {earlier.location}: "
+                "an old anchor replayed",
+                anchor.seq,
+            )
+        return None
+
+    @staticmethod
+    def _hashes_at(conn: Connection, seqs: list[int]) -> dict[int, str]:
+        found: dict[int, str] = {}
+        for start in range(0, len(seqs), _LOOKUP_BATCH):
+            batch = seqs[start : start + _LOOKUP_BATCH]
+            rows = conn.execute(
+                sa.select(audit_table.c.seq, audit_table.c.record_hash).where(audit_table.c.seq.in_(batch))
+            )
+            found.update((int(row.seq), row.record_hash) for row in rows)
+        return found
+
+    @staticmethod
+    def _short(record_hash: str | None) -> str:
+        return "no record there" if record_hash is None else f"hash {record_hash[:16]}..."
 
     @staticmethod
     def _stored_hash_mismatch(values: Mapping[str, Any]) -> bool:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from modelops.serving.client import GatewayClient
     from modelops.serving.prediction_log import PredictionLog
     from modelops.settings import Catalog
-    from modelops.stages.outcome import StageOutcome
+    from modelops.stages.outcome import AuditEntry, StageOutcome
 
 
 class ModelOpsBaseOperator(BaseOperator):
@@ -132,17 +132,24 @@ class ModelOpsBaseOperator(BaseOperator):
             # and let the original error, which is what the task failed of, propagate (the caller re-raises).
             self.log.exception("could not record the failure of %s in the audit log", self.task_id)
 
+    def record_entry(self, entry: AuditEntry, context: Context) -> dict[str, Any]:
+        """Write one of the stage's records now (a retry of the same decision returns the first one)."""
+        return self.audit_hook.record(
+            action=entry.action,
+            subject=entry.subject,
+            decision=entry.decision,
+            details=entry.details,
+            evidence=entry.evidence,
+            context=context,
+        )
+
     def act_on(self, outcome: StageOutcome, context: Context) -> dict[str, Any]:
-        """Record, then fail on a refusal, else emit the event and return the XCom."""
+        """Record, apply the decision's registry effects, then fail on a refusal, else emit the event and
+        return the XCom."""
         for entry in outcome.records:
-            self.audit_hook.record(
-                action=entry.action,
-                subject=entry.subject,
-                decision=entry.decision,
-                details=entry.details,
-                evidence=entry.evidence,
-                context=context,
-            )
+            self.record_entry(entry, context)
+        for effect in outcome.effects:
+            effect()
         if outcome.refusal is not None:
             raise AirflowFailException(outcome.refusal)
         if outcome.asset_extra is not None:

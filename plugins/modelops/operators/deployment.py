@@ -38,5 +38,8 @@ class DeployModelOperator(ModelOpsBaseOperator):
             spec=self.catalog.model(self.model),
             registry=self.registry,
             gateway=self.gateway,
+            audit=self.audit_hook.store,
+            # The promotion is recorded before the alias moves, so the stage writes it mid-way.
+            record=lambda entry: self.record_entry(entry, context),
             version=None if self.model_version in (None, "") else str(self.model_version),
         )

@@ -6,10 +6,16 @@ Every registered model answers at ``POST /models/{name}/invocations``; the platf
 ``GET /models/{name}/health`` and ``/models/{name}/version`` speak for one model; ``GET /health`` also
 summarises every model the gateway knows (the model specs with serving enabled, and whatever it loaded).
 
-What is live for a model is whatever the registry's ``champion`` alias points at; the gateway keeps no
-deployment state of its own, so a restart resumes serving the champions. A deployment stages a candidate
-version (``POST /admin/models/{name}/stage``), smoke-tests it over HTTP with ``X-Model-Version`` while the
-previous champion keeps serving everyone else, moves the alias, then calls
+What is live for a model is the champion the audit log authorises: the newest authentic promotion or
+rollback record of the model (:mod:`modelops.evidence`) names a version and the sha256 of each of its
+files. The registry's ``champion`` alias must agree; when someone moves it outside the pipeline the
+gateway logs and reports the mismatch (``alias_mismatch`` in ``/health`` and ``/admin/models``) and keeps
+serving the recorded champion. A version is downloaded and its files hashed *before* it is loaded (a
+pyfunc runs code on load), and it is loaded only when every file matches the record. The gateway keeps
+no deployment state of its own, so a restart resumes serving the recorded champions. A deployment stages
+a version the compliance gate approved (``POST /admin/models/{name}/stage``; its files must match the
+gate's record), smoke-tests it over HTTP with ``X-Model-Version`` while the previous champion keeps
+serving everyone else, records the promotion, moves the alias, then calls
 ``POST /admin/models/{name}/reload``. Every call to an invocations endpoint lands in the prediction log.
 
 Models are read through :class:`~modelops.registry.ModelRegistry` and downloaded into a temporary folder
@@ -53,7 +59,18 @@ from mlflow.pyfunc.utils.serving_data_parser import is_unified_llm_input
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from modelops.audit import AuditKeyring, AuditRecord, AuditStore
+from modelops.audit.keys import KEYRING_EXAMPLE, KEYS_ENV
 from modelops.errors import ConfigurationError, ModelOpsError, RegistryError
+from modelops.evidence import (
+    CHAMPION_FIELD,
+    EvidenceMismatch,
+    champion_record,
+    check_files,
+    gate_record,
+    hash_tree,
+    recorded_files,
+)
 from modelops.registry import ModelRegistry
 from modelops.serving.prediction_log import (
     LabelCountMismatch,
@@ -69,6 +86,7 @@ REQUEST_ID_HEADER = "X-Request-Id"
 MODEL_VERSION_HEADER = "X-Model-Version"
 CALLER_ID_HEADER = "X-Caller-Id"
 ANONYMOUS_CALLER = "anonymous"
+AUDIT_URL_ENV = "MODELOPS_AUDIT_URL"
 
 
 def invocations_path(name: str) -> str:
@@ -89,9 +107,19 @@ class GatewayConfig:
     """Models the gateway knows besides the default one: listed by ``/health`` and ``/admin/models`` even
     before their first request. Any other registered model is served too, on request."""
     admin_token: str | None = None
+    audit_url: str = ""
+    """The audit log: a version is served only when an authentic record there authorises its files."""
+    audit_keyring: AuditKeyring | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))
+        if not self.audit_url or self.audit_keyring is None:
+            raise ConfigurationError(
+                "the scoring gateway serves a model version only when the audit log holds an authentic "
+                f"deployment record of its files, so it needs the audit log's URL and keyring; set "
+                f"{AUDIT_URL_ENV} (e.g. postgresql+psycopg2://user:pass@db/audit) and {KEYS_ENV} "
+                f"(e.g. {KEYRING_EXAMPLE})"
+            )
 
     @property
     def known_models(self) -> list[str]:
@@ -99,7 +127,8 @@ class GatewayConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewayConfig:
-        """Read ``MLFLOW_TRACKING_URI``, ``MODELOPS_PREDICTIONS_URL``, ``MODELOPS_GATEWAY_ADMIN_TOKEN`` and
+        """Read ``MLFLOW_TRACKING_URI``, ``MODELOPS_PREDICTIONS_URL``, ``MODELOPS_AUDIT_URL``,
+        ``MODELOPS_AUDIT_KEYS``, ``MODELOPS_GATEWAY_ADMIN_TOKEN`` and
         ``MODELOPS_DEFAULT_MODEL`` (default: ``default_model`` of include/modelops.yaml); the known models
         are the model specs of include/models/ with serving enabled."""
         from modelops.settings import load_catalog  # pydantic and YAML only; kept off the import path
@@ -125,8 +154,12 @@ class GatewayConfig:
                 f"{sorted(catalog.models)}. Set it to one of them, or unset it to use default_model of "
                 f"{catalog.root / 'modelops.yaml'}"
             )
+        audit_url = required(AUDIT_URL_ENV, "postgresql+psycopg2://user:pass@db/audit")
+        keyring = AuditKeyring.from_json(required(KEYS_ENV, KEYRING_EXAMPLE), source=KEYS_ENV)
         return cls(
             tracking_uri=tracking_uri,
+            audit_url=audit_url,
+            audit_keyring=keyring,
             predictions_url=predictions_url,
             default_model=default_model,
             models=tuple(sorted(name for name, spec in catalog.models.items() if spec.serving.enabled)),
@@ -176,6 +209,12 @@ class ModelLoadFailed(GatewayError):
     status, error_code = 422, "MODEL_LOAD_FAILED"
 
 
+class UnverifiedVersion(GatewayError):
+    """The version's files or its authorising record do not check out: it is not loaded."""
+
+    status, error_code = 409, "UNVERIFIED_MODEL_VERSION"
+
+
 class NoDeployedVersion(GatewayError):
     status, error_code = 503, "NO_DEPLOYED_VERSION"
 
@@ -192,6 +231,48 @@ def _error_response(error: GatewayError, headers: Mapping[str, str] | None = Non
     )
 
 
+# --- what authorises a version ---------------------------------------------------------------------
+
+
+class DeploymentEvidence:
+    """Read-only access to the audit log's decisions, opened on first use (the log may not exist yet when
+    the gateway starts: then nothing is authorised). Every record used is checked against the keyring."""
+
+    def __init__(self, url: str, keyring: AuditKeyring | None) -> None:
+        self.url = url
+        self.keyring = keyring
+        self._store: AuditStore | None = None
+        self._lock = threading.Lock()
+
+    def _open(self) -> AuditStore | None:
+        with self._lock:
+            if self._store is None:
+                try:
+                    self._store = AuditStore(self.url, keyring=self.keyring, create=False)
+                except ConfigurationError as exc:
+                    logger.warning("audit log not readable yet, so no version is authorised: %s", exc)
+                    return None
+            return self._store
+
+    def champion(self, name: str) -> AuditRecord | None:
+        store = self._open()
+        return None if store is None else champion_record(store, name)
+
+    def approval(self, name: str, version: str) -> AuditRecord:
+        store = self._open()
+        if store is None:
+            raise EvidenceMismatch(
+                f"{name} v{version} has no compliance gate decision: the audit log is empty"
+            )
+        return gate_record(store, name, version)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self._store.dispose()
+                self._store = None
+
+
 # --- the models in memory -------------------------------------------------------------------------
 
 
@@ -205,6 +286,8 @@ class _Slot:
     loaded: dict[str, PyFuncModel] = field(default_factory=dict)
     problem: str | None = None
     """Why the champion could not be served at the last attempt (None once it serves)."""
+    mismatch: str | None = None
+    """Why the registry's alias is not what serves (an alias moved outside the pipeline), else None."""
 
     @property
     def empty(self) -> bool:
@@ -219,8 +302,11 @@ class ServedModels:
     once. All methods block (registry calls, downloads, model loading): call them from a threadpool.
     """
 
-    def __init__(self, registry: ModelRegistry, known: Iterable[str] = ()) -> None:
+    def __init__(
+        self, registry: ModelRegistry, evidence: DeploymentEvidence, known: Iterable[str] = ()
+    ) -> None:
         self.registry = registry
+        self.evidence = evidence
         self.known = tuple(sorted(set(known)))
         self._slots: dict[str, _Slot] = {name: _Slot() for name in self.known}
         self._slots_lock = threading.Lock()
@@ -317,14 +403,35 @@ class ServedModels:
             f"POST /admin/models/{name}/reload"
         )
 
-    def _load(self, slot: _Slot, name: str, version: str) -> PyFuncModel:
+    def _load(self, slot: _Slot, name: str, version: str, expected: Mapping[str, str]) -> PyFuncModel:
+        """Download, check every file against ``expected`` (the authorising record's hashes), then load.
+
+        Nothing of the version runs before its files check out: loading a pyfunc runs its code.
+        """
         model = slot.loaded.get(version)
         if model is not None:
             return model
         folder = self._folder(name, version)
         shutil.rmtree(folder, ignore_errors=True)  # what a failed load may have left
         try:
-            model = self.registry.load_pyfunc(name, version, folder)
+            model_dir = self._registry_call(self.registry.download_version, name, version, folder)
+            check_files(
+                expected,
+                hash_tree(model_dir),
+                what=f"version {version} of model {name!r} is not the one the audit log authorises",
+            )
+        except EvidenceMismatch as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            logger.warning("refused to load %s v%s: %s", name, version, exc)
+            raise UnverifiedVersion(
+                f"{exc}; it was not loaded. Its files were changed after the decision: register and "
+                "deploy a new version through the pipeline"
+            ) from exc
+        except GatewayError:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        try:
+            model = mlflow.pyfunc.load_model(str(model_dir))
         except Exception as exc:  # any loader failure (skops, flavor, import) is reported, not served
             shutil.rmtree(folder, ignore_errors=True)
             raise ModelLoadFailed(
@@ -333,6 +440,34 @@ class ServedModels:
             ) from exc
         slot.loaded[version] = model
         return model
+
+    def _authorised_champion(self, slot: _Slot, name: str) -> tuple[str, dict[str, str]]:
+        """The version to serve and its files, from the newest authentic promotion or rollback record.
+
+        The registry's alias is only cross-checked: an alias moved outside the pipeline is reported
+        (``mismatch``, a warning in the log) and never served; the recorded champion serves instead.
+        """
+        alias_version = self._champion_version(name)
+        try:
+            record = self.evidence.champion(name)
+        except EvidenceMismatch as exc:
+            raise UnverifiedVersion(str(exc)) from exc
+        recorded = None if record is None else record.details.get(CHAMPION_FIELD)
+        if recorded == alias_version:
+            slot.mismatch = None
+            return alias_version, recorded_files(record)
+        where = "no deployment record" if record is None else f"the deployment record seq={record.seq} names "
+        where += "" if record is None else (f"v{recorded}" if recorded else "no champion")
+        slot.mismatch = (
+            f"the registry's '{Alias.CHAMPION}' alias points at v{alias_version} but the audit log has {where}: "
+            "the alias was moved outside the pipeline; v" + str(alias_version) + " is not served"
+        )
+        logger.warning("model %s: %s", name, slot.mismatch)
+        if record is None or not recorded:
+            raise UnverifiedVersion(
+                f"model {name!r}: {slot.mismatch}; deploy a version through the deployment DAG"
+            )
+        return str(recorded), recorded_files(record)
 
     def _evict_unused(self, name: str, slot: _Slot) -> None:
         keep = {slot.live, slot.staged}
@@ -352,8 +487,12 @@ class ServedModels:
         try:
             with slot.lock:
                 try:
-                    version = slot.live or self._champion_version(name)
-                    model = self._load(slot, name, version)
+                    if slot.live is not None:
+                        version = slot.live
+                        model = slot.loaded[version]
+                    else:
+                        version, files = self._authorised_champion(slot, name)
+                        model = self._load(slot, name, version, files)
                 except ModelNotServed:
                     raise
                 except GatewayError as exc:
@@ -404,16 +543,25 @@ class ServedModels:
             with slot.lock:
                 previous = slot.live
                 try:
-                    version = self._champion_version(name)
+                    version, files = self._authorised_champion(slot, name)
                 except NoDeployedVersion as exc:
-                    # The registry is the truth: without an alias nothing is live.
+                    # Without an alias nothing is live.
                     slot.live, slot.problem = None, exc.message
                     self._evict_unused(name, slot)
                     raise
-                self._load(slot, name, version)
+                except UnverifiedVersion as exc:
+                    # The last verified version (if any) keeps serving; the mismatch is reported.
+                    slot.problem = exc.message
+                    raise
+                self._load(slot, name, version, files)
                 slot.live, slot.problem = version, None
                 self._evict_unused(name, slot)
-                return {"model": name, "live_version": version, "previous_version": previous}
+                return {
+                    "model": name,
+                    "live_version": version,
+                    "previous_version": previous,
+                    "alias_mismatch": slot.mismatch,
+                }
         except ModelNotServed:
             self._forget_if_empty(name)
             raise
@@ -424,9 +572,13 @@ class ServedModels:
         except RegistryError as exc:
             self.require_known(name)  # an unknown model is named as such, with the known ones
             raise NotFound(str(exc)) from exc
+        try:
+            approval = self.evidence.approval(name, found.version)
+        except EvidenceMismatch as exc:
+            raise UnverifiedVersion(f"{exc}; version {found.version} was not loaded") from exc
         slot = self._slot(name)
         with slot.lock:
-            self._load(slot, name, found.version)
+            self._load(slot, name, found.version, recorded_files(approval))
             slot.staged = found.version
             self._evict_unused(name, slot)
             return {"model": name, "staged_version": found.version, "live_version": slot.live}
@@ -449,6 +601,7 @@ class ServedModels:
                     "live_version": slot.live,
                     "staged_version": slot.staged,
                     "loaded_versions": sorted(slot.loaded, key=_version_order),
+                    "alias_mismatch": slot.mismatch,
                     "invocations_url": invocations_path(name),
                 }
         return described
@@ -466,6 +619,12 @@ class ServedModels:
                 entry = {"status": "unavailable", "model_version": None, "message": problem}
             else:
                 entry = {"status": "not_loaded", "model_version": None}
+            if slot.mismatch is not None:
+                entry["alias_mismatch"] = slot.mismatch
+            if live is not None and problem is not None:
+                # The last reload was refused (e.g. files not matching their record): the previous
+                # verified version serves, and the refusal is visible here, not only in the log.
+                entry["last_reload_refused"] = problem
             summary[name] = {**entry, "invocations_url": invocations_path(name)}
         return summary
 
@@ -631,7 +790,8 @@ class LabelsRequest(BaseModel):
 
 def create_app(config: GatewayConfig) -> FastAPI:
     registry = ModelRegistry(config.tracking_uri)
-    served = ServedModels(registry, config.known_models)
+    evidence = DeploymentEvidence(config.audit_url, config.audit_keyring)
+    served = ServedModels(registry, evidence, config.known_models)
     prediction_log = PredictionLog(config.predictions_url)
 
     @asynccontextmanager
@@ -640,6 +800,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
             yield
         finally:
             served.close()
+            evidence.close()
             prediction_log.dispose()
 
     app = FastAPI(title="ModelOps scoring gateway", version=mlflow.__version__, lifespan=lifespan)

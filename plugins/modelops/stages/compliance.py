@@ -1,10 +1,11 @@
 """Stage 3: the compliance gate, policy as code.
 
 The model's compliance policy (chosen by its risk tier, or its spec's override) is evaluated in full
-against a registered version: required lineage tags, holdout metric bounds for the model's task kind plus
-the spec's own bounds, and that its training data hash is a version of the model's own dataset that
-passed validation (looked up in the audit log, the system of record). Every check is reported, not only
-the first failure.
+against a registered version: that the training stage registered it (an authentic audit record) and its
+files are unchanged since, required lineage tags, holdout metric bounds for the model's task kind plus the
+spec's own bounds, and that its training data hash is a version of the model's own dataset that passed
+validation (looked up in the audit log, the system of record). Every check is reported, not only the
+first failure. Registry tags are written after the record, and only for people browsing MLflow.
 """
 
 from __future__ import annotations
@@ -14,6 +15,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from modelops.evidence import (
+    EvidenceMismatch,
+    check_files,
+    evidence_summary,
+    recorded_files,
+    registration_record,
+    version_file_hashes,
+)
 from modelops.settings import Catalog, CompliancePolicy, MetricThreshold, ModelSpec
 from modelops.stages.common import resolve_version
 from modelops.stages.outcome import AuditEntry, StageOutcome, dataset_evidence, sha256_json
@@ -29,7 +38,7 @@ from modelops.vocabulary import (
 )
 
 if TYPE_CHECKING:
-    from modelops.audit import AuditStore
+    from modelops.audit import AuditRecord, AuditStore
     from modelops.registry import ModelRegistry
 
 
@@ -144,33 +153,81 @@ def evaluate_policy(
     return GateReport(spec.name, str(version), policy.name, policy.version, checks)
 
 
+def _provenance_checks(
+    registry: ModelRegistry, audit: AuditStore, spec: ModelSpec, version: str, run_id: str | None
+) -> tuple[list[Check], AuditRecord | None, dict[str, str]]:
+    """Whether the version is the training stage's own, with its files unchanged since registration.
+
+    Returns the checks, the authentic registration record (or None) and the files' hashes now.
+    """
+    try:
+        registration = registration_record(audit, spec.name, version)
+    except EvidenceMismatch as exc:
+        registration, provenance = None, Check("provenance:registered_by_training", False, str(exc))
+    else:
+        same_run = registration.details.get("run_id") == run_id
+        provenance = Check(
+            "provenance:registered_by_training",
+            same_run,
+            f"registered by {registration.actor} (audit record seq={registration.seq})"
+            if same_run
+            else f"the registry says run {run_id!r} but training recorded run "
+            f"{registration.details.get('run_id')!r} (audit seq={registration.seq}): the version was "
+            "re-pointed outside the pipeline",
+        )
+    try:
+        files = version_file_hashes(registry, spec.name, version)
+    except EvidenceMismatch as exc:
+        return [provenance, Check("files:unchanged_since_training", False, str(exc))], registration, {}
+    if registration is None:
+        unchanged = Check("files:unchanged_since_training", False, "no registration record to compare with")
+    else:
+        try:
+            check_files(recorded_files(registration), files, what="model files differ from those registered")
+        except EvidenceMismatch as exc:
+            unchanged = Check("files:unchanged_since_training", False, str(exc))
+        else:
+            unchanged = Check(
+                "files:unchanged_since_training", True, f"{len(files)} files identical to those registered"
+            )
+    return [provenance, unchanged], registration, files
+
+
 def gate(
     *, spec: ModelSpec, catalog: Catalog, registry: ModelRegistry, audit: AuditStore, version: str | None
 ) -> StageOutcome:
-    """Evaluate the model's compliance policy against one version; approve (alias ``challenger``) or reject."""
+    """Evaluate the model's compliance policy against one version; approve (alias ``challenger``) or reject.
+
+    Lineage and metrics are read from the training stage's authentic registration record, not from
+    registry tags or run metrics anyone with an MLflow client could set; the version's files are hashed
+    and must be those training registered. The record holds every file's sha256, which deployment and
+    the gateway check before serving.
+    """
     policy = catalog.policies_for(spec).compliance
     version = resolve_version(registry, spec.name, version, Alias.CANDIDATE)
     model_version = registry.version(spec.name, version)
-    tags = model_version.tags
-    metrics = registry.run_metrics(model_version.run_id) if model_version.run_id else {}
+    provenance, registration, files = _provenance_checks(registry, audit, spec, version, model_version.run_id)
+    if registration is not None:
+        tags = {str(k): str(v) for k, v in registration.details.get("tags", {}).items()}
+        metrics = {str(k): float(v) for k, v in registration.details.get("metrics", {}).items()}
+    else:
+        tags = model_version.tags
+        metrics = registry.run_metrics(model_version.run_id) if model_version.run_id else {}
     sha = tags.get(Tag.TRAIN_DATA_SHA256, "")
     validated = bool(sha) and latest_passed_validation(audit, sha, dataset=spec.dataset) is not None
     report = evaluate_policy(
         policy=policy, spec=spec, version=version, tags=tags, metrics=metrics, dataset_validated=validated
     )
+    report.checks[:0] = provenance
     policy_label = f"{policy.name}@{policy.version}"
     report_sha = sha256_json(report.to_dict())
     if model_version.run_id:
         registry.log_text(model_version.run_id, report.to_json(), f"compliance/gate_report_v{version}.json")
-    registry.set_version_tags(
-        spec.name,
-        version,
-        {
-            Tag.COMPLIANCE_STATUS: report.verdict,
-            Tag.COMPLIANCE_POLICY: policy_label,
-            Tag.COMPLIANCE_REPORT_SHA256: report_sha,
-        },
-    )
+    verdict_tags = {
+        Tag.COMPLIANCE_STATUS: report.verdict,
+        Tag.COMPLIANCE_POLICY: policy_label,
+        Tag.COMPLIANCE_REPORT_SHA256: report_sha,
+    }
     record = AuditEntry(
         AuditAction.GATE_DECIDED,
         model_subject(spec.name, version),
@@ -180,10 +237,14 @@ def gate(
             "risk_tier": spec.risk_tier,
             "checks": [asdict(check) for check in report.checks],
             "failed": [check.name for check in report.failures],
+            "run_id": model_version.run_id,
+            Tag.TRAIN_DATA_SHA256: sha if dataset_evidence(sha) else None,
+            **evidence_summary(files),
         },
         evidence={
             "policy": sha256_json(policy.model_dump()),
             "gate_report": report_sha,
+            "artifacts": sha256_json(files),
             **dataset_evidence(sha),
         },
     )
@@ -193,6 +254,11 @@ def gate(
         "verdict": str(report.verdict),
         "checks": len(report.checks),
     }
+
+    def tag_verdict() -> None:
+        # For people browsing MLflow only: no stage decides from these tags.
+        registry.set_version_tags(spec.name, version, verdict_tags)
+
     if not report.approved:
         failures = "\n".join(f"  - {check.name}: {check.detail}" for check in report.failures)
         return StageOutcome(
@@ -200,16 +266,17 @@ def gate(
             summary=f"{spec.name} v{version} rejected by {policy_label}",
             details=details,
             records=(record,),
+            effects=(tag_verdict,),
             refusal=f"{spec.name} v{version} rejected by policy {policy_label}: "
             f"{len(report.failures)} of {len(report.checks)} checks failed:\n{failures}\n"
             "No alias moved; the version is tagged compliance_status=rejected.",
         )
-    registry.set_alias(spec.name, Alias.CHALLENGER, version)
     return StageOutcome(
         decision=Decision.APPROVED,
         summary=f"{spec.name} v{version} approved: {len(report.checks)}/{len(report.checks)} checks passed "
         f"({policy_label})",
         details=details,
         records=(record,),
+        effects=(tag_verdict, lambda: registry.set_alias(spec.name, Alias.CHALLENGER, version)),
         asset_extra={EventField.MODEL_NAME: spec.name, EventField.VERSION: version, "policy": policy_label},
     )

@@ -1,10 +1,12 @@
 """Stage 4: deployment to the scoring gateway with a smoke test and automatic rollback.
 
-Only a version the compliance gate approved deploys. It is first *staged* in the gateway next to the
-live champion, smoke-tested through HTTP with rows of its own training data (only requests that name its
-version reach it), and only then does the registry's ``champion`` alias move (``previous_champion``
-keeps the old one for rollback) and the gateway reload. A failed smoke test leaves the previous champion
-serving; a failed reload moves the alias back.
+Only a version the compliance gate approved deploys, decided from the gate's authentic audit record (never
+from registry tags), with the version's files re-hashed against that record. It is first *staged* in the
+gateway next to the live champion, smoke-tested through HTTP with rows of its own validated training data
+(only requests that name its version reach it); then the promotion is recorded, the registry's
+``champion`` alias moves (``previous_champion`` keeps the old one) and the gateway reloads, serving it only
+because the promotion record names its files. A failed smoke test or a refusal leaves the previous
+champion serving; a failed reload records a rollback and moves the alias back.
 """
 
 from __future__ import annotations
@@ -16,25 +18,36 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from modelops.errors import DeploymentFailed
+from modelops.evidence import (
+    CHAMPION_FIELD,
+    EvidenceMismatch,
+    champion_record,
+    check_files,
+    evidence_summary,
+    gate_record,
+    recorded_files,
+    version_file_hashes,
+)
 from modelops.settings import ModelSpec
 from modelops.stages.common import resolve_version
-from modelops.stages.outcome import AuditEntry, StageOutcome, dataset_evidence, sha256_json
+from modelops.stages.outcome import AuditEntry, Recorder, StageOutcome, dataset_evidence, sha256_json
 from modelops.storage import read_dataset
 from modelops.vocabulary import (
     SMOKE_TEST_CALLER,
     Alias,
     AuditAction,
-    ComplianceStatus,
     Decision,
     DeploymentStatus,
     EventField,
     Tag,
+    latest_passed_validation,
     model_subject,
 )
 
 if TYPE_CHECKING:
     import pandas as pd
 
+    from modelops.audit import AuditRecord, AuditStore
     from modelops.registry import ModelRegistry
     from modelops.serving.client import GatewayClient
 
@@ -108,27 +121,37 @@ def deploy_version(
     *,
     registry: ModelRegistry,
     gateway: GatewayClient,
+    audit: AuditStore,
+    record: Recorder,
     spec: ModelSpec,
     version: str,
+    files: dict[str, str],
     smoke_rows: pd.DataFrame,
 ) -> DeploymentResult:
-    """Stage, smoke-test, promote. Safe to retry: a version that is already champion is only re-verified."""
+    """Stage, smoke-test, record the promotion, promote. Safe to retry: a version that is already the
+    recorded champion is only re-verified.
+
+    The promotion record (the version and its files' hashes) is written before the ``champion`` alias
+    moves: the gateway serves a version only when such a record authorises it.
+    """
     model = spec.name
     now = datetime.now(UTC).isoformat()
-    current = registry.version_by_alias(model, Alias.CHAMPION)
-    if current is not None and current.version == str(version):
+    current = champion_record(audit, model)
+    current_version = None if current is None else current.details.get(CHAMPION_FIELD)
+    if current_version == str(version):
+        # The alias may lag a crash between the record and the move: put it where the record says.
+        registry.set_alias(model, Alias.CHAMPION, version)
         gateway.reload(model)
         _verify_live(gateway, model, version)
-        previous = registry.version_by_alias(model, Alias.PREVIOUS_CHAMPION)
         return DeploymentResult(
             model,
             str(version),
-            previous.version if previous else None,
+            current.details.get("previous_version") if current else None,
             SmokeTest(rows=0),
             now,
             already_live=True,
         )
-    previous_version = current.version if current is not None else None
+    previous_version = current_version or None
 
     gateway.stage(model, version)
     check = smoke_test(gateway, spec, version, smoke_rows)
@@ -141,16 +164,39 @@ def deploy_version(
         )
         return DeploymentResult(model, str(version), previous_version, check, now)
 
+    record(
+        AuditEntry(
+            AuditAction.MODEL_DEPLOYED,
+            model_subject(model, version),
+            Decision.PROMOTED,
+            details={
+                CHAMPION_FIELD: str(version),
+                "previous_version": previous_version,
+                "smoke_test": {**asdict(check), "passed": True},
+                **evidence_summary(files),
+            },
+            evidence={"artifacts": sha256_json(files), "smoke_test": sha256_json(asdict(check))},
+        )
+    )
     registry.set_alias(model, Alias.CHAMPION, version)
     try:
         gateway.reload(model)
         _verify_live(gateway, model, version)
     except DeploymentFailed as exc:
-        rollback(registry, gateway, model, failed_version=version, previous_version=previous_version)
+        rollback(
+            registry,
+            gateway,
+            audit,
+            record,
+            model,
+            failed_version=version,
+            previous=current,
+            reason=f"the gateway did not take v{version} live: {exc}",
+        )
         try:
             gateway.unstage(model)
         except DeploymentFailed:
-            pass  # best effort: the alias, not the staged slot, decides what serves
+            pass  # best effort: the recorded champion, not the staged slot, decides what serves
         after = (
             f"rolled back to v{previous_version}"
             if previous_version
@@ -186,12 +232,32 @@ def _verify_live(gateway: GatewayClient, model: str, version: str) -> None:
 def rollback(
     registry: ModelRegistry,
     gateway: GatewayClient,
+    audit: AuditStore,
+    record: Recorder,
     model: str,
     *,
     failed_version: str,
-    previous_version: str | None,
+    previous: AuditRecord | None,
+    reason: str,
 ) -> None:
-    """Put the previous champion back (or, with none, withdraw the alias so nothing unverified serves)."""
+    """Put the previous recorded champion back (or, with none, withdraw the alias so nothing unverified
+    serves), recording the rollback first so the gateway accepts it."""
+    previous_version = None if previous is None else previous.details.get(CHAMPION_FIELD)
+    files = recorded_files(previous) if previous is not None and previous_version else {}
+    record(
+        AuditEntry(
+            AuditAction.MODEL_ROLLED_BACK,
+            model_subject(model, failed_version),
+            Decision.ROLLED_BACK,
+            details={
+                CHAMPION_FIELD: previous_version,
+                "failed_version": str(failed_version),
+                "reason": reason[:2000],
+                **(evidence_summary(files) if files else {}),
+            },
+            evidence={"artifacts": sha256_json(files)} if files else {},
+        )
+    )
     if previous_version is None:
         registry.delete_alias(model, Alias.CHAMPION)
     else:
@@ -206,55 +272,89 @@ def rollback(
             raise
 
 
-def deploy(
-    *, spec: ModelSpec, registry: ModelRegistry, gateway: GatewayClient, version: str | None
-) -> StageOutcome:
-    """Deploy one approved version of ``spec`` to the gateway; refuse anything the gate did not approve."""
-    version = resolve_version(registry, spec.name, version, Alias.CHALLENGER)
-    subject = model_subject(spec.name, version)
-    tags = registry.version(spec.name, version).tags
-    status = tags.get(Tag.COMPLIANCE_STATUS)
-    refusal = None
-    if not spec.serving.enabled:
-        refusal = f"{spec.name} has serving.enabled: false in its model spec; enable it there to deploy to the gateway"
-    elif status != ComplianceStatus.APPROVED:
-        refusal = (
-            f"{spec.name} v{version} has compliance_status={status!r}; only versions approved by the "
-            "compliance gate deploy. Run modelops_compliance_gate on it first."
-        )
-    elif not tags.get(Tag.TRAIN_DATA_URI):
-        refusal = (
-            f"{spec.name} v{version} has no {Tag.TRAIN_DATA_URI} lineage tag, so there is no training data "
-            "to smoke-test it with and nothing traces it to validated data; register it through training"
-        )
-    if refusal is not None:
-        return StageOutcome(
-            decision=Decision.REFUSED,
-            summary=f"{spec.name} v{version} refused",
-            details={"model_name": spec.name, "version": version},
-            records=(
-                AuditEntry(
-                    AuditAction.MODEL_DEPLOYED,
-                    subject,
-                    Decision.REFUSED,
-                    details={"reason": refusal, Tag.COMPLIANCE_STATUS: status},
-                ),
+def _refused(spec: ModelSpec, version: str, refusal: str, **facts: Any) -> StageOutcome:
+    return StageOutcome(
+        decision=Decision.REFUSED,
+        summary=f"{spec.name} v{version} refused",
+        details={"model_name": spec.name, "version": version},
+        records=(
+            AuditEntry(
+                AuditAction.MODEL_DEPLOYED,
+                model_subject(spec.name, version),
+                Decision.REFUSED,
+                details={"reason": refusal, **facts},
             ),
-            refusal=refusal,
+        ),
+        refusal=refusal,
+    )
+
+
+def deploy(
+    *,
+    spec: ModelSpec,
+    registry: ModelRegistry,
+    gateway: GatewayClient,
+    audit: AuditStore,
+    record: Recorder,
+    version: str | None,
+) -> StageOutcome:
+    """Deploy one approved version of ``spec`` to the gateway; refuse anything the gate did not approve.
+
+    The authority is the gate's authentic audit record, never registry tags: the version's files are
+    downloaded and hashed, and must be exactly those the gate approved. The smoke-test rows come from the
+    validated dataset the gate's record names.
+    """
+    version = resolve_version(registry, spec.name, version, Alias.CHALLENGER)
+    if not spec.serving.enabled:
+        return _refused(
+            spec,
+            version,
+            f"{spec.name} has serving.enabled: false in its model spec; enable it there to deploy to the gateway",
         )
-    smoke_rows = read_dataset(tags[Tag.TRAIN_DATA_URI], columns=spec.features, nrows=spec.serving.smoke_rows)
+    try:
+        approval = gate_record(audit, spec.name, version)
+        files = version_file_hashes(registry, spec.name, version)
+        check_files(
+            recorded_files(approval),
+            files,
+            what=f"{spec.name} v{version}'s model files are not those the compliance gate approved "
+            f"(audit record seq={approval.seq}); someone changed them in the artifact store after the gate",
+        )
+    except EvidenceMismatch as exc:
+        return _refused(spec, version, str(exc))
+    sha = approval.details.get(Tag.TRAIN_DATA_SHA256)
+    validation = latest_passed_validation(audit, sha, dataset=spec.dataset) if sha else None
+    if validation is None or not validation.details.get("snapshot_uri"):
+        return _refused(
+            spec,
+            version,
+            f"{spec.name} v{version}: the gate's record names no validated dataset snapshot to smoke-test "
+            "it with; train it from validated data through modelops_training",
+            gate_record_seq=approval.seq,
+        )
+    smoke_rows = read_dataset(
+        validation.details["snapshot_uri"], columns=spec.features, nrows=spec.serving.smoke_rows
+    )
     result = deploy_version(
-        registry=registry, gateway=gateway, spec=spec, version=version, smoke_rows=smoke_rows
+        registry=registry,
+        gateway=gateway,
+        audit=audit,
+        record=record,
+        spec=spec,
+        version=version,
+        files=files,
+        smoke_rows=smoke_rows,
     )
     passed = result.smoke_test.passed
-    record = AuditEntry(
+    outcome_record = AuditEntry(
         AuditAction.MODEL_DEPLOYED,
-        subject,
+        model_subject(spec.name, version),
         Decision.DEPLOYED if passed else Decision.SMOKE_TEST_FAILED,
-        details=result.to_dict(),
+        details={**result.to_dict(), "gate_record_seq": approval.seq},
         evidence={
             "smoke_test": sha256_json(asdict(result.smoke_test)),
-            **dataset_evidence(tags.get(Tag.TRAIN_DATA_SHA256)),
+            "artifacts": sha256_json(files),
+            **dataset_evidence(sha),
         },
     )
     serving_url = gateway.invocations_url(spec.name)
@@ -265,7 +365,7 @@ def deploy(
             decision=Decision.SMOKE_TEST_FAILED,
             summary=f"{spec.name} v{version} failed its smoke test",
             details=details,
-            records=(record,),
+            records=(outcome_record,),
             # Deterministic for the same version and data: a retry would fail the same way.
             refusal=f"{spec.name} v{version} failed its smoke test; "
             f"v{result.previous_version} keeps serving:\n{problems}",
@@ -276,7 +376,7 @@ def deploy(
         summary=f"{spec.name} v{version} is champion at {serving_url} (previous: {previous}); "
         f"smoke test {result.smoke_test.rows} rows in {result.smoke_test.latency_ms} ms",
         details=details,
-        records=(record,),
+        records=(outcome_record,),
         asset_extra={
             EventField.MODEL_NAME: spec.name,
             EventField.VERSION: version,

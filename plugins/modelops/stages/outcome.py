@@ -1,8 +1,10 @@
 """What every stage function returns: one decision with its evidence, for the operator to act on.
 
-A stage decides; its operator records ``records`` in the audit log, fails the task when ``refusal`` is
-set (after recording, so a rejection keeps its evidence), emits ``asset_extra`` as the Asset event and
-returns ``xcom()``. Stages never write the audit log or emit events themselves.
+A stage decides; its operator records ``records`` in the audit log, then applies ``effects`` (the
+registry changes the decision makes: tags, aliases), so no state changes before its record exists; then
+it fails the task when ``refusal`` is set (after recording, so a rejection keeps its evidence), emits
+``asset_extra`` as the Asset event and returns ``xcom()``. A stage that must record mid-way (deployment
+records a promotion before moving the alias) is handed a recorder instead.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +44,10 @@ def sha256_json(data: Any) -> str:
     ).hexdigest()
 
 
+Recorder = Callable[["AuditEntry"], dict[str, Any]]
+"""Writes one entry to the audit log now and returns the record (the operator's, for mid-stage records)."""
+
+
 @dataclass(frozen=True)
 class AuditEntry:
     """One audit record a stage asks its operator to write."""
@@ -66,6 +73,9 @@ class StageOutcome:
     """The extra of the Asset event to emit on success; None emits nothing."""
     refusal: str | None = None
     """Set when the stage decided against its input: the task fails, without a retry, with this message."""
+    effects: tuple[Callable[[], None], ...] = ()
+    """Registry changes of the decision, applied in order after ``records`` are written; each must be safe
+    to apply twice (a retried task finds its record already written and applies them again)."""
 
     def xcom(self) -> dict[str, Any]:
         return {**self.details, "decision": self.decision, "summary": self.summary}

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelops.errors import TrainingError
+from modelops.evidence import evidence_summary, version_file_hashes
 from modelops.registry import json_tag
 from modelops.settings import PROJECT_ROOT, Catalog, ModelSpec
 from modelops.stages.outcome import AuditEntry, StageOutcome, sha256_json
@@ -376,6 +377,8 @@ def train(
         dag_id=dag_id,
         run_id=run_id,
     )
+    # The files as registered, read back from the registry: the gate approves only these exact files.
+    files = version_file_hashes(registry, spec.name, result.version)
     headline = spec.metrics[0]
     return StageOutcome(
         decision=Decision.CANDIDATE,
@@ -393,8 +396,13 @@ def train(
                     "tags": result.tags,
                     "trigger": str(trigger),
                     "experiment": spec.experiment_name,
+                    **evidence_summary(files),
                 },
-                evidence={"dataset": sha, "lineage_tags": sha256_json(result.tags)},
+                evidence={
+                    "dataset": sha,
+                    "lineage_tags": sha256_json(result.tags),
+                    "artifacts": sha256_json(files),
+                },
             ),
         ),
         asset_extra={

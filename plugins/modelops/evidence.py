@@ -1,0 +1,195 @@
+"""Decisions bound to evidence: the model files a decision was about, and the signed records that decided.
+
+The registry (tags, aliases, artifact store) can be written by anyone with an MLflow client; the audit
+log cannot be forged without its key (:mod:`modelops.audit.keys`). So every decision that lets a model
+version move on reads its authority from an authentic audit record, never from registry tags, and
+binds it to the sha256 of every file of the version:
+
+- training records the files it registered (``model.registered``);
+- the gate approves only files unchanged since training, and records their hashes (``gate.decided``);
+- deployment re-hashes the files it will serve against the gate's record, and records the promotion
+  (``model.deployed``/``promoted``) *before* the ``champion`` alias moves;
+- the gateway loads a version only after hashing its downloaded files against that record: the newest
+  authentic promotion or rollback record of the model must name exactly that version and those hashes.
+
+Imports nothing of Airflow: the gateway uses it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modelops.errors import ModelOpsError
+from modelops.vocabulary import AuditAction, Decision, model_subject
+
+if TYPE_CHECKING:
+    from modelops.audit import AuditRecord, AuditStore
+    from modelops.registry import ModelRegistry
+
+ARTIFACTS_FIELD = "artifacts"
+"""Details key of a record: ``{relative path: sha256}`` of every file of the model version."""
+CHAMPION_FIELD = "champion_version"
+"""Details key of a promotion or rollback record: the version that serves after it."""
+
+_CHUNK = 1 << 20
+
+
+class EvidenceMismatch(ModelOpsError):
+    """A model version's files, or the records about it, do not match what was decided."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_tree(folder: Path) -> dict[str, str]:
+    """``{posix relative path: sha256}`` of every regular file under ``folder``; a symlink is refused
+    (it could point at a file the hash does not cover)."""
+    hashes: dict[str, str] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            raise EvidenceMismatch(
+                f"model file {path.relative_to(folder).as_posix()} is a symbolic link; a model version must "
+                "consist of regular files"
+            )
+        if path.is_file():
+            hashes[path.relative_to(folder).as_posix()] = sha256_file(path)
+    return hashes
+
+
+def version_file_hashes(registry: ModelRegistry, name: str, version: str) -> dict[str, str]:
+    """Download a version's files into a temporary folder and hash them (nothing is loaded or run)."""
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory(prefix="modelops-hash-") as folder:
+        try:
+            model_dir = registry.download_version(name, version, Path(folder))
+        except MlflowException as exc:
+            # A version whose files do not exist is a fact to decide on (rejected, refused); anything
+            # else (the server down) propagates, so the task is retried instead of deciding wrongly.
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST" and "No such artifact" not in exc.message:
+                raise
+            raise EvidenceMismatch(
+                f"the model files of {name} v{version} cannot be downloaded (the version points at no "
+                "model); register a version through modelops_training"
+            ) from exc
+        return hash_tree(model_dir)
+
+
+def file_differences(expected: Mapping[str, str], actual: Mapping[str, str]) -> list[str]:
+    """What differs between two ``{path: sha256}`` maps, by path only (hashes of no interest to a reader)."""
+    problems = [
+        f"{path} changed" for path in sorted(expected) if path in actual and actual[path] != expected[path]
+    ]
+    problems += [f"{path} is missing" for path in sorted(set(expected) - set(actual))]
+    problems += [f"{path} was added" for path in sorted(set(actual) - set(expected))]
+    return problems
+
+
+def recorded_files(record: AuditRecord) -> dict[str, str]:
+    files = record.details.get(ARTIFACTS_FIELD)
+    if not isinstance(files, dict) or not files:
+        raise EvidenceMismatch(
+            f"audit record seq={record.seq} ({record.action} {record.subject}) holds no model file hashes; "
+            "it predates evidence binding: run the version through the stage again"
+        )
+    return {str(path): str(digest) for path, digest in files.items()}
+
+
+def _newest_authentic(
+    store: AuditStore, action: str, subject: str, decisions: set[str]
+) -> tuple[AuditRecord | None, list[int]]:
+    """The newest authentic record with one of ``decisions``, and the seqs of inauthentic ones skipped."""
+    forged: list[int] = []
+    for record in reversed(store.records(action=action, subject=subject)):
+        if record.decision not in decisions:
+            continue
+        if not store.authentic(record):
+            forged.append(record.seq)
+            continue
+        return record, forged
+    return None, forged
+
+
+def _forged_note(forged: list[int]) -> str:
+    if not forged:
+        return ""
+    return (
+        f"; record(s) seq={', '.join(map(str, forged))} claiming it fail their HMAC check (forged or altered: "
+        "run `modelops audit verify`)"
+    )
+
+
+def registration_record(store: AuditStore, name: str, version: str) -> AuditRecord:
+    """The training stage's authentic registration record of ``name`` v``version``."""
+    subject = model_subject(name, version)
+    record, forged = _newest_authentic(store, AuditAction.MODEL_REGISTERED, subject, {Decision.CANDIDATE})
+    if record is None:
+        raise EvidenceMismatch(
+            f"{name} v{version} was not registered by the training stage: the audit log has no authentic "
+            f"registration record for {subject}{_forged_note(forged)}. A version registered straight into "
+            "MLflow is never approved; train it through modelops_training"
+        )
+    return record
+
+
+def gate_record(store: AuditStore, name: str, version: str) -> AuditRecord:
+    """The compliance gate's newest authentic decision on ``name`` v``version``; it must be an approval."""
+    subject = model_subject(name, version)
+    record, forged = _newest_authentic(
+        store, AuditAction.GATE_DECIDED, subject, {Decision.APPROVED, Decision.REJECTED}
+    )
+    if record is None:
+        raise EvidenceMismatch(
+            f"{name} v{version} has no authentic compliance gate decision in the audit log"
+            f"{_forged_note(forged)}; registry tags such as compliance_status do not count. Run "
+            "modelops_compliance_gate on it first"
+        )
+    if record.decision != Decision.APPROVED:
+        raise EvidenceMismatch(
+            f"{name} v{version} was {record.decision} by the compliance gate (audit record seq={record.seq}); "
+            "only approved versions deploy"
+        )
+    return record
+
+
+def champion_record(store: AuditStore, name: str) -> AuditRecord | None:
+    """The newest authentic record that set ``name``'s champion (a promotion or a rollback), or None.
+
+    Records of every version of the model are read (their subjects differ by version), newest first.
+    """
+    prefix = model_subject(name, "")
+    newest: AuditRecord | None = None
+    for action, decision in (
+        (AuditAction.MODEL_DEPLOYED, Decision.PROMOTED),
+        (AuditAction.MODEL_ROLLED_BACK, Decision.ROLLED_BACK),
+    ):
+        # Filtered here, not in SQL: subjects differ by version, and deployments are few.
+        for record in reversed(store.records(action=action)):
+            if not record.subject.startswith(prefix) or record.decision != decision:
+                continue
+            if not store.authentic(record):
+                continue
+            if newest is None or record.seq > newest.seq:
+                newest = record
+            break
+    return newest
+
+
+def check_files(expected: Mapping[str, str], actual: Mapping[str, str], *, what: str) -> None:
+    problems = file_differences(expected, actual)
+    if problems:
+        raise EvidenceMismatch(f"{what}: " + "; ".join(problems[:20]))
+
+
+def evidence_summary(files: Mapping[str, str]) -> dict[str, Any]:
+    """The ``artifacts`` details of a record: every file's sha256."""
+    return {ARTIFACTS_FIELD: dict(sorted(files.items()))}
