@@ -172,9 +172,8 @@ def champion_record(store: AuditStore, name: str) -> AuditRecord | None:
         (AuditAction.MODEL_DEPLOYED, Decision.PROMOTED),
         (AuditAction.MODEL_ROLLED_BACK, Decision.ROLLED_BACK),
     ):
-        # Filtered here, not in SQL: subjects differ by version, and deployments are few.
-        for record in reversed(store.records(action=action)):
-            if not record.subject.startswith(prefix) or record.decision != decision:
+        for record in reversed(store.records(action=action, subject_prefix=prefix)):
+            if record.decision != decision:
                 continue
             if not store.authentic(record):
                 continue

@@ -778,3 +778,12 @@ def test_postgresql_concurrent_writers(postgres_url: str) -> None:
         assert (store.verify().ok, store.count()) == (True, 100)
     finally:
         store.dispose()
+
+
+def test_a_subject_prefix_matches_literally_not_as_a_like_pattern(store: AuditStore) -> None:
+    for subject in ("model:a_b@1", "model:a_b@2", "model:aXb@1", "model:a_bc@1"):
+        store.append(
+            actor="test", action=AuditAction.GATE_DECIDED, subject=subject, decision=Decision.APPROVED
+        )
+    found = [record.subject for record in store.records(subject_prefix="model:a_b@")]
+    assert found == ["model:a_b@1", "model:a_b@2"]

@@ -476,19 +476,30 @@ class AuditStore:
 
     # --- reading ---------------------------------------------------------------------------------
 
-    def _select(self, action: str | None, subject: str | None) -> sa.Select[Any]:
+    def _select(
+        self, action: str | None, subject: str | None, subject_prefix: str | None = None
+    ) -> sa.Select[Any]:
         query = sa.select(audit_table)
         if action is not None:
             query = query.where(audit_table.c.action == action)
         if subject is not None:
             query = query.where(audit_table.c.subject == subject)
+        if subject_prefix is not None:
+            # autoescape: a model name may hold % or _, which LIKE would read as wildcards.
+            query = query.where(audit_table.c.subject.startswith(subject_prefix, autoescape=True))
         return query
 
     def records(
-        self, *, action: str | None = None, subject: str | None = None, limit: int | None = None
+        self,
+        *,
+        action: str | None = None,
+        subject: str | None = None,
+        subject_prefix: str | None = None,
+        limit: int | None = None,
     ) -> list[AuditRecord]:
-        """Matching records in seq order; with ``limit``, only the newest ``limit`` of them."""
-        query = self._select(action, subject)
+        """Matching records in seq order (``subject_prefix``: subjects starting with it, e.g. every version
+        of a model); with ``limit``, only the newest ``limit`` of them."""
+        query = self._select(action, subject, subject_prefix)
         with self._engine.connect() as conn:
             if limit is None:
                 rows = conn.execute(query.order_by(audit_table.c.seq)).all()
