@@ -3,14 +3,21 @@
 
 Runs when a version is registered (`modelops_model_candidate`), once per model the events name (one
 mapped task per model, named after it). Evaluates the model's compliance policy (picked by its risk tier
-in `include/policies/risk_tiers.yaml`, or its spec's override) in full: required lineage tags, that the
-version was trained from this model's spec, holdout metric bounds for its task kind plus the spec's own,
-and that the training data hash is a validated version of the model's own dataset. The gate report
-(JSON) is logged as an MLflow artifact of the version's run and the decision goes to the audit log.
+in `include/policies/risk_tiers.yaml`, or its spec's override): provenance (the training stage registered
+the version and its files are unchanged), then every check the policy lists: tags, lineage (validated,
+not quarantined, data card), metric bounds and non-regression against the champion, a scan of every model
+file without loading it, licences of its pip requirements, secrets, PII. Every failure is reported. The
+JSON gate report and a model card (Markdown) are logged beside the version's MLflow run; every decision
+goes to the audit log.
 
-- **Approved:** tag `compliance_status=approved`, alias `challenger`, Asset event `modelops_model_approved`
-  (starts deployment).
 - **Rejected:** tag `compliance_status=rejected`, no alias moves, the task fails listing every failed check.
+- **Approved automatically** (a policy without `approval.required`, e.g. low and medium risk): tag
+  `compliance_status=approved`, alias `challenger`, Asset event `modelops_model_approved` (starts deployment).
+- **Awaiting approval** (e.g. the `strict` policy of high-risk models): the task waits in
+  *awaiting input*, holding no worker slot. One of the policy's approvers answers **Approve** or **Reject**
+  with a comment, under *Required actions* in the Airflow UI, or through the REST API. Nobody else may
+  answer. The approver's name and comment go into the gate record and the model card. No answer within the
+  policy's `respond_within_hours` is a rejection. An approval deploys for `valid_for_hours`.
 
 **Trigger form** (a manual run): `model`, `model_version` (empty = the model's alias `candidate`).
 """
@@ -33,7 +40,8 @@ from modelops.params import model_param, version_param
     schedule=[MODEL_CANDIDATE],
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
-    max_active_runs=1,
+    # A run waiting for a person's approval must not hold up other models' versions.
+    max_active_runs=8,
     render_template_as_native_obj=True,
     tags=["modelops", "stage-3", "compliance"],
     default_args={"owner": "ml-platform", "retries": 1, "retry_delay": timedelta(seconds=30)},

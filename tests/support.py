@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,19 @@ def keyring_for_tests() -> Any:
     from modelops.audit import AuditKeyring
 
     return AuditKeyring(current=TEST_KEY_ID, keys={TEST_KEY_ID: TEST_KEY_SECRET})
+
+
+def valid_approval(hours: float = 168) -> dict[str, Any]:
+    """The ``approval`` details of a gate approval that deploys for ``hours`` from now."""
+    now = datetime.now(UTC)
+    return {
+        "approval": {
+            "mode": "automatic",
+            "by": "test",
+            "approved_at": now.isoformat(),
+            "valid_until": (now + timedelta(hours=hours)).isoformat(),
+        }
+    }
 
 
 def authorise(
@@ -66,7 +80,7 @@ def authorise(
             action=AuditAction.GATE_DECIDED,
             subject=subject,
             decision=Decision.APPROVED,
-            details=facts,
+            details={**facts, **valid_approval()},
         )
     if promote:
         store.append(

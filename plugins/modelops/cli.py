@@ -124,6 +124,90 @@ def _cmd_audit_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_gate_check(args: argparse.Namespace) -> int:
+    """The compliance gate's checks on one version, outside Airflow: a JSON report on stdout, nothing
+    written (no audit record, no tag, no alias), so CI can block a merge before any DAG runs."""
+    import json
+    from pathlib import Path
+
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not tracking_uri:
+        raise ConfigurationError("no MLflow server: pass --tracking-uri URI or set $MLFLOW_TRACKING_URI")
+    from modelops.evidence_files import FsspecFiles
+    from modelops.registry import ModelRegistry
+    from modelops.settings import load_catalog
+    from modelops.stages.compliance import evaluate
+
+    catalog = load_catalog(Path(args.include) if args.include else None)
+    spec = catalog.model(args.model)
+    policy = catalog.policies_for(spec).compliance
+    store = _open_audit_store(args.url)
+    try:
+        evaluation = evaluate(
+            spec=spec,
+            catalog=catalog,
+            registry=ModelRegistry(tracking_uri),
+            audit=store,
+            files=FsspecFiles(),
+            version=args.version,
+        )
+    finally:
+        store.dispose()
+    report = evaluation.report
+    if not report.passed:
+        verdict, code = "rejected", EXIT_CHECK_FAILED
+    elif policy.approval.required:
+        # Not skipped: the checks pass, and a person named in the policy must still approve in Airflow.
+        verdict = "approval_pending"
+        code = EXIT_CHECK_FAILED if args.require_approval else EXIT_OK
+    else:
+        verdict, code = "approved", EXIT_OK
+    output = {
+        **report.to_dict(),
+        "verdict": verdict,
+        "gate_report_sha256": evaluation.report_sha256,
+        "approval": {
+            "required": policy.approval.required,
+            "approvers": list(policy.approval.approvers),
+            "state": "pending: approve in the Airflow UI (modelops_compliance_gate)"
+            if verdict == "approval_pending"
+            else ("not required" if not policy.approval.required else "not reached"),
+        },
+    }
+    print(json.dumps(output, indent=2, sort_keys=True))
+    failed = ", ".join(check.name for check in report.failures)
+    print(
+        f"modelops gate: {spec.name} v{report.version} {verdict.replace('_', ' ')}"
+        + (f" (failed: {failed})" if failed else ""),
+        file=sys.stderr,
+    )
+    return code
+
+
+def _cmd_dataset_quarantine(args: argparse.Namespace) -> int:
+    """Withdraw a dataset version: the gate then rejects every version trained on it."""
+    import re
+
+    from modelops.vocabulary import Decision, dataset_subject
+
+    if not re.fullmatch(r"[0-9a-f]{64}", args.sha256):
+        raise ConfigurationError(f"{args.sha256!r} is not a dataset version's SHA-256 (64 hex digits)")
+    store = _open_audit_store(args.url)
+    try:
+        record = store.append(
+            actor=args.by or os.environ.get("USER") or "unknown",
+            action=AuditAction.DATASET_QUARANTINED,
+            subject=dataset_subject(args.sha256),
+            decision=Decision.QUARANTINED,
+            details={"reason": args.reason},
+            evidence={"dataset": args.sha256},
+        )
+    finally:
+        store.dispose()
+    print(f"quarantined dataset sha256 {args.sha256} (audit seq={record.seq})")
+    return EXIT_OK
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -177,6 +261,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("--subject", help="only records about this subject, e.g. model:ctr_recommender@3")
     show.set_defaults(handler=_cmd_audit_show)
+
+    gate = commands.add_parser("gate", help="the compliance gate, outside Airflow (for CI)")
+    gate_commands = gate.add_subparsers(dest="gate_command", required=True, metavar="GATE_COMMAND")
+    check = gate_commands.add_parser(
+        "check",
+        help="run the model's compliance policy on a version; JSON report on stdout; exit 0 approved (or "
+        "approval pending), 1 rejected, 2 usage. Writes nothing.",
+    )
+    check.add_argument("model", help="the model's name (a spec under include/models/)")
+    check.add_argument("version", help="the registered version number")
+    check.add_argument("--tracking-uri", help="the MLflow server (default: $MLFLOW_TRACKING_URI)")
+    check.add_argument(
+        "--include", help="the settings folder (default: $MODELOPS_INCLUDE_DIR, else include/)"
+    )
+    check.add_argument(
+        "--require-approval",
+        action="store_true",
+        help="exit 1 when the checks pass but the policy still needs a person's approval",
+    )
+    _add_url_option(check)
+    check.set_defaults(handler=_cmd_gate_check)
+
+    dataset = commands.add_parser("dataset", help="governed dataset versions")
+    dataset_commands = dataset.add_subparsers(
+        dest="dataset_command", required=True, metavar="DATASET_COMMAND"
+    )
+    quarantine = dataset_commands.add_parser(
+        "quarantine", help="withdraw a dataset version: the gate rejects every model trained on it"
+    )
+    quarantine.add_argument("sha256", help="the dataset version's SHA-256")
+    quarantine.add_argument("--reason", required=True, help="why, for the audit log")
+    quarantine.add_argument("--by", help="who (default: $USER)")
+    _add_url_option(quarantine)
+    quarantine.set_defaults(handler=_cmd_dataset_quarantine)
 
     return parser
 

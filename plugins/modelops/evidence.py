@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,23 +66,29 @@ def hash_tree(folder: Path) -> dict[str, str]:
     return hashes
 
 
-def version_file_hashes(registry: ModelRegistry, name: str, version: str) -> dict[str, str]:
-    """Download a version's files into a temporary folder and hash them (nothing is loaded or run)."""
+def download_version_files(registry: ModelRegistry, name: str, version: str, folder: Path) -> Path:
+    """Download a version's files into ``folder`` (nothing is loaded or run) and return the model folder.
+
+    A version whose files do not exist is a fact to decide on (``EvidenceMismatch``: rejected, refused);
+    anything else (the server down) propagates, so the task is retried instead of deciding wrongly.
+    """
     from mlflow.exceptions import MlflowException
 
+    try:
+        return registry.download_version(name, version, folder)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST" and "No such artifact" not in exc.message:
+            raise
+        raise EvidenceMismatch(
+            f"the model files of {name} v{version} cannot be downloaded (the version points at no "
+            "model); register a version through modelops_training"
+        ) from exc
+
+
+def version_file_hashes(registry: ModelRegistry, name: str, version: str) -> dict[str, str]:
+    """Download a version's files into a temporary folder and hash them (nothing is loaded or run)."""
     with tempfile.TemporaryDirectory(prefix="modelops-hash-") as folder:
-        try:
-            model_dir = registry.download_version(name, version, Path(folder))
-        except MlflowException as exc:
-            # A version whose files do not exist is a fact to decide on (rejected, refused); anything
-            # else (the server down) propagates, so the task is retried instead of deciding wrongly.
-            if exc.error_code != "RESOURCE_DOES_NOT_EXIST" and "No such artifact" not in exc.message:
-                raise
-            raise EvidenceMismatch(
-                f"the model files of {name} v{version} cannot be downloaded (the version points at no "
-                "model); register a version through modelops_training"
-            ) from exc
-        return hash_tree(model_dir)
+        return hash_tree(download_version_files(registry, name, version, Path(folder)))
 
 
 def file_differences(expected: Mapping[str, str], actual: Mapping[str, str]) -> list[str]:
@@ -104,7 +111,7 @@ def recorded_files(record: AuditRecord) -> dict[str, str]:
     return {str(path): str(digest) for path, digest in files.items()}
 
 
-def _newest_authentic(
+def newest_authentic(
     store: AuditStore, action: str, subject: str, decisions: set[str]
 ) -> tuple[AuditRecord | None, list[int]]:
     """The newest authentic record with one of ``decisions``, and the seqs of inauthentic ones skipped."""
@@ -131,7 +138,7 @@ def _forged_note(forged: list[int]) -> str:
 def registration_record(store: AuditStore, name: str, version: str) -> AuditRecord:
     """The training stage's authentic registration record of ``name`` v``version``."""
     subject = model_subject(name, version)
-    record, forged = _newest_authentic(store, AuditAction.MODEL_REGISTERED, subject, {Decision.CANDIDATE})
+    record, forged = newest_authentic(store, AuditAction.MODEL_REGISTERED, subject, {Decision.CANDIDATE})
     if record is None:
         raise EvidenceMismatch(
             f"{name} v{version} was not registered by the training stage: the audit log has no authentic "
@@ -144,7 +151,7 @@ def registration_record(store: AuditStore, name: str, version: str) -> AuditReco
 def gate_record(store: AuditStore, name: str, version: str) -> AuditRecord:
     """The compliance gate's newest authentic decision on ``name`` v``version``; it must be an approval."""
     subject = model_subject(name, version)
-    record, forged = _newest_authentic(
+    record, forged = newest_authentic(
         store, AuditAction.GATE_DECIDED, subject, {Decision.APPROVED, Decision.REJECTED}
     )
     if record is None:
@@ -159,6 +166,24 @@ def gate_record(store: AuditStore, name: str, version: str) -> AuditRecord:
             "only approved versions deploy"
         )
     return record
+
+
+def approval_still_valid(record: AuditRecord, now: datetime | None = None) -> str | None:
+    """Why the gate's approval ``record`` no longer deploys (expired, or no validity on record), or None."""
+    now = now or datetime.now(UTC)
+    approval = record.details.get("approval")
+    if not isinstance(approval, dict) or not approval.get("valid_until"):
+        return (
+            f"the gate's approval (audit seq={record.seq}) states no validity; run modelops_compliance_gate "
+            "on the version again"
+        )
+    until = datetime.fromisoformat(str(approval["valid_until"]))
+    if now > until:
+        return (
+            f"the gate's approval (audit seq={record.seq}, by {approval.get('by')}) expired at {until.isoformat()}; "
+            "run modelops_compliance_gate on the version again for a fresh approval"
+        )
+    return None
 
 
 def champion_record(store: AuditStore, name: str) -> AuditRecord | None:

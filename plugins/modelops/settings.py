@@ -29,7 +29,6 @@ from pydantic import (
 
 from modelops.errors import SettingsError, UnknownModel
 from modelops.locations import is_within
-from modelops.vocabulary import Tag
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -137,6 +136,11 @@ class DatasetSpec(StrictModel):
     file_pattern: str = Field(default="*.csv", description="Which files in incoming_uri are versions")
     expectation_suite: str = Field(description="GX suite file, relative to include/expectations/")
     pii_patterns: list[PiiPattern] = Field(default_factory=list)
+    sensitive_columns: list[str] = Field(
+        default_factory=list,
+        description="Columns the data card marks sensitive: no model artifact may carry their values unless "
+        "the model's compliance policy allows it",
+    )
     allowed_roots: Roots = Field(
         default_factory=list,
         description="Folders besides incoming_uri this dataset's files may be read from (local or s3://)",
@@ -250,26 +254,64 @@ class ModelSpec(StrictModel):
 # --- policies ------------------------------------------------------------------------------------
 
 
+class ApprovalPolicy(StrictModel):
+    """Who must approve a version after its checks pass, and for how long an approval holds."""
+
+    required: bool = Field(description="A named person approves in the Airflow UI; false auto-approves")
+    approvers: list[str] = Field(
+        default_factory=list,
+        description="Airflow user names (ids) who may approve; nobody else's answer counts",
+    )
+    respond_within_hours: float = Field(
+        default=72, gt=0, description="No answer in this time counts as a rejection"
+    )
+    valid_for_hours: float = Field(
+        default=168, gt=0, description="An approval older than this no longer deploys; gate the version again"
+    )
+
+    @model_validator(mode="after")
+    def _someone_may_approve(self) -> ApprovalPolicy:
+        if self.required and not self.approvers:
+            raise ValueError("approval.required is true but approval.approvers names nobody")
+        return self
+
+
 class CompliancePolicy(StrictModel):
-    """``include/policies/compliance/<file>.yaml``: what a version needs to be approved."""
+    """``include/policies/compliance/<file>.yaml``: which checks a version must pass, and who approves it.
+
+    ``checks`` maps the name of a registered check (:mod:`modelops.checks`) to its settings; a name that
+    is no registered check, or settings the check does not take, fail on load naming it. Provenance (the
+    version is the training stage's own, its files unchanged) is checked always, whatever the policy lists.
+    """
 
     name: str = Field(pattern=NAME_PATTERN)
     version: str
-    required_tags: list[Tag]
-    metric_thresholds: dict[TaskKind, dict[str, MetricThreshold]] = Field(
-        default_factory=dict, description="Per task kind: holdout metric bounds every such model must meet"
-    )
-    require_validated_dataset: bool = True
+    description: str = ""
+    checks: dict[str, Any] = Field(description="Registered check name -> its settings (see modelops.checks)")
+    approval: ApprovalPolicy
 
-    @model_validator(mode="after")
-    def _known_metrics(self) -> CompliancePolicy:
-        for task, thresholds in self.metric_thresholds.items():
-            unknown = sorted(set(thresholds) - set(TASK_METRICS[task]))
-            if unknown:
-                raise ValueError(
-                    f"metric_thresholds.{task} names {unknown}; a {task} model logs {list(TASK_METRICS[task])}"
-                )
-        return self
+    @field_validator("checks", mode="before")
+    @classmethod
+    def _registered_checks(cls, value: Any) -> dict[str, Any]:
+        # Imported here: the checks import these settings models, and loading a policy is what needs them.
+        from modelops.checks import parse_check_settings
+
+        if not isinstance(value, dict) or not value:
+            raise ValueError("list at least one check, e.g. {tags: {...}, model_files: {}}")
+        return parse_check_settings(value)
+
+    def settings_of(self, check: str) -> Any:
+        """The typed settings of one check, or None when the policy does not run it."""
+        return self.checks.get(check)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-safe: what the policy says, for the evidence hash and the model card."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "checks": {name: settings.model_dump(mode="json") for name, settings in self.checks.items()},
+            "approval": self.approval.model_dump(mode="json"),
+        }
 
 
 class MonitoringPolicy(StrictModel):

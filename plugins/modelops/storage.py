@@ -126,3 +126,19 @@ def copy_file(source: ObjectStoragePath, target: ObjectStoragePath, chunk_bytes:
             writer.write(chunk)
     partial.rename(target)
     return digest.hexdigest()
+
+
+class ObjectStorageFiles:
+    """:class:`modelops.checks.EvidenceFiles` through ``ObjectStoragePath`` (inside Airflow)."""
+
+    def exists(self, uri: str) -> bool:
+        return bool(as_storage_path(uri).exists())
+
+    def read_text(self, uri: str) -> str:
+        return as_storage_path(uri).read_text()
+
+    def read_table(self, uri: str) -> pd.DataFrame:
+        return read_dataset(uri)
+
+    def sha256(self, uri: str) -> str:
+        return sha256_of(as_storage_path(uri))[0]

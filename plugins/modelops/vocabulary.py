@@ -91,6 +91,7 @@ class RunTag(StrEnum):
 class ComplianceStatus(StrEnum):
     APPROVED = "approved"
     REJECTED = "rejected"
+    AWAITING_APPROVAL = "awaiting_approval"
 
 
 class DeploymentStatus(StrEnum):
@@ -134,6 +135,8 @@ class AuditAction(StrEnum):
     """The champion went back to an earlier deployed version (details name the champion now serving)."""
     KEY_ROTATED = "audit.key_rotated"
     """The audit log's signing key changed; the record is endorsed with the previous key."""
+    DATASET_QUARANTINED = "dataset.quarantined"
+    """A person withdrew a dataset version (``modelops dataset quarantine``): no model trained on it passes."""
 
 
 class Decision(StrEnum):
@@ -156,6 +159,9 @@ class Decision(StrEnum):
     """A deployment's decision to make a version champion, recorded before the alias moves."""
     ROLLED_BACK = "rolled_back"
     ROTATED = "rotated"
+    AWAITING_APPROVAL = "awaiting_approval"
+    """Every check passed and the policy asks a person to approve: the gate waits in the Airflow UI."""
+    QUARANTINED = "quarantined"
     """The stage could not reach a decision (an exception); the record says which, the task log why."""
 
 

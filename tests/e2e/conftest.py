@@ -13,6 +13,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +28,92 @@ from tests.support import serve_in_thread
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CTR = "ctr_recommender"
 DIABETES = "diabetes_progression"
+GATE_DAG, GATE_TASK = "modelops_compliance_gate", "evaluate_policy"
+# Airflow users of the stack (SimpleAuthManager): the strict policy's approver, and someone who is not one.
+USERS = {"risk_officer": "user", "intern": "user"}
+
+
+@dataclass
+class Answer:
+    """How the stack's approver answers the next approval requests (a test may change it)."""
+
+    user: str = "risk_officer"
+    option: str = "Approve"
+    comment: str = "Model card reviewed."
+
+
+@dataclass
+class Approvals:
+    """Answers every compliance approval request through Airflow's real REST API, as a person would in
+    the UI: first as ``intern`` (who is not an approver: Airflow must refuse), then as ``answer.user``.
+
+    ``dag.test()`` waits while a task is awaiting input; this thread is the person at the other end.
+    """
+
+    client: object
+    answer: Answer = field(default_factory=Answer)
+    log: list[dict] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def token(self, user: str) -> str:
+        response = self.client.post("/auth/token", json={"username": user, "password": f"{user}-pw"})
+        assert response.status_code == 201, response.text
+        return response.json()["access_token"]
+
+    def respond(self, run_id: str, map_index: int) -> None:
+        url = f"/api/v2/dags/{GATE_DAG}/dagRuns/{run_id}/taskInstances/{GATE_TASK}/{map_index}/hitlDetails"
+        body = {"chosen_options": [self.answer.option], "params_input": {"comment": self.answer.comment}}
+        for user in ("intern", self.answer.user):
+            response = self.client.patch(
+                url, json=body, headers={"Authorization": f"Bearer {self.token(user)}"}
+            )
+            self.log.append({"run_id": run_id, "user": user, "status": response.status_code})
+            if response.status_code == 200:
+                return
+
+    def watch(self) -> None:
+        from airflow.models.taskinstance import TaskInstance
+        from airflow.utils.session import create_session
+        from sqlalchemy import select
+
+        answered: set[tuple[str, int]] = set()
+        while not self.stop.is_set():
+            with create_session() as session:
+                waiting = session.execute(
+                    select(TaskInstance.run_id, TaskInstance.map_index).where(
+                        TaskInstance.dag_id == GATE_DAG, TaskInstance.state == "awaiting_input"
+                    )
+                ).all()
+            for run_id, map_index in waiting:
+                if (run_id, map_index) not in answered:
+                    answered.add((run_id, map_index))
+                    self.respond(run_id, map_index)
+            time.sleep(0.3)
+
+
+@contextmanager
+def approver(root: Path) -> Iterator[Approvals]:
+    """Airflow's users with passwords, its REST app in-process, and a thread answering approvals."""
+    passwords = root / "simple_auth_manager_passwords.json"
+    passwords.write_text(json.dumps({user: f"{user}-pw" for user in USERS}))
+    os.environ["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] = ",".join(f"{u}:{r}" for u, r in USERS.items())
+    os.environ["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"] = str(passwords)
+    # Imported here, in the main thread: a thread importing Airflow's models can deadlock on an import lock.
+    from airflow.api_fastapi.app import create_app
+    from airflow.models import import_all_models
+    from fastapi.testclient import TestClient
+    from sqlalchemy.orm import configure_mappers
+
+    import_all_models()
+    configure_mappers()
+    approvals = Approvals(client=TestClient(create_app(apps="core")))
+    thread = threading.Thread(target=approvals.watch, daemon=True, name="approver")
+    thread.start()
+    try:
+        yield approvals
+    finally:
+        approvals.stop.set()
+        thread.join(timeout=10)
 
 
 @dataclass
@@ -39,6 +127,7 @@ class Stack:
     predictions_url: str
     dags: dict
     param_defaults: dict
+    approvals: Approvals
     runs: list = field(default_factory=list)
 
     def run(self, dag_id: str, conf: dict | None = None, *, events: list | None = None, **kwargs):
@@ -182,7 +271,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         ),
         "MODELOPS_AUDIT_ANCHORS": (home / "audit-anchors").as_uri(),
     }
-    saved = {key: os.environ.get(key) for key in env}
+    auth_keys = (
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE",
+    )
+    saved = {key: os.environ.get(key) for key in (*env, *auth_keys)}
     os.environ.update(env)
 
     # MLflow without a server puts artifacts in ./mlruns unless the experiment says otherwise.
@@ -218,7 +311,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags"))
     assert bag.import_errors == {}
     try:
-        with serve_in_thread(app) as gateway_url:
+        with serve_in_thread(app) as gateway_url, approver(root) as approvals:
             host, port = gateway_url.removeprefix("http://").split(":")
             os.environ["AIRFLOW_CONN_MODELOPS_GATEWAY"] = json.dumps(
                 {"conn_type": "http", "host": host, "port": int(port)}
@@ -233,6 +326,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 predictions_url=predictions_url,
                 dags=bag.dags,
                 param_defaults={dag_id: dag.params.dump() for dag_id, dag in bag.dags.items()},
+                approvals=approvals,
             )
     finally:
         os.environ.pop("AIRFLOW_CONN_MODELOPS_GATEWAY", None)

@@ -1,50 +1,58 @@
-"""Stage 3, the compliance gate: the policy evaluation, the policy files, planning which versions a run
-gates, and the gate itself on versions trained into a real SQLite MLflow registry under tmp_path (the
-stage function, and the operator through a stand-in Airflow context)."""
+"""Stage 3, the compliance gate: policies and their checks registered by name, planning which versions a
+run gates, and the gate itself on versions trained into a real SQLite MLflow registry under tmp_path by the
+training stage (real skops model files, real requirements), with real validated snapshots and data cards;
+then the human approval's decisions, and the CI command.
+
+Attacks tested here: a pickle that runs a command on load (blocked, never loaded), a joblib model file with
+numpy buffers (no false alarm), a skops file with an unreviewed type, a policy naming a check that does not
+exist, approval by someone outside the approver list, an approval that expired, a gate run on a version that
+no longer exists, an AGPL dependency, an AWS-style key in a param, PII in the input example, a quarantined
+dataset, a version registered straight into MLflow, model files changed after training.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import pickle
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
+import joblib
 import pandas as pd
 import pytest
-from airflow.sdk.exceptions import AirflowFailException
 from mlflow import MlflowClient
 from threadpoolctl import threadpool_limits
 
-from modelops.assets import MODEL_APPROVED
 from modelops.audit import AuditStore
+from modelops.checks import CHECKS
+from modelops.cli import main as cli_main
 from modelops.data.sklearn_datasets import write_diabetes_csv
 from modelops.data.synthetic import generate_clicks, write_csv
-from modelops.errors import GateFailed, SettingsError, UnknownModel
-from modelops.evidence import evidence_summary, version_file_hashes
-from modelops.operators.compliance import ComplianceGateOperator
-from modelops.registry import ModelRegistry, json_tag
-from modelops.settings import (
-    PROJECT_ROOT,
-    Catalog,
-    CompliancePolicy,
-    MetricThreshold,
-    ModelSpec,
-    ServingSpec,
-    load_catalog,
+from modelops.errors import GateFailed, RegistryError, SettingsError, UnknownModel
+from modelops.evidence import (
+    CHAMPION_FIELD,
+    EvidenceMismatch,
+    approval_still_valid,
+    evidence_summary,
+    gate_record,
+    version_file_hashes,
 )
+from modelops.evidence_files import FsspecFiles
+from modelops.registry import ModelRegistry
+from modelops.settings import PROJECT_ROOT, Catalog, ModelSpec, ServingSpec, load_catalog
 from modelops.stages.common import plan_versions
-from modelops.stages.compliance import evaluate_policy, gate
+from modelops.stages.compliance import APPROVE, REJECT, ApprovalResponse, decide_approval, gate
 from modelops.stages.outcome import StageOutcome, sha256_json
-from modelops.stages.training import TrainingResult, build_pipeline, holdout_metrics, model_tags, split_frame
+from modelops.stages.training import train
 from modelops.vocabulary import (
     Alias,
     AuditAction,
-    ComplianceStatus,
     Decision,
     Tag,
     Trigger,
@@ -58,300 +66,26 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore::FutureWarning", "ignore:Hint. Inferred schema contains integer column:UserWarning"
 )
 
-CLASSIFIER = "ctr_recommender"  # binary_classification, risk tier medium: policy 'standard'
-REGRESSOR = "diabetes_progression"  # regression, risk tier high: policy 'strict'
-SHA = "c" * 64
-
-
-class OutletEvents(dict):
-    """Stand-in for Airflow's outlet event accessors: an accessor (with ``extra``) per asset on demand."""
-
-    def __missing__(self, key: Any) -> SimpleNamespace:
-        self[key] = SimpleNamespace(extra={})
-        return self[key]
-
-
-def task_context(run_id: str = "manual__gate", **extra: Any) -> dict[str, Any]:
-    dag_run = SimpleNamespace(dag_id="modelops_compliance_gate", run_id=run_id, triggering_user_name="bob")
-    return {
-        "dag_run": dag_run,
-        "ti": SimpleNamespace(task_id="compliance_gate"),
-        "outlet_events": OutletEvents(),
-        **extra,
-    }
+CLASSIFIER = "ctr_recommender"  # binary_classification, risk tier medium: policy 'standard', automatic
+REGRESSOR = "diabetes_progression"  # regression, risk tier high: policy 'strict', a risk officer approves
+DATASETS = {CLASSIFIER: "ctr_clicks", REGRESSOR: "diabetes"}
+EVERY_CHECK = [
+    "provenance:registered_by_training",
+    "files:unchanged_since_training",
+    "tags",
+    "lineage",
+    "metrics",
+    "non_regression",
+    "model_files",
+    "licences",
+    "secrets",
+    "pii",
+]
 
 
 @pytest.fixture(scope="module")
 def catalog() -> Catalog:
     return load_catalog()
-
-
-# --- evaluate_policy -----------------------------------------------------------------------------
-
-
-def small_policy(**overrides: Any) -> CompliancePolicy:
-    fields: dict[str, Any] = {
-        "name": "test-policy",
-        "version": "7",
-        "required_tags": [Tag.TRAIN_DATA_SHA256, Tag.CODE_COMMIT, Tag.TRIGGER],
-        "metric_thresholds": {
-            "binary_classification": {
-                "holdout_roc_auc": MetricThreshold(min=0.65),
-                "holdout_log_loss": MetricThreshold(max=0.69),
-            },
-            "regression": {"holdout_r2": MetricThreshold(min=0.2)},
-        },
-        "require_validated_dataset": True,
-    }
-    return CompliancePolicy(**{**fields, **overrides})
-
-
-def classifier_spec(catalog: Catalog, **thresholds: MetricThreshold) -> ModelSpec:
-    """The shipped classifier's spec with its own thresholds replaced (default: accuracy in [0.5, 0.99])."""
-    own = thresholds or {"holdout_accuracy": MetricThreshold(min=0.5, max=0.99)}
-    return catalog.model(CLASSIFIER).model_copy(update={"metric_thresholds": own})
-
-
-GOOD_TAGS = {
-    Tag.TRAIN_DATA_SHA256: SHA,
-    Tag.CODE_COMMIT: "abc",
-    Tag.TRIGGER: "manual",
-    Tag.MODEL_SPEC: CLASSIFIER,
-}
-GOOD_METRICS = {"holdout_roc_auc": 0.8, "holdout_log_loss": 0.4, "holdout_accuracy": 0.9}
-
-
-def test_a_compliant_version_passes_every_check(catalog: Catalog) -> None:
-    report = evaluate_policy(
-        policy=small_policy(),
-        spec=classifier_spec(catalog),
-        version="3",
-        tags=GOOD_TAGS,
-        metrics=GOOD_METRICS,
-        dataset_validated=True,
-    )
-    assert report.approved and report.verdict == ComplianceStatus.APPROVED and report.failures == []
-    assert [c.name for c in report.checks] == [
-        "tag:train_data_sha256",
-        "tag:code_commit",
-        "tag:trigger",
-        "lineage:model_spec",
-        "metric:holdout_roc_auc (policy test-policy)",
-        "metric:holdout_log_loss (policy test-policy)",
-        "metric:holdout_accuracy (model spec ctr_recommender)",
-        "data:validated",
-    ]
-    details = {c.name: c.detail for c in report.checks}
-    assert details["metric:holdout_roc_auc (policy test-policy)"] == "holdout_roc_auc=0.8000 within bounds"
-    assert details["lineage:model_spec"] == "trained from model spec 'ctr_recommender'"
-    assert details["data:validated"] == f"dataset ctr_clicks sha256 {SHA[:12]}... passed validation"
-    as_json = json.loads(report.to_json())
-    assert as_json["verdict"] == "approved" and as_json["policy"] == "test-policy"
-    assert as_json["policy_version"] == "7" and as_json["version"] == "3"
-    assert as_json["model_name"] == CLASSIFIER
-
-
-def test_every_failed_check_is_listed_not_only_the_first(catalog: Catalog) -> None:
-    report = evaluate_policy(
-        policy=small_policy(),
-        spec=classifier_spec(catalog),
-        version="4",
-        # trigger and model_spec absent, code_commit empty
-        tags={Tag.TRAIN_DATA_SHA256: SHA, Tag.CODE_COMMIT: ""},
-        metrics={"holdout_roc_auc": 0.5, "holdout_log_loss": 0.9},  # accuracy never logged
-        dataset_validated=False,
-    )
-    assert report.verdict == ComplianceStatus.REJECTED
-    failures = {check.name: check.detail for check in report.failures}
-    assert list(failures) == [
-        "tag:code_commit",
-        "tag:trigger",
-        "lineage:model_spec",
-        "metric:holdout_roc_auc (policy test-policy)",
-        "metric:holdout_log_loss (policy test-policy)",
-        "metric:holdout_accuracy (model spec ctr_recommender)",
-        "data:validated",
-    ]
-    # The missing tags' wording is checked in test_a_missing_tag_is_named_by_its_key.
-    assert {name: detail for name, detail in failures.items() if not name.startswith("tag:")} == {
-        "lineage:model_spec": (
-            "trained from model spec '', not 'ctr_recommender': the version was not trained for this model"
-        ),
-        "metric:holdout_roc_auc (policy test-policy)": "holdout_roc_auc=0.5000 below the minimum 0.65",
-        "metric:holdout_log_loss (policy test-policy)": "holdout_log_loss=0.9000 above the maximum 0.69",
-        "metric:holdout_accuracy (model spec ctr_recommender)": (
-            "metric 'holdout_accuracy' was not logged by the training run"
-        ),
-        "data:validated": (
-            f"dataset sha256 {SHA[:12]}... has no passing validation record as dataset 'ctr_clicks' in the "
-            "audit log; run the data validation DAG on it first"
-        ),
-    }
-    assert [c.name for c in report.checks if c.passed] == ["tag:train_data_sha256"]
-
-
-def test_a_missing_tag_is_named_by_its_key(catalog: Catalog) -> None:
-    report = evaluate_policy(
-        policy=small_policy(),
-        spec=classifier_spec(catalog),
-        version="4",
-        tags={**GOOD_TAGS, Tag.CODE_COMMIT: ""},
-        metrics=GOOD_METRICS,
-        dataset_validated=True,
-    )
-    assert [(c.name, c.detail) for c in report.failures] == [
-        ("tag:code_commit", "required tag 'code_commit' is missing")
-    ]
-
-
-def test_a_metric_above_a_max_is_caught_even_when_above_its_min(catalog: Catalog) -> None:
-    report = evaluate_policy(
-        policy=small_policy(),
-        spec=classifier_spec(catalog),
-        version="5",
-        tags=GOOD_TAGS,
-        metrics={**GOOD_METRICS, "holdout_accuracy": 0.999},
-        dataset_validated=True,
-    )
-    assert [(c.name, c.detail) for c in report.failures] == [
-        (
-            "metric:holdout_accuracy (model spec ctr_recommender)",
-            "holdout_accuracy=0.9990 above the maximum 0.99",
-        )
-    ]
-
-
-def test_the_policy_and_the_spec_bound_one_metric_in_separate_checks(catalog: Catalog) -> None:
-    spec = classifier_spec(catalog, holdout_roc_auc=MetricThreshold(min=0.75))
-
-    def failed(auc: float) -> list[str]:
-        report = evaluate_policy(
-            policy=small_policy(),
-            spec=spec,
-            version="5",
-            tags=GOOD_TAGS,
-            metrics={**GOOD_METRICS, "holdout_roc_auc": auc},
-            dataset_validated=True,
-        )
-        names = [c.name for c in report.checks]
-        assert "metric:holdout_roc_auc (policy test-policy)" in names
-        assert "metric:holdout_roc_auc (model spec ctr_recommender)" in names
-        return [c.name for c in report.failures]
-
-    assert failed(0.8) == []
-    # Above the policy's bound for every classifier, below this model's own.
-    assert failed(0.7) == ["metric:holdout_roc_auc (model spec ctr_recommender)"]
-    assert failed(0.6) == [
-        "metric:holdout_roc_auc (policy test-policy)",
-        "metric:holdout_roc_auc (model spec ctr_recommender)",
-    ]
-
-
-def test_policy_thresholds_apply_to_the_models_task_kind_only(catalog: Catalog) -> None:
-    spec = catalog.model(REGRESSOR)
-    metrics = {"holdout_r2": 0.5, "holdout_rmse": 55.0}
-    tags = {**GOOD_TAGS, Tag.MODEL_SPEC: REGRESSOR}
-    report = evaluate_policy(
-        policy=small_policy(), spec=spec, version="1", tags=tags, metrics=metrics, dataset_validated=True
-    )
-    assert report.approved
-    assert [c.name for c in report.checks if c.name.startswith("metric:")] == [
-        "metric:holdout_r2 (policy test-policy)",
-        *[f"metric:{name} (model spec {REGRESSOR})" for name in spec.metric_thresholds],
-    ]
-    # A policy with no bounds for regression leaves only the spec's own.
-    classifiers_only = small_policy(
-        metric_thresholds={"binary_classification": {"holdout_roc_auc": {"min": 0.9}}}
-    )
-    report = evaluate_policy(
-        policy=classifiers_only, spec=spec, version="1", tags=tags, metrics=metrics, dataset_validated=True
-    )
-    assert report.approved
-    assert [c.name for c in report.checks if c.name.startswith("metric:")] == [
-        f"metric:{name} (model spec {REGRESSOR})" for name in spec.metric_thresholds
-    ]
-
-
-def test_the_strict_policy_holds_a_regressor_to_a_higher_bar_than_the_standard_one(catalog: Catalog) -> None:
-    spec = catalog.model(REGRESSOR)
-    assert catalog.policies_for(spec).compliance.name == "strict"
-    assert catalog.policies_for(CLASSIFIER).compliance.name == "standard"
-    tags = {**GOOD_TAGS, Tag.MODEL_SPEC: REGRESSOR}
-
-    def failed(policy: str, r2: float) -> list[str]:
-        report = evaluate_policy(
-            policy=catalog.compliance_policies[policy].model_copy(update={"required_tags": []}),
-            spec=spec,
-            version="1",
-            tags=tags,
-            metrics={"holdout_r2": r2, "holdout_rmse": 55.0},
-            dataset_validated=True,
-        )
-        return [c.name for c in report.failures]
-
-    own = f"metric:holdout_r2 (model spec {REGRESSOR})"
-    assert failed("standard", 0.1) == [own]
-    assert failed("strict", 0.1) == ["metric:holdout_r2 (policy strict)", own]
-    assert failed("strict", 0.25) == [own]  # the strict policy's bound met, the model's own not
-    assert failed("strict", 0.5) == []
-
-
-def test_a_version_trained_for_another_model_fails_its_lineage(catalog: Catalog) -> None:
-    report = evaluate_policy(
-        policy=small_policy(),
-        spec=classifier_spec(catalog),
-        version="5",
-        tags={**GOOD_TAGS, Tag.MODEL_SPEC: REGRESSOR},
-        metrics=GOOD_METRICS,
-        dataset_validated=True,
-    )
-    assert [(c.name, c.detail) for c in report.failures] == [
-        (
-            "lineage:model_spec",
-            f"trained from model spec {REGRESSOR!r}, not 'ctr_recommender': "
-            "the version was not trained for this model",
-        )
-    ]
-
-
-@pytest.mark.parametrize("validated", [False, None])
-def test_an_unvalidated_or_unknown_dataset_fails(catalog: Catalog, validated: bool | None) -> None:
-    report = evaluate_policy(
-        policy=small_policy(),
-        spec=classifier_spec(catalog),
-        version="6",
-        tags=GOOD_TAGS,
-        metrics=GOOD_METRICS,
-        dataset_validated=validated,
-    )
-    assert [c.name for c in report.failures] == ["data:validated"]
-
-
-def test_without_a_data_hash_the_data_cannot_be_traced(catalog: Catalog) -> None:
-    tags = {Tag.MODEL_SPEC: CLASSIFIER}
-    report = evaluate_policy(
-        policy=small_policy(required_tags=[]),
-        spec=classifier_spec(catalog),
-        version="6",
-        tags=tags,
-        metrics=GOOD_METRICS,
-        dataset_validated=True,
-    )
-    assert [(c.name, c.detail) for c in report.failures] == [
-        ("data:validated", "no train_data_sha256 tag, so the data cannot be traced")
-    ]
-    unchecked = evaluate_policy(
-        policy=small_policy(required_tags=[], require_validated_dataset=False),
-        spec=classifier_spec(catalog),
-        version="6",
-        tags=tags,
-        metrics=GOOD_METRICS,
-        dataset_validated=None,
-    )
-    assert unchecked.approved and not any(c.name == "data:validated" for c in unchecked.checks)
-
-
-# --- the policy files ----------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -362,36 +96,45 @@ def include_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return include
 
 
-def test_the_shipped_policies_load(catalog: Catalog) -> None:
-    assert set(catalog.compliance_policies) == {"standard", "strict"}
+# --- policies: checks registered by name ----------------------------------------------------------------
+
+
+def test_the_shipped_policies_load_with_every_registered_check(catalog: Catalog) -> None:
     standard, strict = catalog.compliance_policies["standard"], catalog.compliance_policies["strict"]
     for policy in (standard, strict):
-        assert Tag.TRAIN_DATA_SHA256 in policy.required_tags and policy.require_validated_dataset
-        assert set(policy.metric_thresholds) == {"binary_classification", "regression"}
+        assert list(policy.checks) == EVERY_CHECK[2:]
+        assert Tag.TRAIN_DATA_SHA256 in policy.settings_of("tags").required
+    assert set(CHECKS) >= set(EVERY_CHECK[2:])
+    bars = standard.settings_of("metrics").thresholds, strict.settings_of("metrics").thresholds
     for task, metric in (("binary_classification", "holdout_roc_auc"), ("regression", "holdout_r2")):
-        assert strict.metric_thresholds[task][metric].min > standard.metric_thresholds[task][metric].min
+        assert bars[1][task][metric].min > bars[0][task][metric].min
+    assert not standard.approval.required
+    assert strict.approval.required and strict.approval.approvers == ["risk_officer"]
+    assert "AGPL-*" in strict.settings_of("licences").deny
+    assert catalog.policies_for(CLASSIFIER).compliance.name == "standard"
+    assert catalog.policies_for(REGRESSOR).compliance.name == "strict"
 
 
-def test_a_policy_with_an_unknown_field_names_the_file_and_the_field(include_copy: Path) -> None:
+def test_a_policy_naming_a_check_that_does_not_exist_fails_on_load_naming_it(include_copy: Path) -> None:
     policy_file = include_copy / "policies" / "compliance" / "standard.yaml"
-    policy_file.write_text(policy_file.read_text() + "approved_by: alice\n")
+    text = policy_file.read_text()
+    assert "\n  licences:\n" in text
+    policy_file.write_text(text.replace("\n  licences:\n", "\n  licenses:\n"))
     with pytest.raises(SettingsError) as raised:
         load_catalog()
     message = str(raised.value)
-    assert str(policy_file) in message
-    assert "field 'approved_by': unknown field (remove it or check its spelling)" in message
+    assert str(policy_file) in message and "'licenses', which is no registered check" in message
+    assert "'licences'" in message  # the registered names are listed
 
 
-def test_a_misspelt_threshold_bound_names_its_path(include_copy: Path) -> None:
+def test_a_setting_a_check_does_not_take_fails_on_load_naming_check_and_field(include_copy: Path) -> None:
     policy_file = include_copy / "policies" / "compliance" / "strict.yaml"
     text = policy_file.read_text()
-    assert "holdout_roc_auc: {min: 0.7}" in text
-    policy_file.write_text(text.replace("holdout_roc_auc: {min: 0.7}", "holdout_roc_auc: {minimum: 0.7}"))
+    policy_file.write_text(text.replace("  model_files: {}", "  model_files: {allow_global: [os.system]}"))
     with pytest.raises(SettingsError) as raised:
         load_catalog()
     message = str(raised.value)
-    assert str(policy_file) in message
-    assert "metric_thresholds.binary_classification.holdout_roc_auc.minimum" in message
+    assert str(policy_file) in message and "settings of check 'model_files': allow_global" in message
 
 
 def test_a_threshold_on_a_metric_the_task_kind_does_not_log_is_refused(include_copy: Path) -> None:
@@ -401,8 +144,14 @@ def test_a_threshold_on_a_metric_the_task_kind_does_not_log_is_refused(include_c
     policy_file.write_text(text.replace("holdout_r2: {min: 0.0}", "holdout_roc_auc: {min: 0.0}"))
     with pytest.raises(SettingsError) as raised:
         load_catalog()
-    message = str(raised.value)
-    assert str(policy_file) in message and "metric_thresholds.regression names ['holdout_roc_auc']" in message
+    assert "thresholds.regression names ['holdout_roc_auc']" in str(raised.value)
+
+
+def test_a_required_approval_with_nobody_to_give_it_is_refused(include_copy: Path) -> None:
+    policy_file = include_copy / "policies" / "compliance" / "strict.yaml"
+    policy_file.write_text(policy_file.read_text().replace("approvers: [risk_officer]", "approvers: []"))
+    with pytest.raises(SettingsError, match="approval.required is true but approval.approvers names nobody"):
+        load_catalog()
 
 
 # --- which versions a run gates ------------------------------------------------------------------
@@ -463,125 +212,40 @@ def test_a_manual_run_needs_a_known_model(catalog: Catalog) -> None:
         plan_versions(catalog=catalog, events=[], model="no_such_model", model_version=None)
 
 
-# --- the gate on registered versions -------------------------------------------------------------
+# --- the gate on versions the training stage registered ------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Trained:
+class Dataset:
+    csv: Path
+    sha256: str
+    card: Path
+
+
+@dataclass(frozen=True)
+class World:
     root: Path
+    tracking_uri: str
     registry: ModelRegistry
-    client: MlflowClient  # a raw client: reads the registry as an outside user would
-    results: dict[str, TrainingResult]  # model -> the version "training" registered (alias candidate)
-    sha256: dict[str, str]  # model -> hash of its training data
-
-
-def lineage_tags(spec: ModelSpec, csv: Path, sha: str) -> dict[str, str]:
-    """Every lineage tag training sets on a version (see stages/training.py)."""
-    return {
-        Tag.TRAIN_DATA_SHA256: sha,
-        Tag.TRAIN_DATA_URI: csv.as_uri(),
-        Tag.DATASET: spec.dataset,
-        Tag.FRAMEWORK: "scikit-learn",
-        Tag.FRAMEWORK_VERSION: "1.9.1",
-        Tag.PYTHON_VERSION: "3.11.7",
-        Tag.CODE_COMMIT: "0123abc",
-        Tag.AIRFLOW_DAG_ID: "modelops_training",
-        Tag.AIRFLOW_RUN_ID: f"manual__{spec.name}",
-        Tag.TRIGGER: Trigger.MANUAL,
-        Tag.MODEL_SPEC: spec.name,
-        Tag.TASK: spec.task,
-        Tag.ESTIMATOR: spec.estimator.class_path,
-        Tag.SKOPS_TRUSTED_TYPES: json_tag(spec.skops_trusted_types),
-    }
+    client: MlflowClient  # a raw client: reads and writes the registry as an outside user would
+    datasets: dict[str, Dataset]  # model -> its validated training data
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, catalog: Catalog) -> Iterator[Trained]:
-    """One registry for the module with one version of each shipped model, registered as training does:
-    its spec's pipeline fitted on the model's own data, holdout metrics logged to a run, lineage tags,
-    alias candidate. The gate never loads the model, so small stand-in model files are logged (saving a
-    real one costs MLflow a requirements-inference subprocess); the gate hashes them."""
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     root = tmp_path_factory.mktemp("compliance")
     with pytest.MonkeyPatch.context() as patch:
         tracking_uri, registry, _ = use_sqlite_registry(root, patch)
         clicks = write_csv(generate_clicks(2000, seed=7), root / "clicks.csv")
         diabetes = root / "diabetes.csv"
         write_diabetes_csv(diabetes)
-        results, hashes = {}, {}
+        datasets = {}
         for name, csv in ((CLASSIFIER, clicks), (REGRESSOR, diabetes)):
-            spec = catalog.model(name)
-            hashes[name] = hashlib.sha256(csv.read_bytes()).hexdigest()
-            x_train, x_holdout, y_train, y_holdout = split_frame(pd.read_csv(csv), spec)
-            # One OpenMP thread: on a busy machine the gradient-boosting fit's threads otherwise spin-wait
-            # for each other and take a minute instead of two seconds.
-            with threadpool_limits(1):
-                model = build_pipeline(spec).fit(x_train, y_train)
-            metrics = holdout_metrics(spec, model, x_holdout, y_holdout)
-            tags = lineage_tags(spec, csv, hashes[name])
-            registry.ensure_model(name, model_tags(spec, catalog))
-            files = root / f"files-{name}"
-            files.mkdir()
-            (files / "MLmodel").write_text(f"flavors: {{}}\nmodel: {name}\n")
-            (files / "model.skops").write_bytes(name.encode() * 64)
-            run_id = registry.log_run(
-                experiment=spec.experiment_name,
-                run_name=f"train-{name}",
-                tags=tags,
-                metrics=metrics,
-                artifact_dirs={"model": files},
-            )
-            version = registry.register_version(name, run_id=run_id, artifact_path="model", tags=tags)
-            registry.set_alias(name, Alias.CANDIDATE, version.version)
-            results[name] = TrainingResult(name, version.version, run_id, metrics, tags, reused=False)
-        yield Trained(root, registry, mlflow_client(tracking_uri), results, hashes)
-
-
-def register_copy(
-    trained: Trained,
-    name: str,
-    *,
-    run_id: str | None = None,
-    tags: dict[str, str] | None = None,
-    audit: AuditStore | Path | None = None,
-) -> str:
-    """A new version of ``name`` from the model its training run logged (or from run ``run_id``), with
-    the trained version's lineage tags, or exactly ``tags``; with ``audit`` (a store, or a MODELOPS_HOME
-    whose audit.db to use), also the registration record training writes."""
-    result = trained.results[name]
-    version = trained.registry.register_version(
-        name,
-        run_id=run_id or result.run_id,
-        artifact_path="model",
-        tags=result.tags if tags is None else tags,
-    )
-    if audit is not None:
-        store = (
-            AuditStore(f"sqlite:///{audit}/audit.db", keyring=keyring_for_tests())
-            if isinstance(audit, Path)
-            else audit
-        )
-        record_registration(trained, store, name, version.version)
-        if isinstance(audit, Path):
-            store.dispose()
-    return version.version
-
-
-def record_registration(trained: Trained, store: AuditStore, name: str, version: str) -> None:
-    """The registration record training writes: the version's run, tags, metrics and file hashes."""
-    found = trained.registry.version(name, version)
-    files = version_file_hashes(trained.registry, name, version)
-    store.append(
-        actor="test",
-        action=AuditAction.MODEL_REGISTERED,
-        subject=model_subject(name, version),
-        decision=Decision.CANDIDATE,
-        details={
-            "run_id": found.run_id,
-            "tags": found.tags,
-            "metrics": trained.registry.run_metrics(found.run_id),
-            **evidence_summary(files),
-        },
-    )
+            sha = hashlib.sha256(csv.read_bytes()).hexdigest()
+            card = root / f"data_card_{name}.json"
+            card.write_text(json.dumps({"dataset": DATASETS[name], "sha256": sha}))
+            datasets[name] = Dataset(csv, sha, card)
+        yield World(root, tracking_uri, registry, mlflow_client(tracking_uri), datasets)
 
 
 @pytest.fixture
@@ -591,358 +255,677 @@ def audit(tmp_path: Path) -> Iterator[AuditStore]:
     store.dispose()
 
 
-def record_validation(
-    store: AuditStore, sha: str, dataset: str, decision: Decision = Decision.PASSED
-) -> None:
-    store.append(
+def validated(world: World, audit: AuditStore, name: str, **details: Any) -> None:
+    """The record the data stage writes for the model's training data: passed, its snapshot and card."""
+    data = world.datasets[name]
+    audit.append(
         actor="test",
         action=AuditAction.DATASET_VALIDATED,
-        subject=dataset_subject(sha),
-        decision=decision,
-        details={"dataset": dataset},
+        subject=dataset_subject(data.sha256),
+        decision=Decision.PASSED,
+        details={
+            "dataset": DATASETS[name],
+            "snapshot_uri": str(data.csv),
+            "data_card_uri": str(data.card),
+            **details,
+        },
     )
 
 
-def aliases(trained: Trained, name: str) -> dict[str, str]:
-    return {alias: str(v) for alias, v in trained.client.get_registered_model(name).aliases.items()}
+_runs = iter(range(10_000))
 
 
-def gate_report(trained: Trained, name: str, version: str) -> dict[str, Any]:
-    run_id = trained.client.get_model_version(name, version).run_id
-    local = trained.client.download_artifacts(
-        run_id, f"compliance/gate_report_v{version}.json", str(trained.root)
+def trained_version(world: World, audit: AuditStore, name: str, catalog: Catalog) -> str:
+    """Train and register a version with the training stage itself, writing its registration record."""
+    validated(world, audit, name)
+    # One OpenMP thread: on a busy machine gradient boosting's threads otherwise spin-wait on each other.
+    with threadpool_limits(1):
+        outcome = train(
+            spec=catalog.model(name),
+            catalog=catalog,
+            registry=world.registry,
+            audit=audit,
+            dataset_sha256=world.datasets[name].sha256,
+            trigger=Trigger.MANUAL,
+            dag_id="modelops_training",
+            run_id=f"manual__test_{next(_runs)}",
+        )
+    for entry in outcome.records:
+        audit.append(
+            actor="test",
+            **{k: getattr(entry, k) for k in ("action", "subject", "decision")},
+            details=entry.details,
+            evidence=entry.evidence,
+        )
+    return str(outcome.details["version"])
+
+
+def model_folder(world: World, name: str, version: str, into: Path) -> Path:
+    """A copy of a registered version's files, to alter and register as a new version."""
+    return world.registry.download_version(name, version, into)
+
+
+def registered_from(
+    world: World,
+    audit: AuditStore,
+    name: str,
+    like: str,
+    folder: Path,
+    *,
+    params: dict[str, str] | None = None,
+    metrics: dict[str, float] | None = None,
+) -> str:
+    """A new version from ``folder``, registered the way training registers (a run with ``like``'s lineage
+    tags and metrics, a registration record with the files' hashes): what a data scientist could get through
+    the pipeline if the files were theirs to shape."""
+    original = world.registry.version(name, like)
+    run = world.registry.run(original.run_id)
+    run_id = world.registry.log_run(
+        experiment=f"modelops/{name}",
+        run_name="variant",
+        tags=original.tags,
+        params=params or {},
+        metrics={**run.metrics, **(metrics or {})},
+        artifact_dirs={"model": folder},
     )
-    return json.loads(Path(local).read_text())
+    version = world.registry.register_version(name, run_id=run_id, artifact_path="model", tags=original.tags)
+    files = version_file_hashes(world.registry, name, version.version)
+    audit.append(
+        actor="test",
+        action=AuditAction.MODEL_REGISTERED,
+        subject=model_subject(name, version.version),
+        decision=Decision.CANDIDATE,
+        details={
+            "run_id": run_id,
+            "tags": original.tags,
+            "metrics": {**run.metrics, **(metrics or {})},
+            **evidence_summary(files),
+        },
+    )
+    return version.version
 
 
 def run_gate(
-    trained: Trained, catalog: Catalog, audit: AuditStore, name: str, version: str | None
+    world: World,
+    catalog: Catalog,
+    audit: AuditStore,
+    name: str,
+    version: str | None,
+    spec: ModelSpec | None = None,
 ) -> StageOutcome:
+    """The stage as the operator runs it: decide, record, then apply the registry effects."""
     outcome = gate(
-        spec=catalog.model(name), catalog=catalog, registry=trained.registry, audit=audit, version=version
+        spec=spec or catalog.model(name),
+        catalog=catalog,
+        registry=world.registry,
+        audit=audit,
+        files=FsspecFiles(),
+        version=version,
     )
-    for effect in outcome.effects:  # as the operator does, after recording
-        effect()
+    record_and_apply(audit, outcome)
     return outcome
 
 
-def test_the_gate_approves_a_compliant_classifier(
-    trained: Trained, catalog: Catalog, audit: AuditStore
-) -> None:
-    version = register_copy(trained, CLASSIFIER, audit=audit)
-    record_validation(audit, trained.sha256[CLASSIFIER], "ctr_clicks")
-    outcome = run_gate(trained, catalog, audit, CLASSIFIER, version)
+def record_and_apply(audit: AuditStore, outcome: StageOutcome) -> None:
+    for entry in outcome.records:
+        audit.append(
+            actor="test",
+            action=entry.action,
+            subject=entry.subject,
+            decision=entry.decision,
+            details=entry.details,
+            evidence=entry.evidence,
+        )
+    for effect in outcome.effects:
+        effect()
 
-    policy = catalog.policies_for(CLASSIFIER).compliance
-    label = f"{policy.name}@{policy.version}"
-    assert label == "standard@2"
-    assert outcome.decision == Decision.APPROVED and outcome.refusal is None
-    assert aliases(trained, CLASSIFIER)[Alias.CHALLENGER] == version
-    tags = trained.client.get_model_version(CLASSIFIER, version).tags
-    assert tags[Tag.COMPLIANCE_STATUS] == "approved" and tags[Tag.COMPLIANCE_POLICY] == label
 
-    # The report is an artifact of the version's training run; the tag is the hash of exactly it.
-    report = gate_report(trained, CLASSIFIER, version)
-    assert report["verdict"] == "approved" and all(check["passed"] for check in report["checks"])
-    assert [check["name"] for check in report["checks"]] == [
-        "provenance:registered_by_training",
-        "files:unchanged_since_training",
-        *[f"tag:{tag}" for tag in policy.required_tags],
-        "lineage:model_spec",
-        "metric:holdout_roc_auc (policy standard)",
-        "metric:holdout_roc_auc (model spec ctr_recommender)",
-        "metric:holdout_log_loss (model spec ctr_recommender)",
-        "data:validated",
-    ]
-    assert tags[Tag.COMPLIANCE_REPORT_SHA256] == sha256_json(report)
-
-    assert outcome.asset_extra == {"model_name": CLASSIFIER, "version": version, "policy": label}
-    xcom = outcome.xcom()
-    assert xcom["verdict"] == "approved" and xcom["version"] == version
-    assert xcom["checks"] == len(report["checks"])
+def checks_of(outcome: StageOutcome) -> dict[str, dict[str, Any]]:
     (entry,) = outcome.records
-    assert entry.action == AuditAction.GATE_DECIDED and entry.decision == Decision.APPROVED
-    assert entry.subject == model_subject(CLASSIFIER, version)
-    assert entry.details["failed"] == [] and entry.details["policy"] == label
-    assert entry.details["risk_tier"] == "medium"
-    assert entry.evidence == {
-        "policy": sha256_json(policy.model_dump()),
-        "gate_report": tags[Tag.COMPLIANCE_REPORT_SHA256],
-        "artifacts": sha256_json(version_file_hashes(trained.registry, CLASSIFIER, version)),
-        "dataset": trained.sha256[CLASSIFIER],
-    }
-    assert entry.details["artifacts"] == version_file_hashes(trained.registry, CLASSIFIER, version)
+    return {check["name"]: check for check in entry.details["checks"]}
 
 
-def test_the_gate_approves_the_regression_model_under_the_strict_policy(
-    trained: Trained, catalog: Catalog, audit: AuditStore
-) -> None:
-    version = register_copy(trained, REGRESSOR, audit=audit)
-    metrics = trained.results[REGRESSOR].metrics
-    assert metrics["holdout_r2"] >= 0.3 and metrics["holdout_rmse"] <= 70  # what the spec asks
-    record_validation(audit, trained.sha256[REGRESSOR], "diabetes")
-    outcome = run_gate(trained, catalog, audit, REGRESSOR, version)
-
-    assert outcome.decision == Decision.APPROVED, outcome.refusal
-    assert aliases(trained, REGRESSOR)[Alias.CHALLENGER] == version
-    assert trained.client.get_model_version(REGRESSOR, version).tags[Tag.COMPLIANCE_POLICY] == "strict@1"
-    report = gate_report(trained, REGRESSOR, version)
-    metric_checks = [check["name"] for check in report["checks"] if check["name"].startswith("metric:")]
-    assert metric_checks == [
-        "metric:holdout_r2 (policy strict)",
-        "metric:holdout_rmse (model spec diabetes_progression)",
-        "metric:holdout_r2 (model spec diabetes_progression)",
-    ]
+def failed(outcome: StageOutcome) -> list[str]:
     (entry,) = outcome.records
-    assert entry.details["risk_tier"] == "high" and entry.details["policy"] == "strict@1"
-    assert outcome.asset_extra == {"model_name": REGRESSOR, "version": version, "policy": "strict@1"}
+    return entry.details["failed"]
 
 
-def test_a_regressor_below_the_strict_policys_r2_is_rejected_and_no_alias_moves(
-    trained: Trained, catalog: Catalog, audit: AuditStore
+def aliases(world: World, name: str) -> dict[str, str]:
+    return {alias: str(v) for alias, v in world.client.get_registered_model(name).aliases.items()}
+
+
+def artifact_text(world: World, name: str, version: str, path: str) -> str:
+    run_id = world.client.get_model_version(name, version).run_id
+    local = world.client.download_artifacts(run_id, path, str(world.root / f"dl-{name}-{version}"))
+    return Path(local).read_text()
+
+
+def test_a_compliant_classifier_passes_every_check_and_is_approved_automatically(
+    world: World, catalog: Catalog, audit: AuditStore
 ) -> None:
-    spec = catalog.model(REGRESSOR)
-    # A run like the trained one, except that its holdout R² is below the strict policy's 0.2.
-    weak_run = trained.registry.log_run(
-        experiment=spec.experiment_name,
-        run_name="weak",
-        tags={},
-        metrics={**trained.results[REGRESSOR].metrics, "holdout_r2": 0.15},
-        artifact_dirs={"model": trained.root / f"files-{REGRESSOR}"},
+    version = trained_version(world, audit, CLASSIFIER, catalog)
+    outcome = run_gate(world, catalog, audit, CLASSIFIER, version)
+
+    assert outcome.decision == Decision.APPROVED and outcome.refusal is None, outcome.summary
+    (entry,) = outcome.records
+    assert [check["name"] for check in entry.details["checks"]] == EVERY_CHECK
+    assert entry.details["failed"] == []
+    checks = checks_of(outcome)
+    assert all(
+        set(check) == {"name", "passed", "detail", "evidence", "findings"} for check in checks.values()
     )
-    version = register_copy(trained, REGRESSOR, run_id=weak_run, audit=audit)
-    record_validation(audit, trained.sha256[REGRESSOR], "diabetes")
-    before = aliases(trained, REGRESSOR)
+    assert "first model" in checks["non_regression"]["detail"]  # no champion yet: passes by rule, said so
+    assert "without loading" in checks["model_files"]["detail"]
+    assert checks["lineage"]["evidence"]["data_card"] == str(world.datasets[CLASSIFIER].card)
 
-    outcome = run_gate(trained, catalog, audit, REGRESSOR, version)
-    assert outcome.decision == Decision.REJECTED and outcome.asset_extra is None
-    assert aliases(trained, REGRESSOR) == before and version not in before.values()
-    tags = trained.client.get_model_version(REGRESSOR, version).tags
-    assert tags[Tag.COMPLIANCE_STATUS] == "rejected"
+    approval = entry.details["approval"]
+    assert approval["mode"] == "automatic" and approval["by"] == "policy standard@3"
+    assert datetime.fromisoformat(approval["valid_until"]) > datetime.now(UTC) + timedelta(days=6)
+    assert aliases(world, CLASSIFIER)[Alias.CHALLENGER] == version
+    tags = world.client.get_model_version(CLASSIFIER, version).tags
+    assert tags[Tag.COMPLIANCE_STATUS] == "approved" and tags[Tag.COMPLIANCE_POLICY] == "standard@3"
+    report = json.loads(artifact_text(world, CLASSIFIER, version, f"compliance/gate_report_v{version}.json"))
+    assert sha256_json(report) == tags[Tag.COMPLIANCE_REPORT_SHA256] == entry.evidence["gate_report"]
+    assert report["passed"] and [c["name"] for c in report["checks"]] == EVERY_CHECK
+    card = artifact_text(world, CLASSIFIER, version, f"compliance/model_card_v{version}.md")
+    assert f"# Model card: {CLASSIFIER} v{version}" in card and "**APPROVED**" in card
+    assert "automatic by policy standard@3" in card and "ml-platform@example.com" in card
+    assert all(f"| {name} | pass |" in card for name in EVERY_CHECK)
+    assert all(f"**{name}**" in card for name in EVERY_CHECK)  # what each check proves
+    assert outcome.asset_extra == {"model_name": CLASSIFIER, "version": version, "policy": "standard@3"}
+    # Deployment's authority is this record.
+    assert gate_record(audit, CLASSIFIER, version).decision == Decision.APPROVED
 
-    failed = ["metric:holdout_r2 (policy strict)", "metric:holdout_r2 (model spec diabetes_progression)"]
-    (entry,) = outcome.records
-    assert entry.decision == Decision.REJECTED and entry.details["failed"] == failed
-    assert outcome.refusal is not None
-    total = len(gate_report(trained, REGRESSOR, version)["checks"])
-    assert f"2 of {total} checks failed" in outcome.refusal
-    assert "metric:holdout_r2 (policy strict): holdout_r2=0.1500 below the minimum 0.2" in outcome.refusal
-    assert "holdout_r2=0.1500 below the minimum 0.3" in outcome.refusal
-    assert "No alias moved" in outcome.refusal
-    assert gate_report(trained, REGRESSOR, version)["verdict"] == "rejected"
 
-
-def test_a_version_registered_under_another_models_name_fails_its_lineage(
-    trained: Trained, catalog: Catalog, audit: AuditStore
+def test_every_failure_is_reported_not_only_the_first(
+    world: World, catalog: Catalog, audit: AuditStore, tmp_path: Path
 ) -> None:
-    # Everything about it would pass for the classifier, except that its tags say it was trained as
-    # the regressor's spec.
-    tags = {**trained.results[CLASSIFIER].tags, Tag.MODEL_SPEC: REGRESSOR}
-    version = register_copy(trained, CLASSIFIER, tags=tags, audit=audit)
-    record_validation(audit, trained.sha256[CLASSIFIER], "ctr_clicks")
-    before = aliases(trained, CLASSIFIER)
-
-    outcome = run_gate(trained, catalog, audit, CLASSIFIER, version)
+    good = trained_version(world, audit, CLASSIFIER, catalog)
+    folder = model_folder(world, CLASSIFIER, good, tmp_path / "v")
+    (folder / "requirements.txt").write_text("mlflow\nnot-a-real-package-xyz==1.0\n")
+    weak = registered_from(world, audit, CLASSIFIER, good, folder, metrics={"holdout_roc_auc": 0.55})
+    before = aliases(world, CLASSIFIER)
+    outcome = run_gate(world, catalog, audit, CLASSIFIER, weak)
     assert outcome.decision == Decision.REJECTED
-    (entry,) = outcome.records
-    assert entry.details["failed"] == ["lineage:model_spec"]
-    assert outcome.refusal is not None and "1 of " in outcome.refusal
-    assert f"trained from model spec {REGRESSOR!r}, not {CLASSIFIER!r}" in outcome.refusal
-    assert aliases(trained, CLASSIFIER) == before
+    assert failed(outcome) == ["metrics", "licences"]
+    checks = checks_of(outcome)
+    assert "holdout_roc_auc=0.5500 is below the minimum 0.6 (policy standard)" in checks["metrics"]["detail"]
+    assert (
+        "holdout_roc_auc=0.5500 is below the minimum 0.65 (model spec ctr_recommender)"
+        in (checks["metrics"]["detail"])
+    )
+    assert "not-a-real-package-xyz" in checks["licences"]["detail"]
+    assert outcome.refusal is not None and f"2 of {len(EVERY_CHECK)} checks failed" in outcome.refusal
+    assert all(f"  - {name}: " in outcome.refusal for name in ("metrics", "licences"))
+    assert "No alias moved" in outcome.refusal
+    assert aliases(world, CLASSIFIER) == before
+    assert world.client.get_model_version(CLASSIFIER, weak).tags[Tag.COMPLIANCE_STATUS] == "rejected"
+    card = artifact_text(world, CLASSIFIER, weak, f"compliance/model_card_v{weak}.md")
+    assert "**REJECTED**" in card and "| licences | **FAIL** |" in card
 
 
-def test_data_validated_needs_a_passing_record_of_the_models_own_dataset(
-    trained: Trained, catalog: Catalog, audit: AuditStore
-) -> None:
-    sha = trained.sha256[CLASSIFIER]
-    version = register_copy(trained, CLASSIFIER, audit=audit)
-
-    def failed() -> list[str]:
-        (entry,) = run_gate(trained, catalog, audit, CLASSIFIER, version).records
-        return entry.details["failed"]
-
-    assert failed() == ["data:validated"]  # never validated
-    record_validation(audit, sha, "diabetes")  # the same bytes, passed as another dataset
-    assert failed() == ["data:validated"]
-    record_validation(audit, sha, "ctr_clicks", Decision.FAILED)  # its own dataset, but failed
-    assert failed() == ["data:validated"]
-    record_validation(audit, sha, "ctr_clicks")
-    assert failed() == []
-    assert aliases(trained, CLASSIFIER)[Alias.CHALLENGER] == version
-
-
-def test_without_a_version_the_gate_takes_the_candidate(
-    trained: Trained, catalog: Catalog, audit: AuditStore
-) -> None:
-    candidate = trained.results[REGRESSOR].version
-    assert aliases(trained, REGRESSOR)[Alias.CANDIDATE] == candidate
-    record_registration(trained, audit, REGRESSOR, candidate)
-    record_validation(audit, trained.sha256[REGRESSOR], "diabetes")
-    outcome = run_gate(trained, catalog, audit, REGRESSOR, None)
-    assert outcome.decision == Decision.APPROVED and outcome.details["version"] == candidate
-    assert aliases(trained, REGRESSOR)[Alias.CHALLENGER] == candidate
-
-
-def test_a_model_with_no_candidate_cannot_be_gated_without_a_version(
-    trained: Trained, catalog: Catalog, audit: AuditStore
-) -> None:
-    spec = catalog.model(CLASSIFIER).model_copy(update={"name": "never_trained"})
-    with pytest.raises(GateFailed, match="'never_trained' has no version with alias") as raised:
-        gate(spec=spec, catalog=catalog, registry=trained.registry, audit=audit, version=None)
-    assert "give model_version explicitly" in str(raised.value)
-
-
-def test_the_missing_alias_is_named_by_its_value(
-    trained: Trained, catalog: Catalog, audit: AuditStore
-) -> None:
-    spec = catalog.model(CLASSIFIER).model_copy(update={"name": "never_trained"})
-    with pytest.raises(GateFailed, match="has no version with alias 'candidate';"):
-        gate(spec=spec, catalog=catalog, registry=trained.registry, audit=audit, version=None)
-
-
-# --- the operator --------------------------------------------------------------------------------
-
-
-def audit_records(home: Path, action: str) -> list[Any]:
-    store = AuditStore(f"sqlite:///{home}/audit.db", keyring=keyring_for_tests())
-    try:
-        assert store.verify().ok
-        return store.records(action=action)
-    finally:
-        store.dispose()
-
-
-def record_validated_in(home: Path, sha: str, dataset: str) -> None:
-    store = AuditStore(f"sqlite:///{home}/audit.db", keyring=keyring_for_tests())
-    try:
-        record_validation(store, sha, dataset)
-    finally:
-        store.dispose()
-
-
-def test_operator_approves_records_and_emits_the_event(
-    trained: Trained, catalog: Catalog, modelops_home: Path
-) -> None:
-    version = register_copy(trained, CLASSIFIER, audit=modelops_home)
-    record_validated_in(modelops_home, trained.sha256[CLASSIFIER], "ctr_clicks")
-    context = task_context()
-    result = ComplianceGateOperator(
-        task_id="compliance_gate", model=CLASSIFIER, model_version=int(version), outlets=[MODEL_APPROVED]
-    ).execute(context)
-    assert json.loads(json.dumps(result)) == result
-    assert result["verdict"] == "approved" and result["decision"] == "approved"
-    assert result["version"] == version and result["model_name"] == CLASSIFIER
-
-    assert aliases(trained, CLASSIFIER)[Alias.CHALLENGER] == version
-    assert context["outlet_events"][MODEL_APPROVED].extra == {
-        "model_name": CLASSIFIER,
-        "version": version,
-        "policy": "standard@2",
-    }
-    (record,) = audit_records(modelops_home, AuditAction.GATE_DECIDED)
-    assert record.decision == "approved" and record.subject == model_subject(CLASSIFIER, version)
-    assert record.details["failed"] == []
-    tags = trained.client.get_model_version(CLASSIFIER, version).tags
-    assert record.evidence["gate_report"] == tags[Tag.COMPLIANCE_REPORT_SHA256]
-    assert record.evidence["dataset"] == trained.sha256[CLASSIFIER]
-    assert record.actor == "airflow:modelops_compliance_gate.compliance_gate (triggered by bob)"
-    assert (record.dag_id, record.run_id, record.task_id) == (
-        "modelops_compliance_gate",
-        "manual__gate",
-        "compliance_gate",
+def promote(world: World, audit: AuditStore, name: str, version: str) -> None:
+    """The record deployment writes when ``version`` becomes champion."""
+    audit.append(
+        actor="test",
+        action=AuditAction.MODEL_DEPLOYED,
+        subject=model_subject(name, version),
+        decision=Decision.PROMOTED,
+        details={
+            CHAMPION_FIELD: version,
+            **evidence_summary(version_file_hashes(world.registry, name, version)),
+        },
     )
 
 
-def test_operator_records_a_rejection_before_failing_and_moves_no_alias(
-    trained: Trained, catalog: Catalog, modelops_home: Path
+def test_non_regression_scores_the_champion_on_the_candidates_own_holdout(
+    world: World, catalog: Catalog, audit: AuditStore, tmp_path: Path
 ) -> None:
-    # A version whose lineage is incomplete and whose data was never validated.
-    partial_tags = {Tag.TRAIN_DATA_SHA256: "d" * 64, Tag.FRAMEWORK: "scikit-learn", Tag.TRIGGER: "manual"}
-    rejected = register_copy(trained, CLASSIFIER, tags=partial_tags, audit=modelops_home)
-    before = aliases(trained, CLASSIFIER)
-    context = task_context("manual__reject")
-
-    with pytest.raises(AirflowFailException) as raised:  # fails without a retry: it would not change
-        ComplianceGateOperator(
-            task_id="compliance_gate", model=CLASSIFIER, model_version=rejected, outlets=[MODEL_APPROVED]
-        ).execute(context)
-
-    assert aliases(trained, CLASSIFIER) == before and rejected not in before.values()
-    assert MODEL_APPROVED not in context["outlet_events"]
-    tags = trained.client.get_model_version(CLASSIFIER, rejected).tags
-    assert tags[Tag.COMPLIANCE_STATUS] == "rejected"
-
-    policy = catalog.policies_for(CLASSIFIER).compliance
-    missing = [tag for tag in policy.required_tags if tag not in partial_tags]
-    expected_failed = [f"tag:{tag}" for tag in missing] + ["lineage:model_spec", "data:validated"]
-    (record,) = audit_records(modelops_home, AuditAction.GATE_DECIDED)
-    assert record.decision == "rejected" and record.subject == model_subject(CLASSIFIER, rejected)
-    assert record.details["failed"] == expected_failed
-    assert record.evidence["gate_report"] == tags[Tag.COMPLIANCE_REPORT_SHA256]
-
-    message = str(raised.value)
-    report = gate_report(trained, CLASSIFIER, rejected)
-    assert report["verdict"] == "rejected"
-    assert f"{len(expected_failed)} of {len(report['checks'])} checks failed" in message
-    assert all(name in message for name in expected_failed)
-    assert "No alias moved" in message
+    champion = trained_version(world, audit, CLASSIFIER, catalog)
+    promote(world, audit, CLASSIFIER, champion)
+    champion_auc = world.registry.run_metrics(world.registry.version(CLASSIFIER, champion).run_id)[
+        "holdout_roc_auc"
+    ]
+    # The same model retrained on the same data scores the same: within tolerance.
+    same = trained_version(world, audit, CLASSIFIER, catalog)
+    check = checks_of(run_gate(world, catalog, audit, CLASSIFIER, same))["non_regression"]
+    assert check["passed"], check
+    assert check["evidence"]["champion_version"] == champion
+    assert float(check["evidence"]["champion_score"]) == pytest.approx(champion_auc, abs=1e-6)
+    # A version that claims a worse holdout AUC than the champion scores on it, beyond the 0.01 tolerance.
+    folder = model_folder(world, CLASSIFIER, same, tmp_path / "worse")
+    worse = registered_from(
+        world, audit, CLASSIFIER, same, folder, metrics={"holdout_roc_auc": round(champion_auc - 0.02, 6)}
+    )
+    outcome = run_gate(world, catalog, audit, CLASSIFIER, worse)
+    assert failed(outcome) == ["non_regression"]
+    detail = checks_of(outcome)["non_regression"]["detail"]
+    assert f"against champion v{champion}" in detail and "worse by 0.0200" in detail
+    assert "beyond the tolerance 0.01" in detail
 
 
-def test_operator_fails_without_retry_when_there_is_no_version_to_gate(
-    trained: Trained, catalog: Catalog, modelops_home: Path
+def test_a_pickle_that_runs_a_command_on_load_is_blocked_and_never_loaded(
+    world: World, catalog: Catalog, audit: AuditStore, tmp_path: Path
 ) -> None:
-    ghost = catalog.model(CLASSIFIER).model_copy(update={"name": "never_trained"})
-    operator = ComplianceGateOperator(task_id="compliance_gate", model="never_trained")
-    operator.catalog = dataclasses.replace(catalog, models={**catalog.models, "never_trained": ghost})
-    with pytest.raises(AirflowFailException, match="'never_trained' has no version with alias"):
-        operator.execute(task_context("manual__ghost"))
-    # No decision about any version, but the task's own failure is on record.
-    assert [r.decision for r in audit_records(modelops_home, AuditAction.GATE_DECIDED)] == [Decision.ERROR]
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self) -> tuple[Any, ...]:
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    good = trained_version(world, audit, CLASSIFIER, catalog)
+    folder = model_folder(world, CLASSIFIER, good, tmp_path / "v")
+    (folder / "preprocessor.pkl").write_bytes(pickle.dumps(Payload()))
+    evil = registered_from(world, audit, CLASSIFIER, good, folder)
+    outcome = run_gate(world, catalog, audit, CLASSIFIER, evil)
+    assert failed(outcome) == ["model_files"]
+    detail = checks_of(outcome)["model_files"]["detail"]
+    assert "preprocessor.pkl" in detail and "system" in detail
+    assert not marker.exists()  # scanned, never unpickled: the payload did not run
+    assert (
+        Alias.CHALLENGER not in aliases(world, CLASSIFIER)
+        or aliases(world, CLASSIFIER)[Alias.CHALLENGER] != evil
+    )
 
 
-# --- attacks on the gate: each must be caught -----------------------------------------------------
+def test_a_joblib_model_file_with_numpy_buffers_is_scanned_without_a_false_alarm(
+    world: World, catalog: Catalog, audit: AuditStore, tmp_path: Path
+) -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    good = trained_version(world, audit, CLASSIFIER, catalog)
+    folder = model_folder(world, CLASSIFIER, good, tmp_path / "v")
+    frame = pd.read_csv(world.datasets[CLASSIFIER].csv)
+    numeric = frame[catalog.model(CLASSIFIER).numeric_features].to_numpy()
+    joblib.dump(
+        make_pipeline(StandardScaler(), LogisticRegression()).fit(numeric, frame["clicked"]),
+        folder / "calibrator.joblib",
+    )
+    version = registered_from(world, audit, CLASSIFIER, good, folder)
+    outcome = run_gate(world, catalog, audit, CLASSIFIER, version)
+    assert outcome.decision == Decision.APPROVED, outcome.refusal
+    assert "calibrator.joblib" in checks_of(outcome)["model_files"]["evidence"]
+
+
+def test_a_skops_file_holding_a_type_nobody_reviewed_is_rejected(
+    world: World, catalog: Catalog, audit: AuditStore
+) -> None:
+    version = trained_version(world, audit, CLASSIFIER, catalog)
+    unreviewed = catalog.model(CLASSIFIER).model_copy(update={"skops_trusted_types": []})
+    outcome = run_gate(world, catalog, audit, CLASSIFIER, version, spec=unreviewed)
+    assert "model_files" in failed(outcome)
+    assert "TreePredictor" in checks_of(outcome)["model_files"]["detail"]
+
+
+def test_an_agpl_dependency_is_denied(
+    world: World, catalog: Catalog, audit: AuditStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site = tmp_path / "site"
+    dist = site / "copyleft_widgets-2.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.4\nName: copyleft-widgets\nVersion: 2.0\nLicense-Expression: AGPL-3.0-only\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    good = trained_version(world, audit, CLASSIFIER, catalog)
+    folder = model_folder(world, CLASSIFIER, good, tmp_path / "v")
+    with (folder / "requirements.txt").open("a") as requirements:
+        requirements.write("\ncopyleft-widgets==2.0\n")
+    version = registered_from(world, audit, CLASSIFIER, good, folder)
+    outcome = run_gate(world, catalog, audit, CLASSIFIER, version)
+    assert failed(outcome) == ["licences"]
+    detail = checks_of(outcome)["licences"]["detail"]
+    assert "copyleft-widgets" in detail and "AGPL-3.0-only" in detail
+
+
+def test_an_aws_key_in_a_param_is_caught_and_never_quoted(
+    world: World, catalog: Catalog, audit: AuditStore, tmp_path: Path
+) -> None:
+    key = "AKIA" + "Q7ZP3M2XW5KD9RTB"
+    good = trained_version(world, audit, CLASSIFIER, catalog)
+    folder = model_folder(world, CLASSIFIER, good, tmp_path / "v")
+    version = registered_from(world, audit, CLASSIFIER, good, folder, params={"s3_access": key})
+    outcome = run_gate(world, catalog, audit, CLASSIFIER, version)
+    assert failed(outcome) == ["secrets"]
+    detail = checks_of(outcome)["secrets"]["detail"]
+    assert "AWS" in detail and "param:s3_access" in detail
+    (entry,) = outcome.records
+    for text in (
+        json.dumps(entry.details),
+        outcome.refusal or "",
+        outcome.summary,
+        artifact_text(world, CLASSIFIER, version, f"compliance/gate_report_v{version}.json"),
+        artifact_text(world, CLASSIFIER, version, f"compliance/model_card_v{version}.md"),
+    ):
+        assert key not in text and key[4:] not in text
+
+
+def test_pii_in_the_input_example_and_a_sensitive_column_are_caught(
+    world: World, catalog: Catalog, audit: AuditStore, tmp_path: Path
+) -> None:
+    good = trained_version(world, audit, CLASSIFIER, catalog)
+    folder = model_folder(world, CLASSIFIER, good, tmp_path / "v")
+    example = json.loads((folder / "input_example.json").read_text())
+    example["data"][0][example["columns"].index("device")] = "jane.doe@example.com"
+    (folder / "input_example.json").write_text(json.dumps(example))
+    leaky = registered_from(world, audit, CLASSIFIER, good, folder)
+    outcome = run_gate(world, catalog, audit, CLASSIFIER, leaky)
+    assert failed(outcome) == ["pii"]
+    detail = checks_of(outcome)["pii"]["detail"]
+    assert "input_example.json: email address" in detail and "jane" not in json.dumps(
+        outcome.records[0].details
+    )
+
+    # A column the dataset marks sensitive may not appear in artifacts unless the policy allows it.
+    dataset = catalog.datasets["ctr_clicks"].model_copy(update={"sensitive_columns": ["user_age"]})
+    marked = dataclasses.replace(catalog, datasets={**catalog.datasets, "ctr_clicks": dataset})
+    outcome = run_gate(world, marked, audit, CLASSIFIER, good)
+    assert failed(outcome) == ["pii"]
+    assert (
+        "column 'user_age', which dataset ctr_clicks marks sensitive" in checks_of(outcome)["pii"]["detail"]
+    )
+
+
+def test_lineage_needs_a_validated_unquarantined_dataset_with_its_data_card(
+    world: World, catalog: Catalog, audit: AuditStore, tmp_path: Path
+) -> None:
+    version = trained_version(world, audit, CLASSIFIER, catalog)
+    sha = world.datasets[CLASSIFIER].sha256
+    assert "lineage" not in failed(run_gate(world, catalog, audit, CLASSIFIER, version))
+
+    # A data card that is gone.
+    validated(world, audit, CLASSIFIER, data_card_uri=str(tmp_path / "no_card.json"))
+    outcome = run_gate(world, catalog, audit, CLASSIFIER, version)
+    assert failed(outcome) == ["lineage"] and "data card" in checks_of(outcome)["lineage"]["detail"]
+    validated(world, audit, CLASSIFIER)
+
+    # Quarantined after validation, with the CLI, by a named person.
+    assert (
+        cli_main(
+            [
+                "dataset",
+                "quarantine",
+                sha,
+                "--reason",
+                "consent withdrawn",
+                "--by",
+                "dpo",
+                "--url",
+                str(audit.url),
+            ]
+        )
+        == 0
+    )
+    outcome = run_gate(world, catalog, audit, CLASSIFIER, version)
+    assert failed(outcome) == ["lineage"]
+    detail = checks_of(outcome)["lineage"]["detail"]
+    assert "quarantined by dpo" in detail and "consent withdrawn" in detail
+
+
+def test_a_version_trained_for_another_model_fails_lineage(
+    world: World, catalog: Catalog, audit: AuditStore, tmp_path: Path
+) -> None:
+    good = trained_version(world, audit, CLASSIFIER, catalog)
+    version = world.registry.version(CLASSIFIER, good)
+    audit.append(
+        actor="test",
+        action=AuditAction.MODEL_REGISTERED,
+        subject=model_subject(CLASSIFIER, good),
+        decision=Decision.CANDIDATE,
+        details={
+            **gate_free_registration(audit, CLASSIFIER, good),
+            "tags": {**version.tags, Tag.MODEL_SPEC: REGRESSOR},
+        },
+    )
+    outcome = run_gate(world, catalog, audit, CLASSIFIER, good)
+    assert "lineage" in failed(outcome)
+    assert (
+        f"trained from model spec {REGRESSOR!r}, not {CLASSIFIER!r}"
+        in checks_of(outcome)["lineage"]["detail"]
+    )
+
+
+def gate_free_registration(audit: AuditStore, name: str, version: str) -> dict[str, Any]:
+    (record,) = audit.records(action=AuditAction.MODEL_REGISTERED, subject=model_subject(name, version))[-1:]
+    return dict(record.details)
+
+
+def test_a_gate_run_on_a_version_that_no_longer_exists_names_it(
+    world: World, catalog: Catalog, audit: AuditStore
+) -> None:
+    version = trained_version(world, audit, CLASSIFIER, catalog)
+    world.client.delete_model_version(CLASSIFIER, version)
+    with pytest.raises(RegistryError, match=f"has no version '{version}'"):
+        run_gate(world, catalog, audit, CLASSIFIER, version)
+
+
+def test_without_a_version_the_gate_takes_the_candidate_and_without_one_says_so(
+    world: World, catalog: Catalog, audit: AuditStore
+) -> None:
+    version = trained_version(world, audit, CLASSIFIER, catalog)
+    assert aliases(world, CLASSIFIER)[Alias.CANDIDATE] == version
+    assert run_gate(world, catalog, audit, CLASSIFIER, None).details["version"] == version
+    spec = catalog.model(CLASSIFIER).model_copy(update={"name": "never_trained"})
+    with pytest.raises(GateFailed, match="'never_trained' has no version with alias 'candidate'"):
+        gate(
+            spec=spec,
+            catalog=catalog,
+            registry=world.registry,
+            audit=audit,
+            files=FsspecFiles(),
+            version=None,
+        )
+
+
+# --- provenance attacks --------------------------------------------------------------------------------------
 
 
 def test_a_version_registered_straight_into_mlflow_is_rejected_with_a_record(
-    trained: Trained, catalog: Catalog, audit: AuditStore
+    world: World, catalog: Catalog, audit: AuditStore
 ) -> None:
-    """Attack: register a version with an MLflow client, with every lineage tag and
-    compliance_status=approved set by hand. Training never recorded it, so the gate rejects it (and says
-    why), recording the rejection; no alias moves."""
-    version = register_copy(trained, CLASSIFIER)  # no registration record: not the training stage's
-    trained.client.set_model_version_tag(CLASSIFIER, version, Tag.COMPLIANCE_STATUS, "approved")
-    record_validation(audit, trained.sha256[CLASSIFIER], "ctr_clicks")
-    before = aliases(trained, CLASSIFIER)
-    outcome = run_gate(trained, catalog, audit, CLASSIFIER, version)
+    """Attack: register a version with an MLflow client from a trained run, with every lineage tag and
+    compliance_status=approved set by hand. Training never recorded it, so the gate rejects it."""
+    good = trained_version(world, audit, CLASSIFIER, catalog)
+    original = world.registry.version(CLASSIFIER, good)
+    forged = world.client.create_model_version(
+        CLASSIFIER, f"runs:/{original.run_id}/model", run_id=original.run_id, tags=original.tags
+    ).version
+    world.client.set_model_version_tag(CLASSIFIER, forged, Tag.COMPLIANCE_STATUS, "approved")
+    outcome = run_gate(world, catalog, audit, CLASSIFIER, str(forged))
     assert outcome.decision == Decision.REJECTED
-    (entry,) = outcome.records
-    assert entry.details["failed"] == ["provenance:registered_by_training", "files:unchanged_since_training"]
-    assert "was not registered by the training stage" in outcome.refusal
-    assert aliases(trained, CLASSIFIER) == before
+    assert failed(outcome)[:2] == ["provenance:registered_by_training", "files:unchanged_since_training"]
+    assert "was not registered by the training stage" in (outcome.refusal or "")
 
 
 def test_model_files_changed_after_training_are_rejected(
-    trained: Trained, catalog: Catalog, audit: AuditStore, tmp_path: Path
+    world: World, catalog: Catalog, audit: AuditStore, tmp_path: Path
 ) -> None:
-    """Attack: overwrite a registered version's model file through MLflow's artifact API before the gate."""
-    files = tmp_path / "model"
-    files.mkdir()
-    (files / "MLmodel").write_text("flavors: {}\n")
-    (files / "model.skops").write_bytes(b"honest")
-    run_id = trained.registry.log_run(
-        experiment=catalog.model(CLASSIFIER).experiment_name,
-        run_name="to-tamper",
-        tags={},
-        metrics=trained.results[CLASSIFIER].metrics,
-        artifact_dirs={"model": files},
-    )
-    version = register_copy(trained, CLASSIFIER, run_id=run_id, audit=audit)
-    record_validation(audit, trained.sha256[CLASSIFIER], "ctr_clicks")
-    (files / "model.skops").write_bytes(b"malicious")
-    trained.client.log_artifact(run_id, str(files / "model.skops"), "model")
+    version = trained_version(world, audit, CLASSIFIER, catalog)
+    run_id = world.registry.version(CLASSIFIER, version).run_id
+    evil = tmp_path / "MLmodel"
+    evil.write_text("flavors: {}\n")
+    world.client.log_artifact(run_id, str(evil), "model")
+    outcome = run_gate(world, catalog, audit, CLASSIFIER, version)
+    assert "files:unchanged_since_training" in failed(outcome)
+    assert "MLmodel changed" in (outcome.refusal or "")
 
-    outcome = run_gate(trained, catalog, audit, CLASSIFIER, version)
+
+# --- human approval -----------------------------------------------------------------------------------------
+
+
+def awaiting(world: World, catalog: Catalog, audit: AuditStore) -> str:
+    version = trained_version(world, audit, REGRESSOR, catalog)
+    outcome = run_gate(world, catalog, audit, REGRESSOR, version)
+    assert outcome.decision == Decision.AWAITING_APPROVAL, outcome.refusal
+    assert outcome.refusal is None and outcome.asset_extra is None
+    assert outcome.details["approvers"] == ["risk_officer"]
+    return version
+
+
+def answer(
+    world: World,
+    catalog: Catalog,
+    audit: AuditStore,
+    version: str,
+    response: ApprovalResponse,
+    now: datetime | None = None,
+) -> StageOutcome:
+    outcome = decide_approval(
+        spec=catalog.model(REGRESSOR),
+        catalog=catalog,
+        registry=world.registry,
+        audit=audit,
+        version=version,
+        response=response,
+        now=now,
+    )
+    record_and_apply(audit, outcome)
+    return outcome
+
+
+def test_a_high_risk_model_waits_for_a_named_approver_and_records_who_approved(
+    world: World, catalog: Catalog, audit: AuditStore
+) -> None:
+    version = awaiting(world, catalog, audit)
+    assert (
+        Alias.CHALLENGER not in aliases(world, REGRESSOR)
+        or aliases(world, REGRESSOR)[Alias.CHALLENGER] != version
+    )
+    with pytest.raises(EvidenceMismatch, match="no authentic compliance gate decision"):
+        gate_record(audit, REGRESSOR, version)  # awaiting approval does not deploy
+    assert (
+        world.client.get_model_version(REGRESSOR, version).tags[Tag.COMPLIANCE_STATUS] == "awaiting_approval"
+    )
+
+    outcome = answer(
+        world,
+        catalog,
+        audit,
+        version,
+        ApprovalResponse(
+            APPROVE, "risk_officer", "Rita Risk", "Reviewed the card; fine.", datetime.now(UTC).isoformat()
+        ),
+    )
+    assert outcome.decision == Decision.APPROVED, outcome.refusal
+    record = gate_record(audit, REGRESSOR, version)
+    approval = record.details["approval"]
+    assert (
+        approval["mode"] == "human"
+        and approval["by"] == "risk_officer"
+        and approval["by_name"] == "Rita Risk"
+    )
+    assert approval["comment"] == "Reviewed the card; fine."
+    assert [c["name"] for c in record.details["checks"]] == EVERY_CHECK  # the checks it approved
+    assert record.details["artifacts"] == version_file_hashes(world.registry, REGRESSOR, version)
+    assert approval_still_valid(record) is None
+    assert aliases(world, REGRESSOR)[Alias.CHALLENGER] == version
+    assert "approved by risk_officer (Rita Risk)" in outcome.summary
+    card = artifact_text(world, REGRESSOR, version, f"compliance/model_card_v{version}.md")
+    assert "human by risk_officer (Rita Risk)" in card and "Reviewed the card; fine." in card
+
+    # The approval expires after the policy's 48 hours: deployment then refuses it.
+    later = datetime.now(UTC) + timedelta(hours=49)
+    reason = approval_still_valid(record, now=later)
+    assert reason is not None and "expired" in reason and "run modelops_compliance_gate" in reason
+
+
+@pytest.mark.parametrize(
+    ("response", "because"),
+    [
+        (
+            ApprovalResponse(APPROVE, "intern", "Ian Intern", "lgtm"),
+            "'intern', who is not among the approvers",
+        ),
+        (
+            ApprovalResponse(REJECT, "risk_officer", None, "holdout too small"),
+            "risk_officer rejected it: holdout",
+        ),
+        (ApprovalResponse(None, None, timed_out=True), "no approval within 72 hours"),
+    ],
+    ids=["not-an-approver", "rejected", "timed-out"],
+)
+def test_anything_but_an_approvers_approval_in_time_rejects_on_record(
+    world: World, catalog: Catalog, audit: AuditStore, response: ApprovalResponse, because: str
+) -> None:
+    version = awaiting(world, catalog, audit)
+    outcome = answer(world, catalog, audit, version, response)
     assert outcome.decision == Decision.REJECTED
+    assert outcome.refusal is not None and because in outcome.refusal and "No alias moved" in outcome.refusal
     (entry,) = outcome.records
-    assert entry.details["failed"] == ["files:unchanged_since_training"]
-    assert "model.skops changed" in outcome.refusal
+    assert entry.decision == Decision.REJECTED and because in entry.details["approval"]["refused"]
+    with pytest.raises(EvidenceMismatch, match="was rejected"):
+        gate_record(audit, REGRESSOR, version)
+    assert aliases(world, REGRESSOR).get(Alias.CHALLENGER) != version
+
+
+def test_files_changed_while_awaiting_approval_are_not_approved(
+    world: World, catalog: Catalog, audit: AuditStore, tmp_path: Path
+) -> None:
+    version = awaiting(world, catalog, audit)
+    run_id = world.registry.version(REGRESSOR, version).run_id
+    swapped = tmp_path / "MLmodel"
+    swapped.write_text("flavors: {}\n")
+    world.client.log_artifact(run_id, str(swapped), "model")
+    outcome = answer(world, catalog, audit, version, ApprovalResponse(APPROVE, "risk_officer"))
+    assert outcome.decision == Decision.REJECTED
+    assert "model files changed while the version awaited approval" in (outcome.refusal or "")
+
+
+def test_an_approval_without_a_pending_gate_record_is_refused(
+    world: World, catalog: Catalog, audit: AuditStore
+) -> None:
+    version = trained_version(world, audit, REGRESSOR, catalog)
+    with pytest.raises(GateFailed, match="no authentic gate record awaiting approval"):
+        answer(world, catalog, audit, version, ApprovalResponse(APPROVE, "risk_officer"))
+
+
+# --- the same gate from CI ------------------------------------------------------------------------------------
+
+
+def gate_cli(
+    world: World, audit: AuditStore, *args: str, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str, str]:
+    code = cli_main(["gate", "check", *args, "--tracking-uri", world.tracking_uri, "--url", str(audit.url)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_the_cli_runs_the_same_checks_and_writes_nothing(
+    world: World, catalog: Catalog, audit: AuditStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = trained_version(world, audit, CLASSIFIER, catalog)
+    records_before = len(audit.records())
+    code, out, _ = gate_cli(world, audit, CLASSIFIER, good, capsys=capsys)
+    report = json.loads(out)
+    assert code == 0 and report["verdict"] == "approved"
+    assert [c["name"] for c in report["checks"]] == EVERY_CHECK
+    assert len(audit.records()) == records_before  # nothing recorded, no tag, no alias
+    assert Tag.COMPLIANCE_STATUS not in world.client.get_model_version(CLASSIFIER, good).tags
+
+    folder = model_folder(world, CLASSIFIER, good, tmp_path / "v")
+    bad = registered_from(world, audit, CLASSIFIER, good, folder, metrics={"holdout_roc_auc": 0.5})
+    code, out, _ = gate_cli(world, audit, CLASSIFIER, bad, capsys=capsys)
+    assert code == 1 and json.loads(out)["verdict"] == "rejected" and "metrics" in json.loads(out)["failed"]
+
+    pending = trained_version(world, audit, REGRESSOR, catalog)
+    code, out, _ = gate_cli(world, audit, REGRESSOR, pending, capsys=capsys)
+    assert code == 0 and json.loads(out)["verdict"] == "approval_pending"
+    assert json.loads(out)["approval"]["approvers"] == ["risk_officer"]
+    code, _, err = gate_cli(world, audit, REGRESSOR, pending, "--require-approval", capsys=capsys)
+    assert code == 1 and "approval pending" in err
+
+    code, _, err = gate_cli(world, audit, CLASSIFIER, "9999", capsys=capsys)
+    assert code == 2 and "has no version '9999'" in err
+
+
+def test_the_cli_without_an_mlflow_server_is_a_usage_error(
+    audit: AuditStore, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cli_main(["gate", "check", CLASSIFIER, "1", "--url", str(audit.url)]) == 2
+    assert "pass --tracking-uri URI or set $MLFLOW_TRACKING_URI" in capsys.readouterr().err
+    assert cli_main(["gate", "check", CLASSIFIER]) == 2  # the version is required

@@ -48,7 +48,14 @@ from modelops.vocabulary import (
     dataset_subject,
     model_subject,
 )
-from tests.support import authorise, keyring_for_tests, mlflow_client, serve_in_thread, use_sqlite_registry
+from tests.support import (
+    authorise,
+    keyring_for_tests,
+    mlflow_client,
+    serve_in_thread,
+    use_sqlite_registry,
+    valid_approval,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -266,7 +273,11 @@ def register(stack: Stack, name: str, kind: str, status: str | None = Compliance
             action=AuditAction.GATE_DECIDED,
             subject=model_subject(name, version),
             decision=status,
-            details={Tag.TRAIN_DATA_SHA256: stack.sha256[task_of(kind)], **evidence_summary(files)},
+            details={
+                Tag.TRAIN_DATA_SHA256: stack.sha256[task_of(kind)],
+                **evidence_summary(files),
+                **valid_approval(),
+            },
         )
     return version
 
@@ -851,6 +862,35 @@ def test_a_forged_gate_record_without_the_key_is_refused(stack: Stack) -> None:
             conn.execute(sa.delete(audit_table).where(audit_table.c.seq == fields["seq"]))
 
 
+def test_an_approval_that_expired_does_not_deploy(stack: Stack) -> None:
+    """The policy's valid_for_hours passed since the gate approved: deployment refuses, naming the expiry."""
+    spec = stack.spec(CLASSIFIER, unique("expired"))
+    version = register(stack, spec.name, CLASSIFIER, status=None)
+    files = version_file_hashes(stack.registry, spec.name, version)
+    stack.audit.append(
+        actor="test",
+        action=AuditAction.GATE_DECIDED,
+        subject=model_subject(spec.name, version),
+        decision=Decision.APPROVED,
+        details={
+            Tag.TRAIN_DATA_SHA256: stack.sha256[CLASSIFIER],
+            **evidence_summary(files),
+            **valid_approval(-1),
+        },
+    )
+    outcome = deploy(
+        spec=spec,
+        registry=stack.registry,
+        gateway=stack.gateway,
+        audit=stack.audit,
+        record=stack.record,
+        version=version,
+    )
+    assert outcome.decision == Decision.REFUSED
+    assert "expired at" in outcome.refusal and "run modelops_compliance_gate" in outcome.refusal
+    assert Alias.CHAMPION not in aliases(stack, spec.name)
+
+
 def test_a_model_file_overwritten_after_the_gate_is_refused(stack: Stack) -> None:
     """Attack: after the gate approved a version, overwrite its model file through MLflow's artifact API
     (no authentication). Deployment re-hashes the files against the gate's record and refuses; the
@@ -877,7 +917,11 @@ def test_a_model_file_overwritten_after_the_gate_is_refused(stack: Stack) -> Non
         action=AuditAction.GATE_DECIDED,
         subject=model_subject(name, victim),
         decision=Decision.APPROVED,
-        details={Tag.TRAIN_DATA_SHA256: stack.sha256[CLASSIFIER], **evidence_summary(files)},
+        details={
+            Tag.TRAIN_DATA_SHA256: stack.sha256[CLASSIFIER],
+            **evidence_summary(files),
+            **valid_approval(),
+        },
     )
     mlmodel = folder / "model" / "MLmodel"
     mlmodel.write_text(mlmodel.read_text() + "\n# tampered\n")

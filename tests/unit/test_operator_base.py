@@ -113,7 +113,7 @@ def test_a_version_without_lineage_tags_gets_a_gate_record_rejecting_it(
         operator.execute(task_context("evaluate_policy"))
     (record,) = audit_records(modelops_home, AuditAction.GATE_DECIDED)
     assert record.decision == Decision.REJECTED and record.subject == model_subject(CTR, bare_version)
-    assert {"lineage:model_spec", "data:validated"} <= set(record.details["failed"])
+    assert {"provenance:registered_by_training", "lineage"} <= set(record.details["failed"])
     assert "dataset" not in record.evidence
 
 

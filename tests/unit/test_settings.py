@@ -94,14 +94,17 @@ def test_policies_follow_the_risk_tier() -> None:
     # The stricter tier really is stricter.
     assert high.monitoring.min_rows < medium.monitoring.min_rows
     assert high.retirement.superseded_for_days > medium.retirement.superseded_for_days
-    strict, standard = high.compliance.metric_thresholds, medium.compliance.metric_thresholds
+    strict = high.compliance.settings_of("metrics").thresholds
+    standard = medium.compliance.settings_of("metrics").thresholds
     assert (
         strict["binary_classification"]["holdout_roc_auc"].min
         > standard["binary_classification"]["holdout_roc_auc"].min
     )
+    assert high.compliance.approval.required and not medium.compliance.approval.required
     for policy in catalog.compliance_policies.values():
-        assert policy.required_tags and all(isinstance(tag, Tag) for tag in policy.required_tags)
-        assert set(policy.metric_thresholds) <= set(TASK_METRICS)
+        required = policy.settings_of("tags").required
+        assert required and all(isinstance(tag, Tag) for tag in required)
+        assert set(policy.settings_of("metrics").thresholds) <= set(TASK_METRICS)
 
 
 def test_a_model_may_override_one_policy_of_its_tier(include: Path) -> None:
@@ -199,7 +202,7 @@ def test_env_reference_without_default_is_an_error() -> None:
 def test_unknown_field_names_file_and_field(tmp_path: Path) -> None:
     policy = tmp_path / "compliance.yaml"
     policy.write_text(
-        "name: p\nversion: '1'\nrequired_tags: []\nmetric_thresholds: {}\nrequire_validated_datset: true\n"
+        "name: p\nversion: '1'\nchecks: {metrics: {}}\napproval: {required: false}\nrequire_validated_datset: true\n"
     )
     with pytest.raises(SettingsError) as info:
         settings.load_model_file(policy, settings.CompliancePolicy)
@@ -305,10 +308,12 @@ def test_a_metric_the_task_kind_does_not_log(include: Path) -> None:
 def test_a_compliance_policy_metric_the_task_kind_does_not_log(include: Path) -> None:
     policy = edit_yaml(
         include / "policies" / "compliance" / "strict.yaml",
-        lambda data: data["metric_thresholds"]["regression"].update(holdout_accuracy={"min": 0.9}),
+        lambda data: data["checks"]["metrics"]["thresholds"]["regression"].update(
+            holdout_accuracy={"min": 0.9}
+        ),
     )
     message = load_error(include)
-    assert str(policy) in message and "metric_thresholds.regression" in message
+    assert str(policy) in message and "thresholds.regression" in message
     assert "'holdout_accuracy'" in message
 
 
@@ -358,10 +363,10 @@ def test_a_default_model_without_a_spec(include: Path, monkeypatch: pytest.Monke
 def test_a_required_tag_that_is_not_a_known_tag(include: Path) -> None:
     policy = edit_yaml(
         include / "policies" / "compliance" / "standard.yaml",
-        lambda data: data["required_tags"].append("trian_data_sha256"),
+        lambda data: data["checks"]["tags"]["required"].append("trian_data_sha256"),
     )
     message = load_error(include)
-    assert str(policy) in message and "field 'required_tags." in message
+    assert str(policy) in message and "settings of check 'tags': required." in message
     assert "'trian_data_sha256'" in message and "'train_data_sha256'" in message
 
 

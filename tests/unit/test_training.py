@@ -292,7 +292,7 @@ def test_model_tags_carry_ownership_and_governance(catalog: Catalog) -> None:
         ModelTag.COMPLIANCE_LABELS: '["GDPR"]',
         ModelTag.TASK: "binary_classification",
         ModelTag.DATASET: "ctr_clicks",
-        ModelTag.COMPLIANCE_POLICY: "standard@2",
+        ModelTag.COMPLIANCE_POLICY: "standard@3",
         ModelTag.MONITORING_POLICY: "standard",
         ModelTag.RETIREMENT_POLICY: "standard",
     }
@@ -308,7 +308,7 @@ def test_model_tags_carry_ownership_and_governance(catalog: Catalog) -> None:
         tags[ModelTag.COMPLIANCE_POLICY],
         tags[ModelTag.MONITORING_POLICY],
         tags[ModelTag.RETIREMENT_POLICY],
-    ) == ("strict@1", "sensitive", "long-retention")
+    ) == ("strict@2", "sensitive", "long-retention")
 
 
 def test_code_commit_honours_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -347,7 +347,7 @@ def test_train_and_register_tags_the_version_with_its_lineage(trained: Trained, 
         Tag.SKOPS_TRUSTED_TYPES: json.dumps(spec.skops_trusted_types),
     }
     # Everything the model's compliance policy demands is there.
-    required = trained.catalog.policies_for(spec).compliance.required_tags
+    required = trained.catalog.policies_for(spec).compliance.settings_of("tags").required
     assert all(tags.get(tag) for tag in required)
 
     assert trained.registry.version_by_alias(name, Alias.CANDIDATE).version == result.version

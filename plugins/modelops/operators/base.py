@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -95,8 +96,13 @@ class ModelOpsBaseOperator(BaseOperator):
         raise NotImplementedError
 
     def execute(self, context: Context) -> dict[str, Any]:
+        return self.act_on(self.decide(lambda: self.run_stage(context), context), context)
+
+    def decide(self, stage: Callable[[], StageOutcome], context: Context) -> StageOutcome:
+        """Run one stage function; its failure is recorded, then fails the task (no retry for a refusal,
+        a settings mistake or a missing version) or propagates for Airflow to retry."""
         try:
-            outcome = self.run_stage(context)
+            return stage()
         except (GateFailed, SettingsError, RegistryError) as exc:
             # A refusal, a settings mistake or a version that does not exist: the same inputs give the
             # same answer, so fail now, naming the problem, instead of retrying.
@@ -106,7 +112,6 @@ class ModelOpsBaseOperator(BaseOperator):
             # Recorded, then re-raised unchanged: Airflow retries it as configured.
             self.record_failure(exc, context, retried=True)
             raise
-        return self.act_on(outcome, context)
 
     def record_failure(self, error: BaseException, context: Context, *, retried: bool) -> None:
         """Write the stage's own failure to the audit log, so no failed decision goes unrecorded.

@@ -21,6 +21,7 @@ from modelops.errors import DeploymentFailed
 from modelops.evidence import (
     CHAMPION_FIELD,
     EvidenceMismatch,
+    approval_still_valid,
     champion_record,
     check_files,
     evidence_summary,
@@ -313,6 +314,9 @@ def deploy(
         )
     try:
         approval = gate_record(audit, spec.name, version)
+        expired = approval_still_valid(approval)
+        if expired:
+            raise EvidenceMismatch(f"{spec.name} v{version}: {expired}")
         files = version_file_hashes(registry, spec.name, version)
         check_files(
             recorded_files(approval),

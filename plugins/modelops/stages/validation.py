@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from modelops.errors import DatasetError
 from modelops.locations import is_within
+from modelops.pii import PiiMatcher, mask
 from modelops.settings import Catalog, DatasetSpec
 from modelops.stages.outcome import AuditEntry, StageOutcome, sha256_json
 from modelops.storage import (
@@ -258,7 +259,7 @@ def scan_pii(uri: str, spec: DatasetSpec, chunk_rows: int = PII_SCAN_CHUNK_ROWS)
     a whole number can be a card number), each chunk as pandas reads it, so a text value anywhere in a
     column makes that chunk of it text and is seen.
     """
-    patterns = [(pattern.name, re.compile(pattern.regex)) for pattern in spec.pii_patterns]
+    matcher = PiiMatcher(spec.pii_patterns)
     counts: dict[tuple[str, str], int] = {}
     examples: dict[tuple[str, str], str] = {}
     scanned: dict[str, None] = {}
@@ -270,15 +271,12 @@ def scan_pii(uri: str, spec: DatasetSpec, chunk_rows: int = PII_SCAN_CHUNK_ROWS)
             if series.dtype.kind in "fc":
                 continue
             scanned[str(column)] = None
-            if not patterns:
+            if not matcher.patterns:
                 continue
-            values = series.dropna().astype(str)
-            for name, regex in patterns:
-                hits = values[values.str.contains(regex, regex=True)]
-                if len(hits):
-                    key = (str(column), name)
-                    counts[key] = counts.get(key, 0) + len(hits)
-                    examples.setdefault(key, _mask(hits.iloc[0]))
+            for name, (hits, example) in matcher.matches(series.dropna().astype(str)).items():
+                key = (str(column), name)
+                counts[key] = counts.get(key, 0) + hits
+                examples.setdefault(key, example)
     findings = [
         PiiFinding(
             column=safe_name(column), pattern=name, matching_rows=count, example=examples[(column, name)]
@@ -288,14 +286,12 @@ def scan_pii(uri: str, spec: DatasetSpec, chunk_rows: int = PII_SCAN_CHUNK_ROWS)
     return PiiScan(
         rows_scanned=rows,
         columns_scanned=[safe_name(column) for column in scanned],
-        patterns=[name for name, _ in patterns],
+        patterns=[name for name, _ in matcher.patterns],
         findings=findings,
     )
 
 
-def _mask(value: str) -> str:
-    # The finding goes into logs and the audit record; never copy the PII itself there.
-    return value[:2] + "***" if len(value) > 2 else "***"
+_mask = mask
 
 
 def validate_dataset(
