@@ -718,6 +718,20 @@ def _collect_columns(data: Any, found: set[str]) -> None:
                 _collect_columns(item, found)
 
 
+def _card_sensitive_columns(inputs: GateInputs) -> set[str]:
+    """The columns the training data's data card marks sensitive (none when there is no card to read)."""
+    sha = inputs.tags.get(Tag.TRAIN_DATA_SHA256, "")
+    validation = latest_passed_validation(inputs.audit, sha, dataset=inputs.spec.dataset) if sha else None
+    card = validation.details.get("data_card_uri") if validation else None
+    if not card or not inputs.files.exists(str(card)):
+        return set()  # the lineage check fails a missing card
+    try:
+        data = json.loads(inputs.files.read_text(str(card)))
+    except json.JSONDecodeError as exc:
+        raise EvidenceMismatch(f"the data card {card} is not valid JSON: {exc.msg}") from exc
+    return {str(column) for column in data.get("sensitive_columns", [])} if isinstance(data, dict) else set()
+
+
 @register_check(
     "pii",
     PiiSettings,
@@ -735,10 +749,14 @@ def check_pii(inputs: GateInputs, settings: PiiSettings) -> CheckResult:
         f"{hit.file}: {hit.pattern} values ({hit.lines} lines)"
         for hit in scan_text_files_for_pii(inputs.model_dir, patterns)
     ]
-    sensitive = set(dataset.sensitive_columns) - set(settings.allow_sensitive_columns)
+    sensitive = (set(dataset.sensitive_columns) | _card_sensitive_columns(inputs)) - set(
+        settings.allow_sensitive_columns
+    )
     for file, columns in _input_example_columns(inputs.model_dir):
         for column in sorted(columns & sensitive):
-            problems.append(f"{file}: column {column!r}, which dataset {dataset.name} marks sensitive")
+            problems.append(
+                f"{file}: column {column!r}, which dataset {dataset.name}'s data card marks sensitive"
+            )
     return CheckResult(
         "pii",
         not problems,

@@ -21,14 +21,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import joblib
 import pandas as pd
 import pytest
+from airflow.sdk.exceptions import AirflowFailException
 from mlflow import MlflowClient
 from threadpoolctl import threadpool_limits
 
+from modelops.assets import MODEL_APPROVED
 from modelops.audit import AuditStore
 from modelops.checks import CHECKS
 from modelops.cli import main as cli_main
@@ -44,6 +47,7 @@ from modelops.evidence import (
     version_file_hashes,
 )
 from modelops.evidence_files import FsspecFiles
+from modelops.operators.compliance import ComplianceGateOperator
 from modelops.registry import ModelRegistry
 from modelops.settings import PROJECT_ROOT, Catalog, ModelSpec, ServingSpec, load_catalog
 from modelops.stages.common import plan_versions
@@ -620,14 +624,31 @@ def test_pii_in_the_input_example_and_a_sensitive_column_are_caught(
         outcome.records[0].details
     )
 
-    # A column the dataset marks sensitive may not appear in artifacts unless the policy allows it.
-    dataset = catalog.datasets["ctr_clicks"].model_copy(update={"sensitive_columns": ["user_age"]})
-    marked = dataclasses.replace(catalog, datasets={**catalog.datasets, "ctr_clicks": dataset})
-    outcome = run_gate(world, marked, audit, CLASSIFIER, good)
+    # A column the data card marks sensitive may not appear in artifacts unless the policy allows it.
+    card = world.datasets[CLASSIFIER].card
+    validated(world, audit, CLASSIFIER, data_card_uri=str(tmp_path / "card.json"))
+    (tmp_path / "card.json").write_text(
+        json.dumps({**json.loads(card.read_text()), "sensitive_columns": ["user_age"]})
+    )
+    outcome = run_gate(world, catalog, audit, CLASSIFIER, good)
     assert failed(outcome) == ["pii"]
     assert (
-        "column 'user_age', which dataset ctr_clicks marks sensitive" in checks_of(outcome)["pii"]["detail"]
+        "column 'user_age', which dataset ctr_clicks's data card marks sensitive"
+        in checks_of(outcome)["pii"]["detail"]
     )
+    policy = catalog.compliance_policies["standard"]
+    lenient = policy.model_copy(
+        update={
+            "checks": {
+                **policy.checks,
+                "pii": policy.checks["pii"].model_copy(update={"allow_sensitive_columns": ["user_age"]}),
+            }
+        }
+    )
+    allowing = dataclasses.replace(
+        catalog, compliance_policies={**catalog.compliance_policies, "standard": lenient}
+    )
+    assert run_gate(world, allowing, audit, CLASSIFIER, good).decision == Decision.APPROVED
 
 
 def test_lineage_needs_a_validated_unquarantined_dataset_with_its_data_card(
@@ -929,3 +950,87 @@ def test_the_cli_without_an_mlflow_server_is_a_usage_error(
     assert cli_main(["gate", "check", CLASSIFIER, "1", "--url", str(audit.url)]) == 2
     assert "pass --tracking-uri URI or set $MLFLOW_TRACKING_URI" in capsys.readouterr().err
     assert cli_main(["gate", "check", CLASSIFIER]) == 2  # the version is required
+
+
+# --- the operator: the approval's answer, as Airflow hands it back ------------------------------------------
+
+
+class OutletEvents(dict):
+    """Stand-in for Airflow's outlet event accessors: an accessor (with ``extra``) per asset on demand."""
+
+    def __missing__(self, key: Any) -> SimpleNamespace:
+        self[key] = SimpleNamespace(extra={})
+        return self[key]
+
+
+def task_context(run_id: str = "manual__gate") -> dict[str, Any]:
+    dag_run = SimpleNamespace(dag_id="modelops_compliance_gate", run_id=run_id, triggering_user_name="bob")
+    return {
+        "dag_run": dag_run,
+        "ti": SimpleNamespace(task_id="evaluate_policy"),
+        "outlet_events": OutletEvents(),
+    }
+
+
+@pytest.fixture
+def home_audit(modelops_home: Path) -> Iterator[AuditStore]:
+    """The audit log the operator writes to (the connection modelops_audit of modelops_home)."""
+    store = AuditStore(f"sqlite:///{modelops_home}/audit.db", keyring=keyring_for_tests())
+    yield store
+    store.dispose()
+
+
+def test_the_operator_records_the_approvers_answer_and_emits_the_event(
+    world: World, catalog: Catalog, home_audit: AuditStore
+) -> None:
+    version = awaiting(world, catalog, home_audit)
+    operator = ComplianceGateOperator(task_id="evaluate_policy", model=REGRESSOR, outlets=[MODEL_APPROVED])
+    context = task_context()
+    event = {
+        "chosen_options": ["Approve"],
+        "params_input": {"comment": "Card read; ship it."},
+        "responded_at": datetime.now(UTC),
+        "responded_by_user": {"id": "risk_officer", "name": "risk_officer"},
+        "timedout": False,
+    }
+    result = operator.execute_complete(context, event, model_version=version)
+    assert result["verdict"] == "approved" and result["approval"]["by"] == "risk_officer"
+    assert context["outlet_events"][MODEL_APPROVED].extra["version"] == version
+    record = gate_record(home_audit, REGRESSOR, version)
+    assert record.actor.startswith("airflow:modelops_compliance_gate.evaluate_policy")
+    assert record.details["approval"]["comment"] == "Card read; ship it."
+    assert aliases(world, REGRESSOR)[Alias.CHALLENGER] == version
+
+
+@pytest.mark.parametrize(
+    ("event", "because"),
+    [
+        (
+            {"error": "timeout has passed without a response.", "error_type": "timeout"},
+            "no approval within 72",
+        ),
+        (
+            {
+                "chosen_options": ["Approve"],
+                "params_input": {"comment": ""},
+                "responded_at": datetime.now(UTC),
+                "responded_by_user": {"id": "intern", "name": "intern"},
+            },
+            "'intern', who is not among the approvers",
+        ),
+    ],
+    ids=["timed-out", "not-an-approver"],
+)
+def test_the_operator_fails_without_retry_on_a_timeout_or_a_stranger_and_records_why(
+    world: World, catalog: Catalog, home_audit: AuditStore, event: dict[str, Any], because: str
+) -> None:
+    version = awaiting(world, catalog, home_audit)
+    operator = ComplianceGateOperator(task_id="evaluate_policy", model=REGRESSOR, outlets=[MODEL_APPROVED])
+    context = task_context()
+    with pytest.raises(AirflowFailException, match=because):
+        operator.execute_complete(context, event, model_version=version)
+    (last,) = home_audit.records(action=AuditAction.GATE_DECIDED, subject=model_subject(REGRESSOR, version))[
+        -1:
+    ]
+    assert last.decision == Decision.REJECTED and because in last.details["approval"]["refused"]
+    assert MODEL_APPROVED not in context["outlet_events"]

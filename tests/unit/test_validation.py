@@ -358,6 +358,8 @@ def test_a_passing_dataset_is_snapshotted_once_with_a_data_card(
     assert card["expectations_evaluated"] == len(report.expectations)
     assert set(card["columns"]) == set(report.columns)
     assert card["columns"]["user_age"]["min"] >= 18 and card["columns"]["device"]["distinct"] <= 3
+    assert card["sensitive_columns"] == []  # the spec marks none
+
     assert report.lineage() == {
         "dataset": "ctr_clicks",
         "uri": path.as_uri(),
@@ -374,6 +376,18 @@ def test_a_passing_dataset_is_snapshotted_once_with_a_data_card(
     assert snapshot.stat().st_mtime_ns == written_at  # kept, not rewritten
     assert [p.name for p in (datasets_dir(modelops_home) / "ctr_clicks").iterdir()] == [sha]
     assert sorted(p.name for p in snapshot.parent.iterdir()) == ["data.csv", "data_card.json"]
+
+
+def test_the_data_card_marks_the_columns_the_spec_calls_sensitive(
+    modelops_home: Path, incoming: Path, catalog, storage
+) -> None:
+    import dataclasses
+
+    spec = catalog.datasets["ctr_clicks"].model_copy(update={"sensitive_columns": ["user_age", "no_such"]})
+    marked = dataclasses.replace(catalog, datasets={**catalog.datasets, "ctr_clicks": spec})
+    report = check(marked, storage, csv_of(incoming, "sensitive"))
+    card = json.loads(Path(report.data_card_uri.removeprefix("file://")).read_text())
+    assert card["sensitive_columns"] == ["user_age"]  # only columns the file has
 
 
 def test_a_passing_outcome_carries_the_lineage_for_the_asset_event(

@@ -326,7 +326,7 @@ def validate_dataset(
         pii_scan=pii.summary(),
     )
     if report.passed:
-        _write_snapshot(report, source, frame, storage)
+        _write_snapshot(report, source, frame, storage, sensitive=spec.sensitive_columns)
     return report
 
 
@@ -335,6 +335,8 @@ def _write_snapshot(
     source: ObjectStoragePath,
     frame: pd.DataFrame,
     storage: ObjectStoragePath,
+    *,
+    sensitive: list[str] | None = None,
 ) -> None:
     target_dir = snapshot_dir(storage, report.dataset, report.sha256)
     target = target_dir / "data.csv"
@@ -349,12 +351,16 @@ def _write_snapshot(
             )
     report.snapshot_uri = str(target)
     card = target_dir / "data_card.json"
-    card.write_text(json.dumps(data_card(report, frame), indent=2, sort_keys=True, default=str))
+    card.write_text(json.dumps(data_card(report, frame, sensitive), indent=2, sort_keys=True, default=str))
     report.data_card_uri = str(card)
 
 
-def data_card(report: DatasetValidationReport, frame: pd.DataFrame) -> dict[str, Any]:
-    """A data card: what the dataset is, where it came from and what it looks like."""
+def data_card(
+    report: DatasetValidationReport, frame: pd.DataFrame, sensitive: list[str] | None = None
+) -> dict[str, Any]:
+    """A data card: what the dataset is, where it came from, what it looks like, and which of its columns
+    its spec marks sensitive (the compliance gate keeps their values out of model artifacts)."""
+    sensitive_present = [column for column in (sensitive or []) if column in frame.columns]
     columns = {}
     for name in frame.columns:
         series = frame[name]
@@ -385,6 +391,7 @@ def data_card(report: DatasetValidationReport, frame: pd.DataFrame) -> dict[str,
         "expectation_suite": report.suite,
         "expectations_evaluated": len(report.expectations),
         "pii_scan": report.pii_scan,
+        "sensitive_columns": sensitive_present,
         "columns": columns,
     }
 
