@@ -591,6 +591,15 @@ def load_catalog(root: Path | None = None) -> Catalog:
                 require(
                     found, chosen, f"{path}: field 'policies.{kind}'", f"{kind} policy", f"policies/{kind}/"
                 )
+        override = spec.policies.compliance
+        tier_policy = compliance[tiers[spec.risk_tier].compliance]
+        if override and tier_policy.approval.required and not compliance[override].approval.required:
+            # Otherwise a spec could opt its model out of the human approval its risk tier demands.
+            raise SettingsError(
+                f"{path}: field 'policies.compliance': policy {override!r} approves without a person, but risk "
+                f"tier {spec.risk_tier!r} requires approval (policy {tier_policy.name!r}); choose a policy that "
+                "requires approval, or change the model's risk tier"
+            )
     if platform.default_model not in models:
         raise SettingsError(
             f"{root / 'modelops.yaml'}: field 'default_model': model {platform.default_model!r} has no spec; "

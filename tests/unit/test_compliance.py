@@ -1034,3 +1034,12 @@ def test_the_operator_fails_without_retry_on_a_timeout_or_a_stranger_and_records
     ]
     assert last.decision == Decision.REJECTED and because in last.details["approval"]["refused"]
     assert MODEL_APPROVED not in context["outlet_events"]
+
+
+def test_a_model_spec_cannot_opt_out_of_the_approval_its_risk_tier_requires(include_copy: Path) -> None:
+    spec_file = include_copy / "models" / f"{REGRESSOR}.yaml"
+    spec_file.write_text(spec_file.read_text() + "policies:\n  compliance: standard\n")
+    with pytest.raises(SettingsError) as raised:
+        load_catalog()
+    message = str(raised.value)
+    assert str(spec_file) in message and "risk tier 'high' requires approval" in message
