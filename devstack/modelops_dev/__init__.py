@@ -8,6 +8,7 @@ job each:
 - :mod:`modelops_dev.stack`: what the stack is: ports, the ``.demo/`` layout, environment, services
 - (the ``airflow_settings.yaml`` loader is :mod:`modelops.airflow_settings`: production compose uses it too)
 - :mod:`modelops_dev.airflow_api`: the Airflow REST client, run waiting, XComs and log excerpts
+- :mod:`modelops_dev.approvals`: the gate's human approval, answered as the approver it names
 - :mod:`modelops_dev.mlflow_api`: the MLflow REST calls (registered model, aliases)
 - :mod:`modelops_dev.workload`: what the demo feeds the stack: dataset files, scoring traffic, predictions
 - :mod:`modelops_dev.driver`: the lifecycle: ``up`` / ``down`` / ``status`` and the summary

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -23,10 +23,25 @@ STAGE_TIMEOUT_SECONDS = 6 * 60
 DAG_PARSE_TIMEOUT_SECONDS = 180
 # Task instance states whose log explains a problem: failed, or failed and waiting for its retry.
 PROBLEM_TASK_STATES = ("failed", "up_for_retry")
+# A human-in-the-loop task waiting for its form's answer (Airflow 3.3; its run stays "running").
+AWAITING_INPUT = "awaiting_input"
 
 
 class StageFailed(ModelOpsError):
     """A lifecycle stage failed or timed out during ``make demo``."""
+
+
+@dataclass(frozen=True)
+class FormAnswer:
+    """Airflow's answer to a human-in-the-loop response: its status code and what it said."""
+
+    status: int
+    detail: str
+    body: Any = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == 200
 
 
 # --- facts (pure functions over API answers) -----------------------------------------------------
@@ -171,10 +186,12 @@ def stage_lines(result: StageResult) -> list[str]:
 
 
 class AirflowApi:
-    """The few REST API v2 calls the demo needs, authenticated as ``admin`` with a JWT."""
+    """The few REST API v2 calls the demo needs, authenticated as one user (``admin``, or an approver)
+    with a JWT."""
 
     def __init__(self, base_url: str, username: str, password: str) -> None:
         self.base_url = base_url
+        self.username = username
         self._http = httpx.Client(base_url=base_url, timeout=30, trust_env=False)
         answer = self._http.post("/auth/token", json={"username": username, "password": password})
         if answer.status_code not in (200, 201):
@@ -279,6 +296,45 @@ class AirflowApi:
         )
         return f"task {name} {ti['state']}; last lines of its log:\n{log_excerpt(log)}"
 
+    def awaiting_input(self, dag_id: str) -> list[dict[str, Any]]:
+        """The unanswered human-in-the-loop forms of ``dag_id``'s task instances that wait in
+        ``awaiting_input``, every run (each with its ``task_instance``)."""
+        answer = self._call(
+            "GET",
+            f"/dags/{dag_id}/dagRuns/~/hitlDetails",
+            params={"response_received": "false", "state": AWAITING_INPUT, "limit": 100},
+        )
+        return answer.json()["hitl_details"] if answer.status_code == 200 else []
+
+    def respond(
+        self,
+        dag_id: str,
+        run_id: str,
+        task_id: str,
+        map_index: int,
+        chosen_options: Sequence[str],
+        params_input: Mapping[str, Any],
+    ) -> FormAnswer:
+        """Answer a task instance's human-in-the-loop form as this client's user. A refusal (403: not an
+        assigned user; 409: answered already; 404: no form; 400: an option it does not offer) is
+        returned, not raised: the caller decides what it means."""
+        path = f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/{map_index}/hitlDetails"
+        answer = self._http.request(
+            "PATCH",
+            f"/api/v2{path}",
+            json={"chosen_options": list(chosen_options), "params_input": dict(params_input)},
+        )
+        if answer.status_code not in (200, 400, 403, 404, 409):
+            raise ConfigurationError(
+                f"Airflow API PATCH {path} answered {answer.status_code}: {answer.text[:500]}"
+            )
+        try:
+            body = answer.json()
+        except ValueError:
+            body = answer.text
+        detail = body.get("detail", "") if isinstance(body, dict) else str(body)
+        return FormAnswer(answer.status_code, str(detail), body)
+
     def failure_excerpt(self, dag_id: str, run_id: str) -> str:
         return self.problem_excerpt(dag_id, run_id, ("failed",)) or (
             "(no failed task instance: the run itself failed, e.g. a timeout or a removed task)"
@@ -296,17 +352,26 @@ def wait_for_run(
     *,
     timeout: float = STAGE_TIMEOUT_SECONDS,
     poll_seconds: float = 2.0,
+    on_poll: Callable[[], int] | None = None,
 ) -> StageResult:
-    """Wait for run ``run_id`` to finish; a failed run raises with its failed task's log excerpt."""
-    started = time.monotonic()
+    """Wait for run ``run_id`` to finish; a failed run raises with its failed task's log excerpt.
+
+    A task waiting in ``awaiting_input`` keeps its run ``running``: that is waiting, not a failure.
+    ``on_poll`` is called on every poll of an unfinished run (the demo answers approval forms there);
+    when it answered something (returns more than 0) the timeout starts again: the run resumes then.
+    """
+    started = deadline_from = time.monotonic()
     while True:
         run = api.run(dag_id, run_id)
         if run["state"] in TERMINAL_RUN_STATES:
             break
-        if time.monotonic() - started > timeout:
+        if on_poll is not None and on_poll() > 0:
+            deadline_from = time.monotonic()
+        if time.monotonic() - deadline_from > timeout:
             raise StageFailed(
                 f"stage {stage} ({dag_id}) did not finish within {timeout:.0f} s: run {run_id} is "
-                f"{run['state']}; see the Airflow UI and .demo/logs/airflow-scheduler.log, then `make down`"
+                f"{run['state']}{_awaiting_note(api, dag_id, run_id)}; see the Airflow UI and "
+                ".demo/logs/airflow-scheduler.log, then `make down`"
             )
         time.sleep(poll_seconds)
     if run["state"] != "success":
@@ -320,6 +385,20 @@ def wait_for_run(
         state=run["state"],
         seconds=run_seconds(run, time.monotonic() - started),
         outcomes=api.outcomes(dag_id, run_id),
+    )
+
+
+def _awaiting_note(api: AirflowApi, dag_id: str, run_id: str) -> str:
+    """``", with <task> awaiting input (...)"`` when task instances of the run wait for a person's answer,
+    else empty."""
+    waiting = [
+        task_label(ti) for ti in api.task_instances(dag_id, run_id) if ti.get("state") == AWAITING_INPUT
+    ]
+    if not waiting:
+        return ""
+    return (
+        f", with {', '.join(waiting)} awaiting input (answer under Required Actions in the Airflow UI, "
+        "as one of the users the form names)"
     )
 
 

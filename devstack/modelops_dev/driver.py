@@ -8,7 +8,10 @@ outlive it), then runs two models through the six stages and prints a summary pe
 1. a new file in each dataset's incoming folder, then a triggered ``modelops_data_validation`` run;
 2. training, the gate and deployment start on Asset events, for both models in one run or in several:
    a model is through when its ``champion`` alias (read from MLflow) points at a newer version than
-   before; any failed run of those DAGs stops the demo with its failed task's log;
+   before; any failed run of those DAGs stops the demo with its failed task's log. A gate task that
+   awaits a person's approval (``awaiting_input``: the high-risk model's ``strict`` policy) is answered
+   through the REST API as the approver it names (``risk_officer``, its own login), after showing that
+   Airflow refuses the admin (403);
 3. scoring traffic for each model through the gateway, then ``modelops_drift_monitoring`` over that
    window and ``modelops_retirement`` as a dry run, both triggered;
 4. one live prediction per model, the audit chain verified, the summary.
@@ -35,23 +38,29 @@ from modelops.errors import ConfigurationError, ModelOpsError
 from modelops.settings import Catalog, ModelSpec
 from modelops_dev import LOOPBACK, processes
 from modelops_dev.airflow_api import (
+    AWAITING_INPUT,
     STAGE_TIMEOUT_SECONDS,
     AirflowApi,
     StageFailed,
     StageResult,
     TaskOutcome,
     stage_lines,
+    task_label,
     wait_for_dags,
     wait_for_run,
 )
+from modelops_dev.approvals import Approver, approval_text
 from modelops_dev.mlflow_api import MlflowApi, RegisteredModelFacts, is_newer
 from modelops_dev.stack import (
     ADMIN_USER,
+    AIRFLOW_USERS,
+    APPROVER_USERS,
     SERVICE_NAMES,
     Layout,
     Ports,
     audit_url,
-    ensure_admin_password,
+    ensure_passwords,
+    known_passwords,
     services,
     stack_env,
 )
@@ -139,6 +148,13 @@ class ModelReport:
             return f"(training returned no {key})"
         return f"{label} {value:{number}}"
 
+    def approval(self) -> str:
+        """Who approved this model's version at the gate (the gate's summary when it does not say)."""
+        outcome = self.results.get("gate")
+        approval = outcome.value.get("approval") if outcome else None
+        text = approval_text(approval) if isinstance(approval, dict) else None
+        return text or self.fact("gate")
+
     def drift(self) -> str:
         outcome = self.results.get("monitoring")
         if outcome is None:
@@ -208,6 +224,13 @@ def champion_timeout_message(
             excerpt = api.problem_excerpt(dag_id, run["dag_run_id"])
             if excerpt:
                 excerpts.append(f"{dag_id} run {run['dag_run_id']}: {excerpt}")
+            if run["state"] == "running":
+                excerpts.extend(
+                    f"{dag_id} run {run['dag_run_id']}: task {ti['task_id']}[{task_label(ti)}] awaits input "
+                    "(an approval: answer it under Required Actions in the Airflow UI as the user it names)"
+                    for ti in api.task_instances(dag_id, run["dag_run_id"])
+                    if ti.get("state") == AWAITING_INPUT
+                )
     lines.extend(excerpts)
     lines.append("see the Airflow UI and .demo/logs/airflow-scheduler.log, then `make down`")
     return "\n".join(lines)
@@ -222,12 +245,18 @@ def wait_for_champions(
     timeout: float = CHAMPION_TIMEOUT_SECONDS,
     poll_seconds: float = 2.0,
     out: Callable[[str], None] = print,
+    on_poll: Callable[[], int] | None = None,
 ) -> None:
-    """Wait until every model's ``champion`` is newer than before; fail fast on a failed run."""
+    """Wait until every model's ``champion`` is newer than before; fail fast on a failed run.
+
+    ``on_poll`` is called on every poll: the gate's approvals are answered there (a high-risk model's
+    champion moves only once its version is approved)."""
     started = time.monotonic()
     current: dict[str, str | None] = {}
     while True:
         fail_on_failed_runs(api, since)
+        if on_poll is not None:
+            on_poll()
         for name, report in models.items():
             if report.champion:
                 continue
@@ -246,7 +275,12 @@ def wait_for_champions(
 
 
 def asset_stage_results(
-    api: AirflowApi, since: datetime, *, timeout: float = STAGE_TIMEOUT_SECONDS, poll_seconds: float = 2.0
+    api: AirflowApi,
+    since: datetime,
+    *,
+    timeout: float = STAGE_TIMEOUT_SECONDS,
+    poll_seconds: float = 2.0,
+    on_poll: Callable[[], int] | None = None,
 ) -> list[StageResult]:
     """Every run of training, the gate and deployment since ``since``, oldest first, once finished."""
     results = []
@@ -254,7 +288,13 @@ def asset_stage_results(
         for run in reversed(api.runs_since(dag_id, since)):
             results.append(
                 wait_for_run(
-                    api, stage, dag_id, run["dag_run_id"], timeout=timeout, poll_seconds=poll_seconds
+                    api,
+                    stage,
+                    dag_id,
+                    run["dag_run_id"],
+                    timeout=timeout,
+                    poll_seconds=poll_seconds,
+                    on_poll=on_poll,
                 )
             )
     return results
@@ -274,13 +314,23 @@ def drive(
     simulated_requests: int = SIMULATED_REQUESTS,
     sampled_requests: int = SAMPLED_REQUESTS,
     writers: Mapping[str, Callable[[Path], int]] = DATASET_WRITERS,
+    approver_passwords: Mapping[str, str] | None = None,
 ) -> LifecycleReport:
-    """Run ``models`` through the six stages of a running stack; returns what the summary shows."""
+    """Run ``models`` through the six stages of a running stack; returns what the summary shows.
+
+    ``approver_passwords`` (user -> password): the approvers the driver may answer the gate's approval
+    forms as; None leaves a form unanswered (the run then waits, and the wait times out).
+    """
     specs = [catalog.model(name) for name in models]
     reports = {spec.name: ModelReport(spec, champion_before=mlflow.champion(spec.name)) for spec in specs}
     timing = {"timeout": stage_timeout, "poll_seconds": poll_seconds}
 
     since = datetime.now(UTC)
+    approver = (
+        Approver(api, approver_passwords, dag_id=GATE_DAG, since=since, out=out)
+        if approver_passwords is not None
+        else None
+    )
     drops: dict[str, DatasetDrop] = {}
     for dataset in dict.fromkeys(spec.dataset for spec in specs):
         drop = drops[dataset] = drop_dataset(catalog.dataset(dataset), since, writers)
@@ -298,9 +348,16 @@ def drive(
     # events follow, and the champions say when each model is through.
     record([wait_for_run(api, "validation", VALIDATION_DAG, api.trigger(VALIDATION_DAG, {}), **timing)])
     wait_for_champions(
-        api, mlflow, reports, since, timeout=champion_timeout, poll_seconds=poll_seconds, out=out
+        api,
+        mlflow,
+        reports,
+        since,
+        timeout=champion_timeout,
+        poll_seconds=poll_seconds,
+        out=out,
+        on_poll=approver,
     )
-    record(asset_stage_results(api, since, **timing))
+    record(asset_stage_results(api, since, on_poll=approver, **timing))
 
     window_start = datetime.now(UTC)
     with httpx.Client(timeout=30, trust_env=False) as client:
@@ -351,6 +408,7 @@ def summary_lines(
     ports: Ports,
     default_model: str,
     password: str,
+    approver_passwords: Mapping[str, str] | None = None,
     audit: Any,
     logs: Path,
     wall_seconds: float,
@@ -373,7 +431,7 @@ def summary_lines(
             f"{_version(champion)} (before: {_version(model.champion_before)})",
             f"    aliases       {alias_text}",
             f"    holdout       {model.holdout()}",
-            f"    gate          {model.fact('gate')}",
+            f"    gate          {model.approval()}",
             f"    deployment    {model.fact('deployment')}",
             f"    traffic       {traffic.line() if traffic else '(none sent)'}",
             f"    drift         {model.drift()}",
@@ -391,6 +449,10 @@ def summary_lines(
         f"  default model   {default_model} also answers POST {ports.gateway_url}/invocations",
         f"  audit chain     {chain}",
         f"  Airflow UI      {ports.airflow_url}  (login {ADMIN_USER} / {password})",
+        *(
+            f"  approver        {user} / {secret}  (answers the gate's approvals: Browse > Required Actions)"
+            for user, secret in (approver_passwords or {}).items()
+        ),
         f"  MLflow UI       {ports.mlflow_url}",
         f"  logs            {logs}/ (one file per service)",
         f"  wall time       {wall_seconds:.0f} s",
@@ -410,14 +472,24 @@ class Clock:
         print(f"[{time.monotonic() - self.start:6.1f}s] {message}", flush=True)
 
 
-def check_catalog(catalog: Catalog, models: Sequence[str] = DEMO_MODELS) -> None:
-    """Fail before anything starts if a demo model, or data for its dataset, is missing."""
+def check_catalog(
+    catalog: Catalog, models: Sequence[str] = DEMO_MODELS, approvers: Sequence[str] = APPROVER_USERS
+) -> None:
+    """Fail before anything starts if a demo model, data for its dataset, or a user of the demo who may
+    approve it (where its policy needs a person's approval) is missing."""
     for name in models:
         spec = catalog.model(name)
         if spec.dataset not in DATASET_WRITERS:
             raise ConfigurationError(
                 f"model {name} trains on dataset {spec.dataset!r}, for which the demo writes no data "
                 f"(it writes {sorted(DATASET_WRITERS)})"
+            )
+        approval = catalog.policies_for(spec).compliance.approval
+        if approval.required and not set(approval.approvers) & set(approvers):
+            raise ConfigurationError(
+                f"model {name}'s compliance policy needs an approval by one of {approval.approvers}, none "
+                f"of whom is an Airflow user of the demo ({', '.join(approvers)}); add one to "
+                "APPROVER_USERS in devstack/modelops_dev/stack.py"
             )
 
 
@@ -434,7 +506,9 @@ def up() -> int:
         return 1
     ports = Ports.from_env(os.environ)
     layout.create()
-    password = ensure_admin_password(layout.passwords_file)
+    passwords = ensure_passwords(layout.passwords_file, AIRFLOW_USERS)
+    password = passwords[ADMIN_USER]
+    approver_passwords = {user: passwords[user] for user in APPROVER_USERS}
     env = stack_env(layout, ports, os.environ)
     # This process reads the same settings files (MODELOPS_HOME expansion, the incoming folders).
     os.environ.update(
@@ -482,7 +556,9 @@ def up() -> int:
         api.unpause(dag_id)
     say(f"{len(DAG_IDS)} DAGs parsed and unpaused; running {' and '.join(DEMO_MODELS)} through them")
 
-    report = drive(api, MlflowApi(ports.mlflow_url), ports.gateway_url, catalog)
+    report = drive(
+        api, MlflowApi(ports.mlflow_url), ports.gateway_url, catalog, approver_passwords=approver_passwords
+    )
 
     from modelops.audit import AuditKeyring, AuditStore
     from modelops.audit.keys import KEYS_ENV
@@ -498,6 +574,7 @@ def up() -> int:
         ports=ports,
         default_model=catalog.platform.default_model,
         password=password,
+        approver_passwords=approver_passwords,
         audit=audit,
         logs=layout.logs,
         wall_seconds=time.monotonic() - say.start,
@@ -547,7 +624,8 @@ def status() -> int:
         url = f"  {urls[name]}" if name in urls and running else ""
         print(f"  {name:<28} {detail}{url}")
     if layout.passwords_file.is_file():
-        print(f"  Airflow login: {ADMIN_USER} / {ensure_admin_password(layout.passwords_file)}")
+        for user, secret in known_passwords(layout.passwords_file, AIRFLOW_USERS).items():
+            print(f"  Airflow login: {user} / {secret}  (role {AIRFLOW_USERS[user]})")
     return 0
 
 

@@ -13,7 +13,7 @@ import json
 import os
 import secrets
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,11 @@ from modelops_dev import LOOPBACK
 from modelops_dev.processes import Service
 
 ADMIN_USER = "admin"
+APPROVER_USERS = ("risk_officer",)
+"""Airflow users who answer the compliance gate's approval requests: the approvers the demo models'
+policies name (``strict``: ``risk_officer``). Role ``user``: enough to answer, not to administer."""
+AIRFLOW_USERS = {ADMIN_USER: "admin", **dict.fromkeys(APPROVER_USERS, "user")}
+"""SimpleAuthManager's users of the demo, user -> role; each gets a generated password."""
 DEMO_AUDIT_KEY_ID = "demo-k1"
 DEV_ROOT = Path(__file__).resolve().parents[1]
 """The folder that holds ``modelops_dev`` (``devstack/``): on PYTHONPATH for every process of the stack."""
@@ -166,22 +171,37 @@ def audit_url(layout: Layout) -> str:
     return f"sqlite:///{layout.modelops_home / 'audit.db'}"
 
 
-def ensure_admin_password(passwords_file: Path) -> str:
-    """The ``admin`` password of Airflow's SimpleAuthManager, created once per ``.demo/``.
+def ensure_passwords(passwords_file: Path, users: Iterable[str] = AIRFLOW_USERS) -> dict[str, str]:
+    """The passwords of Airflow's SimpleAuthManager users ``users``, each created once per ``.demo/``.
 
     The auth manager only generates passwords for users missing from this file, so writing it first
-    gives a password the summary can print.
+    gives passwords the demo can log in with and the summary can print. Other users' entries are kept.
     """
+    users = list(users)
     passwords: dict[str, str] = {}
     if passwords_file.is_file() and passwords_file.read_text().strip():
         passwords = json.loads(passwords_file.read_text())
-    if not passwords.get(ADMIN_USER):
-        passwords[ADMIN_USER] = secrets.token_urlsafe(12)
+    missing = [user for user in users if not passwords.get(user)]
+    if missing:
+        passwords.update({user: secrets.token_urlsafe(12) for user in missing})
         passwords_file.parent.mkdir(parents=True, exist_ok=True)
-        passwords_file.write_text(json.dumps(passwords) + "\n")
-        # A file that already existed keeps its mode on write; it holds a password, so narrow it.
+        passwords_file.touch(mode=0o600)
+        # A file that already existed keeps its mode on write; it holds passwords, so narrow it first.
         passwords_file.chmod(0o600)
-    return passwords[ADMIN_USER]
+        passwords_file.write_text(json.dumps(passwords) + "\n")
+    return {user: passwords[user] for user in users}
+
+
+def known_passwords(passwords_file: Path, users: Iterable[str] = AIRFLOW_USERS) -> dict[str, str]:
+    """The passwords of ``users`` the file holds (none created): what ``make status`` prints."""
+    text = passwords_file.read_text().strip() if passwords_file.is_file() else ""
+    passwords = json.loads(text) if text else {}
+    return {user: passwords[user] for user in users if passwords.get(user)}
+
+
+def ensure_admin_password(passwords_file: Path) -> str:
+    """The ``admin`` password of Airflow's SimpleAuthManager, created once per ``.demo/``."""
+    return ensure_passwords(passwords_file, [ADMIN_USER])[ADMIN_USER]
 
 
 def ensure_gateway_token(token_file: Path) -> str:
@@ -234,7 +254,11 @@ def stack_env(layout: Layout, ports: Ports, base: Mapping[str, str]) -> dict[str
             "AIRFLOW__CORE__PARALLELISM": "4",  # 2 cores
             "AIRFLOW__CORE__MIN_SERIALIZED_DAG_UPDATE_INTERVAL": "5",
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{ports.airflow_url}/execution/",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(
+                f"{user}:{role}" for user, role in AIRFLOW_USERS.items()
+            ),
+            # Only a task's assigned users may answer its approval form (all-admins mode lets anyone).
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(layout.passwords_file),
             # Task and triggerer log URLs are http://<hostname>:<port>/log/...: the loopback address the
             # log servers listen on, whatever the machine's name resolves to.

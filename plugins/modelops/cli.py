@@ -151,11 +151,15 @@ def _cmd_gate_check(args: argparse.Namespace) -> int:
             files=FsspecFiles(),
             version=args.version,
         )
+        approval = _standing_approval(store, spec.name, evaluation.report.version, evaluation.files)
     finally:
         store.dispose()
     report = evaluation.report
     if not report.passed:
         verdict, code = "rejected", EXIT_CHECK_FAILED
+    elif policy.approval.required and approval is not None:
+        # A person already approved these exact files, and the approval has not expired.
+        verdict, code = "approved", EXIT_OK
     elif policy.approval.required:
         # Not skipped: the checks pass, and a person named in the policy must still approve in Airflow.
         verdict = "approval_pending"
@@ -171,7 +175,12 @@ def _cmd_gate_check(args: argparse.Namespace) -> int:
             "approvers": list(policy.approval.approvers),
             "state": "pending: approve in the Airflow UI (modelops_compliance_gate)"
             if verdict == "approval_pending"
-            else ("not required" if not policy.approval.required else "not reached"),
+            else (
+                "not required"
+                if not policy.approval.required
+                else ("given" if verdict == "approved" else "not reached")
+            ),
+            "record": approval,
         },
     }
     print(json.dumps(output, indent=2, sort_keys=True))
@@ -182,6 +191,19 @@ def _cmd_gate_check(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return code
+
+
+def _standing_approval(store: AuditStore, name: str, version: str, files: dict[str, str]) -> dict | None:
+    """The gate's authentic approval of exactly these files, still valid, with who gave it; else None."""
+    from modelops.evidence import EvidenceMismatch, approval_still_valid, gate_record, recorded_files
+
+    try:
+        record = gate_record(store, name, version)
+        if approval_still_valid(record) is not None or recorded_files(record) != files:
+            return None
+    except EvidenceMismatch:
+        return None
+    return {"seq": record.seq, **record.details.get("approval", {})}
 
 
 def _cmd_dataset_quarantine(args: argparse.Namespace) -> int:

@@ -938,6 +938,12 @@ def test_the_cli_runs_the_same_checks_and_writes_nothing(
     assert json.loads(out)["approval"]["approvers"] == ["risk_officer"]
     code, _, err = gate_cli(world, audit, REGRESSOR, pending, "--require-approval", capsys=capsys)
     assert code == 1 and "approval pending" in err
+    # Once an approver approved these files in Airflow, CI sees the standing approval and who gave it.
+    assert run_gate(world, catalog, audit, REGRESSOR, pending).decision == Decision.AWAITING_APPROVAL
+    answer(world, catalog, audit, pending, ApprovalResponse(APPROVE, "risk_officer", comment="ok"))
+    code, out, _ = gate_cli(world, audit, REGRESSOR, pending, "--require-approval", capsys=capsys)
+    assert code == 0 and json.loads(out)["verdict"] == "approved"
+    assert json.loads(out)["approval"]["record"]["by"] == "risk_officer"
 
     code, _, err = gate_cli(world, audit, CLASSIFIER, "9999", capsys=capsys)
     assert code == 2 and "has no version '9999'" in err

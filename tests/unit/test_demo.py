@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from modelops.audit import ChainVerification
 from modelops.errors import ConfigurationError, UnknownModel
 from modelops.settings import PROJECT_ROOT, load_catalog
-from modelops_dev import driver, processes, stack
+from modelops_dev import approvals, driver, processes, stack
 from modelops_dev.airflow_api import (
     AirflowApi,
     StageFailed,
@@ -41,7 +41,15 @@ from modelops_dev.airflow_api import (
     wait_for_run,
 )
 from modelops_dev.mlflow_api import MlflowApi, is_newer, registered_model_facts
-from modelops_dev.stack import Layout, Ports, ensure_admin_password, services, stack_env
+from modelops_dev.stack import (
+    Layout,
+    Ports,
+    ensure_admin_password,
+    ensure_passwords,
+    known_passwords,
+    services,
+    stack_env,
+)
 from modelops_dev.workload import (
     DATASET_WRITERS,
     describe_prediction,
@@ -319,6 +327,54 @@ def test_ensure_admin_password_keeps_other_users(tmp_path: Path) -> None:
     assert ensure_admin_password(empty) == json.loads(empty.read_text())["admin"]
 
 
+def test_every_demo_user_gets_a_generated_password_kept_with_the_admins(tmp_path: Path) -> None:
+    assert stack.AIRFLOW_USERS == {"admin": "admin", "risk_officer": "user"}
+    passwords_file = tmp_path / "airflow" / "simple_auth_manager_passwords.json"
+    assert known_passwords(passwords_file) == {}  # reading creates nothing
+    assert not passwords_file.exists()
+    # A .demo/ from before the approver existed: the admin keeps its password, risk_officer gets one.
+    admin = ensure_admin_password(passwords_file)
+    passwords = ensure_passwords(passwords_file)
+    assert passwords["admin"] == admin and set(passwords) == {"admin", "risk_officer"}
+    assert len(passwords["risk_officer"]) >= 12 and passwords["risk_officer"] != admin
+    assert json.loads(passwords_file.read_text()) == passwords  # the file Airflow reads them from
+    assert stat.S_IMODE(passwords_file.stat().st_mode) == 0o600
+    assert ensure_passwords(passwords_file) == passwords == known_passwords(passwords_file)
+    assert ensure_passwords(passwords_file, ["risk_officer"]) == {"risk_officer": passwords["risk_officer"]}
+    # Another user's entry is kept; a fresh .demo/ gets fresh passwords (none is fixed).
+    passwords_file.write_text(json.dumps({**passwords, "viewer": "v"}))
+    assert ensure_passwords(passwords_file) == passwords
+    assert json.loads(passwords_file.read_text())["viewer"] == "v"
+    other = ensure_passwords(tmp_path / "other.json")
+    assert other["risk_officer"] != passwords["risk_officer"] and other["admin"] != admin
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_the_real_auth_manager_lets_only_the_assigned_approver_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the demo relies on, checked with Airflow's SimpleAuthManager and the demo's own settings:
+    risk_officer (role user) may answer a form assigned to it; the admin may not (403), nor a viewer."""
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
+    from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+
+    env = stack_env(Layout(tmp_path / ".demo"), PORT_SET_A, {})
+    for name in ("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"):
+        monkeypatch.setenv(name, env[name])
+    users = {user.username: user for user in SimpleAuthManager.get_users()}
+    assert {name: user.role for name, user in users.items()} == {"admin": "admin", "risk_officer": "user"}
+    manager = SimpleAuthManager()
+    for name, user in users.items():
+        # Both may write a DAG's HITL details (the PATCH's first check) ...
+        assert manager.is_authorized_dag(method="PUT", access_entity=DagAccessEntity.HITL_DETAIL, user=user)
+        # ... but only an assigned user may answer the form, an admin neither.
+        assert manager.is_authorized_hitl_task(assigned_users={"risk_officer"}, user=user) is (
+            name == "risk_officer"
+        ), name
+    viewer = type(users["admin"])(username="viewer", role="viewer")
+    assert not manager.is_authorized_dag(method="PUT", access_entity=DagAccessEntity.HITL_DETAIL, user=viewer)
+
+
 def test_gateway_token_is_created_once_and_owner_only(tmp_path: Path) -> None:
     layout = Layout(tmp_path / ".demo")
     env = stack_env(layout, PORT_SET_A, {})
@@ -378,6 +434,9 @@ def test_stack_env(tmp_path: Path) -> None:
     assert env["PYTHONPATH"].split(os.pathsep) == [str(PROJECT_ROOT / "devstack"), "/somewhere/else"]
     # The processes read their ports back the same way.
     assert Ports.from_env(env) == ports
+    # Two users: the admin, and the strict policy's approver (role user).
+    assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] == "admin:admin,risk_officer:user"
+    assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"] == "False"
 
 
 def _binding_ports(stack_services: list[processes.Service]) -> set[int]:
@@ -618,12 +677,29 @@ def test_drop_dataset_refuses_a_remote_incoming_folder(monkeypatch: pytest.Monke
 
 TOKEN = "jwt-of-admin"
 PASSWORD = "s3cret-pass"
+APPROVER = "risk_officer"
+APPROVER_PASSWORD = "approver-pass"
+USERS = {"admin": PASSWORD, APPROVER: APPROVER_PASSWORD}
 T0 = datetime(2026, 5, 9, 7, 0, tzinfo=UTC)
 
 
 def _iso(moment: datetime | None) -> str | None:
     # Airflow's pydantic models write UTC as "Z".
     return moment.isoformat().replace("+00:00", "Z") if moment else None
+
+
+@dataclass
+class FakeForm:
+    """A human-in-the-loop form (the gate's approval form by default). ``resume`` is called with the task
+    and the accepted answer, as Airflow resumes the task (``execute_complete``)."""
+
+    subject: str
+    assigned: list[str] = field(default_factory=lambda: [APPROVER])
+    options: list[str] = field(default_factory=lambda: ["Approve", "Reject"])
+    params: dict[str, Any] = field(default_factory=lambda: {"comment": ""})
+    created_at: datetime = T0
+    response: dict[str, Any] | None = None
+    resume: Callable[[FakeTask, dict[str, Any]], None] | None = None
 
 
 @dataclass
@@ -635,6 +711,7 @@ class FakeTask:
     rendered_map_index: str | None = None
     return_value: Any = None  # None: no XCom (404)
     log: list[dict[str, Any]] = field(default_factory=list)
+    form: FakeForm | None = None
 
 
 @dataclass
@@ -650,8 +727,11 @@ class FakeRun:
     reads: int = 0
 
     def read(self) -> dict[str, Any]:
-        state = self.states[min(self.reads, len(self.states) - 1)]
-        self.reads += 1
+        if any(task.state == "awaiting_input" for task in self.tasks):
+            state = "running"  # a task waiting for a person's answer keeps its run running
+        else:
+            state = self.states[min(self.reads, len(self.states) - 1)]
+            self.reads += 1
         started = self.run_after + timedelta(seconds=1) if state != "queued" else None
         ended = self.run_after + timedelta(seconds=13.5) if state in ("success", "failed") else None
         # The fields of airflow.api_fastapi.core_api.datamodels.dag_run.DAGRunResponse.
@@ -691,6 +771,10 @@ class FakeAirflow:
     new_run_states: list[str] = field(default_factory=lambda: ["queued", "running", "success"])
     # dag_id -> called with each new triggered run (to give it tasks, or to start Asset-triggered runs)
     on_trigger: dict[str, Callable[[FakeRun], None]] = field(default_factory=dict)
+    form_queries: list[dict[str, str]] = field(default_factory=list)
+    # (user, task_id, map_index, status, request body) of each answer to a form
+    answers: list[tuple[str, str, int, int, dict[str, Any]]] = field(default_factory=list)
+    all_admins: bool = False  # [core] simple_auth_manager_all_admins: anyone may answer any form
 
     def find(self, dag_id: str, run_id: str) -> FakeRun | None:
         return next((r for r in self.runs if r.dag_id == dag_id and r.run_id == run_id), None)
@@ -715,25 +799,69 @@ def _not_found(detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=404)
 
 
+def _ti_answer(run: FakeRun, task: FakeTask) -> dict[str, Any]:
+    """A task instance as ``GET .../taskInstances`` answers it (TaskInstanceResponse's fields)."""
+    return {
+        "id": str(
+            uuid.uuid5(uuid.NAMESPACE_URL, f"{run.dag_id}/{run.run_id}/{task.task_id}/{task.map_index}")
+        ),
+        "task_id": task.task_id,
+        "dag_id": run.dag_id,
+        "dag_run_id": run.run_id,
+        "map_index": task.map_index,
+        "rendered_map_index": task.rendered_map_index,
+        "logical_date": None,
+        "run_after": _iso(run.run_after),
+        "start_date": _iso(run.run_after),
+        "end_date": _iso(run.run_after),
+        "duration": 0.0,
+        "state": task.state,
+        "try_number": task.try_number,
+        "max_tries": 1,
+        "task_display_name": task.task_id,
+        "dag_display_name": run.dag_id,
+        "hostname": "127.0.0.1",
+        "unixname": "airflow",
+        "pool": "default_pool",
+        "pool_slots": 1,
+        "queue": "default",
+        "priority_weight": 1,
+        "operator": "_PythonDecoratedOperator",
+        "operator_name": "@task",
+        "queued_dttm": None,
+        "scheduled_dttm": None,
+        "pid": None,
+        "executor": None,
+        "executor_config": "{}",
+        "note": None,
+        "trigger": None,
+        "queued_by_job": None,
+        "dag_version": None,
+    }
+
+
 def _airflow_app(fake: FakeAirflow) -> FastAPI:
     app = FastAPI()
     prefix = "/api/v2/dags/{dag_id}/dagRuns"
+
+    tokens = {f"Bearer jwt-of-{user}": user for user in USERS}
 
     @app.middleware("http")
     async def bearer_only(request: Request, call_next: Any) -> Any:
         if request.url.path.startswith("/api/v2/"):
             header = request.headers.get("Authorization")
             fake.auth_headers.append(header)
-            if header != f"Bearer {TOKEN}":
+            if header not in tokens:
                 return JSONResponse({"detail": "Not authenticated"}, status_code=401)
+            request.state.user = tokens[header]
         return await call_next(request)
 
     @app.post("/auth/token", status_code=201)
     def token(body: LoginBody) -> Any:
         fake.logins.append(body.model_dump())
-        if (body.username, body.password) != ("admin", PASSWORD):
+        if USERS.get(body.username) != body.password:
             return JSONResponse({"detail": "Invalid credentials"}, status_code=401)
-        return {"access_token": TOKEN}
+        return {"access_token": f"jwt-of-{body.username}"}
 
     @app.post(prefix)
     def trigger(dag_id: str, body: TriggerBody) -> Any:
@@ -775,31 +903,81 @@ def _airflow_app(fake: FakeAirflow) -> FastAPI:
         run = fake.find(dag_id, run_id)
         if run is None:
             return _not_found("DagRun not found")
-        items = [
-            {
-                "id": str(uuid.uuid4()),
-                "task_id": t.task_id,
-                "dag_id": dag_id,
-                "dag_run_id": run_id,
-                "map_index": t.map_index,
-                "rendered_map_index": t.rendered_map_index,
-                "logical_date": None,
-                "run_after": _iso(run.run_after),
-                "start_date": _iso(run.run_after),
-                "end_date": _iso(run.run_after),
-                "duration": 0.0,
-                "state": t.state,
-                "try_number": t.try_number,
-                "max_tries": 1,
-                "task_display_name": t.task_id,
-                "dag_display_name": dag_id,
-                "pool": "default_pool",
-                "pool_slots": 1,
-                "operator": "_PythonDecoratedOperator",
-            }
-            for t in run.tasks
-        ]
+        items = [_ti_answer(run, t) for t in run.tasks]
         return {"task_instances": items, "total_entries": len(items)}
+
+    @app.get(prefix + "/{run_id}/hitlDetails")
+    def forms(dag_id: str, run_id: str, request: Request) -> Any:
+        """Airflow's list of human-in-the-loop forms ("~": every DAG or run), built with its own models."""
+        from airflow.api_fastapi.core_api.datamodels.hitl import HITLDetail
+
+        query = dict(request.query_params)
+        fake.form_queries.append(query)
+        states = request.query_params.getlist("state")
+        received = query.get("response_received")
+        found = []
+        for run in fake.runs:
+            if dag_id not in ("~", run.dag_id) or run_id not in ("~", run.run_id):
+                continue
+            for task in run.tasks:
+                form = task.form
+                if form is None or (states and task.state not in states):
+                    continue
+                if received is not None and (form.response is not None) != (received == "true"):
+                    continue
+                detail = HITLDetail.model_validate(
+                    {
+                        "options": form.options,
+                        "subject": form.subject,
+                        "body": "Read the model card before you answer.",
+                        "params": {
+                            key: {"value": value, "description": None, "schema": {"type": "string"}}
+                            for key, value in form.params.items()
+                        },
+                        "assigned_users": [{"id": user, "name": user} for user in form.assigned],
+                        "created_at": form.created_at,
+                        "response_received": form.response is not None,
+                        "task_instance": _ti_answer(run, task),
+                    }
+                )
+                found.append(detail.model_dump(mode="json", by_alias=True))
+        return {"hitl_details": found, "total_entries": len(found)}
+
+    @app.patch(prefix + "/{run_id}/taskInstances/{task_id}/{map_index}/hitlDetails")
+    def answer_form(
+        dag_id: str, run_id: str, task_id: str, map_index: int, request: Request, body: dict[str, Any]
+    ) -> Any:
+        """Airflow's checks, in its order: the form exists, is unanswered, the user is assigned, the
+        options are offered (``update_hitl_detail``)."""
+        from airflow.api_fastapi.core_api.datamodels.hitl import HITLDetailResponse, UpdateHITLDetailPayload
+
+        payload = UpdateHITLDetailPayload.model_validate(body)
+        user = request.state.user
+
+        def answered(status: int, detail: Any) -> Any:
+            fake.answers.append((user, task_id, map_index, status, body))
+            return detail if status == 200 else JSONResponse({"detail": detail}, status_code=status)
+
+        _, task = _task(dag_id, run_id, task_id, map_index)
+        if task is None or task.form is None:
+            return answered(404, "Human-in-the-loop detail does not exist for Task Instance")
+        form = task.form
+        if form.response is not None:
+            return answered(409, "Human-in-the-loop detail has already been updated")
+        if form.assigned and not fake.all_admins and user not in form.assigned:
+            return answered(403, f"User={user} (id={user}) is not a respondent for the task.")
+        invalid = set(payload.chosen_options) - set(form.options)
+        if invalid:
+            return answered(400, f"Invalid options {sorted(invalid)}")
+        form.response = {
+            "responded_by": {"id": user, "name": user},
+            "responded_at": datetime.now(UTC),
+            "chosen_options": payload.chosen_options,
+            "params_input": dict(payload.params_input),
+        }
+        if form.resume is not None and task.state == "awaiting_input":
+            form.resume(task, form.response)
+        return answered(200, HITLDetailResponse.model_validate(form.response).model_dump(mode="json"))
 
     def _task(
         dag_id: str, run_id: str, task_id: str, map_index: int
@@ -1000,15 +1178,288 @@ def test_runs_since_lists_asset_triggered_runs_newest_first(airflow: tuple[FakeA
     assert datetime.fromisoformat(fake.list_queries[-1]["run_after_gte"]) == since
 
 
+# --- the gate's human approval, answered through the REST API ----------------------------------------
+
+COMMENT = approvals.DEMO_COMMENT
+
+
+def _gate_run(*tasks: FakeTask, run_id: str = "gate_1", run_after: datetime = T0) -> FakeRun:
+    return FakeRun(
+        driver.GATE_DAG, run_id, run_after, ["running", "success"], "asset_triggered", tasks=list(tasks)
+    )
+
+
+def _auto_gate_task(model: str, map_index: int) -> FakeTask:
+    return FakeTask(
+        "evaluate_policy", map_index=map_index, rendered_map_index=model, return_value=_gate_value(model)
+    )
+
+
+def test_the_approval_form_the_driver_reads_is_the_gate_operators(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The form's option, comment field and subject as the real gate operator writes them."""
+    from types import SimpleNamespace
+
+    from airflow.providers.standard.operators.hitl import HITLOperator
+
+    from modelops.operators.compliance import COMMENT_PARAM, ComplianceGateOperator
+    from modelops.stages.compliance import APPROVAL_OPTIONS, APPROVE
+
+    assert (approvals.APPROVE, approvals.COMMENT_PARAM) == (APPROVE, COMMENT_PARAM)
+    seen: dict[str, Any] = {}
+
+    def parked(self: HITLOperator, context: Any) -> None:
+        seen.update(subject=self.subject, users=self.assigned_users, options=self.options, params=self.params)
+
+    monkeypatch.setattr(HITLOperator, "execute", parked)
+    operator = ComplianceGateOperator(task_id="evaluate_policy", model=HIGH_RISK)
+    operator._ask_approvers(SimpleNamespace(details={"version": "7"}), {})  # type: ignore[arg-type]
+    assert list(seen["options"]) == list(APPROVAL_OPTIONS) and COMMENT_PARAM in seen["params"]
+    ti = {"task_id": "evaluate_policy", "dag_id": driver.GATE_DAG, "dag_run_id": "r", "map_index": 1}
+    detail = {
+        "subject": seen["subject"],
+        "assigned_users": seen["users"],
+        "options": seen["options"],
+        "created_at": _iso(T0),
+        "task_instance": {
+            **ti,
+            "rendered_map_index": HIGH_RISK,
+            "state": "awaiting_input",
+            "run_after": _iso(T0),
+        },
+    }
+    pending = approvals.PendingApproval.from_detail(detail)
+    assert (pending.model, pending.version, pending.policy, pending.assigned) == (
+        HIGH_RISK,
+        "7",
+        "strict@2",
+        ("risk_officer",),
+    )
+    assert (pending.run_id, pending.map_index, pending.run_after) == ("r", 1, T0)
+    assert pending.what == "diabetes_progression v7"
+
+
+def test_the_form_calls_use_parameters_airflows_api_has() -> None:
+    import yaml
+
+    spec_file = (
+        Path(sys.modules["airflow"].__file__).parent
+        / "api_fastapi/core_api/openapi/v2-rest-api-generated.yaml"
+    )
+    spec = yaml.safe_load(spec_file.read_text())
+    listing = spec["paths"]["/api/v2/dags/{dag_id}/dagRuns/{dag_run_id}/hitlDetails"]["get"]
+    assert {"response_received", "state", "limit"} <= {param["name"] for param in listing["parameters"]}
+    form = "/api/v2/dags/{dag_id}/dagRuns/{dag_run_id}/taskInstances/{task_id}/{map_index}/hitlDetails"
+    assert {"403", "409", "404"} <= set(spec["paths"][form]["patch"]["responses"])
+    payload = spec["components"]["schemas"]["UpdateHITLDetailPayload"]
+    assert set(payload["properties"]) == {"chosen_options", "params_input"}
+
+
+def test_answering_a_form_through_the_rest_api(airflow: tuple[FakeAirflow, str]) -> None:
+    fake, url = airflow
+    fake.runs.append(_gate_run(_auto_gate_task("ctr_recommender", 0), _awaiting_gate_task(HIGH_RISK, 1)))
+    admin = AirflowApi(url, "admin", PASSWORD)
+    officer = AirflowApi(url, APPROVER, APPROVER_PASSWORD)
+    assert (admin.username, officer.username) == ("admin", "risk_officer")
+    (detail,) = admin.awaiting_input(driver.GATE_DAG)
+    assert detail["task_instance"]["rendered_map_index"] == HIGH_RISK
+    assert detail["assigned_users"] == [{"id": "risk_officer", "name": "risk_officer"}]
+    assert fake.form_queries[-1] == {"response_received": "false", "state": "awaiting_input", "limit": "100"}
+
+    def answer(api: AirflowApi, options: list[str], map_index: int = 1) -> Any:
+        return api.respond(
+            driver.GATE_DAG, "gate_1", "evaluate_policy", map_index, options, {"comment": "ok"}
+        )
+
+    refused = answer(admin, ["Approve"])  # returned, not raised: the caller shows it
+    assert (refused.status, refused.accepted) == (403, False)
+    assert refused.detail == "User=admin (id=admin) is not a respondent for the task."
+    assert answer(officer, ["Maybe"]).status == 400
+    accepted = answer(officer, ["Approve"])
+    assert accepted.accepted and accepted.body["responded_by"] == {
+        "id": "risk_officer",
+        "name": "risk_officer",
+    }
+    assert accepted.body["chosen_options"] == ["Approve"] and accepted.body["params_input"] == {
+        "comment": "ok"
+    }
+    assert answer(officer, ["Approve"]).status == 409
+    assert answer(officer, ["Approve"], map_index=0).status == 404  # the automatic one has no form
+    assert admin.awaiting_input(driver.GATE_DAG) == []
+
+
+def test_wait_for_run_approves_a_gate_task_awaiting_input_as_the_approver(
+    airflow: tuple[FakeAirflow, str],
+) -> None:
+    fake, url = airflow
+    fake.runs.append(_gate_run(_auto_gate_task("ctr_recommender", 0), _awaiting_gate_task(HIGH_RISK, 1)))
+    api = AirflowApi(url, "admin", PASSWORD)
+    lines: list[str] = []
+    approver = approvals.Approver(
+        api, {APPROVER: APPROVER_PASSWORD}, dag_id=driver.GATE_DAG, out=lines.append
+    )
+    result = wait_for_run(
+        api, "gate", driver.GATE_DAG, "gate_1", timeout=20, poll_seconds=0.02, on_poll=approver
+    )
+    assert result.state == "success"
+    approval = result.for_model(HIGH_RISK).value["approval"]  # type: ignore[union-attr]
+    assert (approval["mode"], approval["by"], approval["comment"]) == ("human", "risk_officer", COMMENT)
+    assert [line.split(" s  ", 1)[1] for line in stage_lines(result)] == [
+        "ctr_recommender v3 approved automatically: 12/12 checks passed (standard@3)",
+        f"diabetes_progression v1 approved by risk_officer (risk_officer): {COMMENT}",
+    ]
+    assert [(a.pending.model, a.by, a.comment, a.refusal.status) for a in approver.answered] == [  # type: ignore[union-attr]
+        (HIGH_RISK, "risk_officer", COMMENT, 403)
+    ]
+    assert [(user, status) for user, _, _, status, _ in fake.answers] == [
+        ("admin", 403),
+        ("risk_officer", 200),
+    ]
+    assert len(lines) == 3 and "admin tried first: HTTP 403" in lines[1]
+    assert approver() == 0 and len(fake.answers) == 2  # nothing left to answer
+
+
+def test_a_run_whose_approval_nobody_gives_times_out_naming_the_waiting_task(
+    airflow: tuple[FakeAirflow, str],
+) -> None:
+    fake, url = airflow
+    fake.runs.append(_gate_run(_auto_gate_task("ctr_recommender", 0), _awaiting_gate_task(HIGH_RISK, 1)))
+    api = AirflowApi(url, "admin", PASSWORD)
+    with pytest.raises(StageFailed) as info:
+        wait_for_run(api, "gate", driver.GATE_DAG, "gate_1", timeout=0.3, poll_seconds=0.05)
+    message = str(info.value)
+    assert (
+        "did not finish within 0 s: run gate_1 is running, with diabetes_progression awaiting input"
+        in message
+    )
+    assert "Required Actions" in message and fake.answers == []
+
+
+def test_an_answer_starts_the_stage_timeout_again(airflow: tuple[FakeAirflow, str]) -> None:
+    fake, url = airflow
+    fake.runs.append(FakeRun(driver.GATE_DAG, "slow", T0, ["running"] * 12 + ["success"]))
+    api = AirflowApi(url, "admin", PASSWORD)
+    calls: list[int] = []
+
+    def answering() -> int:  # answers something on each of its first 11 polls
+        calls.append(1)
+        return 1 if len(calls) <= 11 else 0
+
+    # 12 polls of 0.1 s outlast the 0.5 s timeout; each answer starts it again.
+    result = wait_for_run(
+        api, "gate", driver.GATE_DAG, "slow", timeout=0.5, poll_seconds=0.1, on_poll=answering
+    )
+    assert result.state == "success" and len(calls) == 12
+
+
+def test_approver_shows_the_refusal_once_and_leaves_older_runs_alone(
+    airflow: tuple[FakeAirflow, str],
+) -> None:
+    fake, url = airflow
+    since = datetime.now(UTC)
+    fake.runs += [
+        _gate_run(
+            _awaiting_gate_task(HIGH_RISK, 0),
+            run_id="left_by_an_earlier_demo",
+            run_after=since - timedelta(hours=1),
+        ),
+        _gate_run(_awaiting_gate_task(HIGH_RISK, 0), _awaiting_gate_task(HIGH_RISK, 1), run_after=since),
+    ]
+    api = AirflowApi(url, "admin", PASSWORD)
+    lines: list[str] = []
+    approver = approvals.Approver(
+        api, {APPROVER: APPROVER_PASSWORD}, dag_id=driver.GATE_DAG, since=since, out=lines.append
+    )
+    assert [(p.run_id, p.map_index) for p in approver.pending()] == [("gate_1", 0), ("gate_1", 1)]
+    assert approver() == 2
+    assert [(user, index, status) for user, _, index, status, _ in fake.answers] == [
+        ("admin", 0, 403),
+        ("risk_officer", 0, 200),
+        ("risk_officer", 1, 200),
+    ]
+    assert sum("tried first" in line for line in lines) == 1
+    assert fake.logins.count({"username": "risk_officer", "password": APPROVER_PASSWORD}) == 1  # one login
+    (old,) = api.awaiting_input(driver.GATE_DAG)
+    assert old["task_instance"]["dag_run_id"] == "left_by_an_earlier_demo"
+
+
+def test_approver_when_someone_answered_in_the_ui_first(airflow: tuple[FakeAirflow, str]) -> None:
+    fake, url = airflow
+    task = _awaiting_gate_task(HIGH_RISK, 0)
+    fake.runs.append(_gate_run(task))
+    lines: list[str] = []
+    approver = approvals.Approver(
+        AirflowApi(url, "admin", PASSWORD),
+        {APPROVER: APPROVER_PASSWORD},
+        dag_id=driver.GATE_DAG,
+        out=lines.append,
+    )
+    (pending,) = approver.pending()
+    assert task.form is not None
+    task.form.response = {"chosen_options": ["Reject"]}  # answered under Required Actions meanwhile
+    assert approver.answer(pending) == 0
+    assert (
+        lines[-1]
+        == "  approval     diabetes_progression v1 was answered already (HTTP 409); the gate records that answer"
+    )
+    assert approver.pending() == [] and approver.answered == []
+
+
+def test_approver_fails_clearly_without_a_login_for_the_named_approver(
+    airflow: tuple[FakeAirflow, str],
+) -> None:
+    fake, url = airflow
+    fake.runs.append(_gate_run(_awaiting_gate_task(HIGH_RISK, 0, assigned=["chief_risk_officer"])))
+    approver = approvals.Approver(
+        AirflowApi(url, "admin", PASSWORD), {APPROVER: APPROVER_PASSWORD}, dag_id=driver.GATE_DAG, out=print
+    )
+    with pytest.raises(
+        StageFailed, match=r"awaits approval by chief_risk_officer; the demo logs in only as risk_officer"
+    ):
+        approver()
+    assert fake.answers == []
+
+
+def test_approver_stops_when_airflow_takes_the_admins_answer(airflow: tuple[FakeAirflow, str]) -> None:
+    fake, url = airflow
+    fake.all_admins = True  # [core] simple_auth_manager_all_admins: anyone may answer
+    fake.runs.append(_gate_run(_awaiting_gate_task(HIGH_RISK, 0)))
+    approver = approvals.Approver(
+        AirflowApi(url, "admin", PASSWORD), {APPROVER: APPROVER_PASSWORD}, dag_id=driver.GATE_DAG, out=print
+    )
+    with pytest.raises(StageFailed, match=r"Airflow took admin's answer.*simple_auth_manager_all_admins"):
+        approver()
+
+
+def test_approval_text() -> None:
+    assert approvals.approval_text(AUTO_APPROVAL) == "approved automatically (policy standard@3)"
+    assert approvals.approval_text({"mode": "automatic"}) == "approved automatically"
+    human = {"mode": "human", "by": "risk_officer", "by_name": "risk_officer", "comment": " Looks fine. "}
+    assert approvals.approval_text(human) == "approved by risk_officer: Looks fine."
+    assert approvals.approval_text({**human, "by_name": "Rita Officer"}) == (
+        "approved by risk_officer (Rita Officer): Looks fine."
+    )
+    assert approvals.approval_text({**human, "comment": ""}) == "approved by risk_officer"
+    assert approvals.approval_text({"mode": "human"}) is None
+    assert approvals.approval_text({"mode": "other"}) is None
+    report = driver.ModelReport(load_catalog().model(HIGH_RISK), champion_before=None)
+    assert report.approval() == "(no result for this model)"
+    report.results["gate"] = TaskOutcome("evaluate_policy", 0, HIGH_RISK, {"summary": "v1 rejected: stale"})
+    assert report.approval() == "v1 rejected: stale"  # no approval: the gate's own summary
+
+
 @dataclass
 class FakeMlflow:
     """Each read of a model answers the next of its champion versions; None: the model does not exist."""
 
     champions: dict[str, list[str | None]] = field(default_factory=dict)
     reads: dict[str, int] = field(default_factory=dict)
+    # name -> true while the alias may not move yet (the version awaits its approval)
+    held: dict[str, Callable[[], bool]] = field(default_factory=dict)
 
     def read(self, name: str) -> str | None:
         versions = self.champions.get(name, [None])
+        if name in self.held and self.held[name]():
+            return versions[0]
         index = self.reads.get(name, 0)
         self.reads[name] = index + 1
         return versions[min(index, len(versions) - 1)]
@@ -1109,8 +1560,69 @@ def _mapped(task_id: str, models: tuple[str, ...], value: Callable[[str], dict[s
     ]
 
 
+AUTO_APPROVAL = {
+    "mode": "automatic",
+    "by": "policy standard@3",
+    "reason": "policy standard requires no human approval for risk tier medium",
+    "approved_at": "2026-05-09T07:00:09+00:00",
+    "valid_until": "2026-05-16T07:00:09+00:00",
+}
+HIGH_RISK = "diabetes_progression"  # policy strict: a person approves
+
+
+def _human_approval(task: FakeTask, response: dict[str, Any]) -> None:
+    """What the gate task returns once resumed with an approval (``decide_approval``)."""
+    model = task.rendered_map_index or ""
+    version = TRAINED[model]["version"]
+    user = response["responded_by"]["id"]
+    comment = response["params_input"].get("comment", "")
+    approval = {
+        "mode": "human",
+        "answer": response["chosen_options"][0],
+        "by": user,
+        "by_name": response["responded_by"]["name"],
+        "comment": comment,
+        "approvers": [APPROVER],
+        "valid_until": "2026-05-11T07:00:20+00:00",
+    }
+    task.state = "success"
+    task.return_value = {
+        "model_name": model,
+        "version": version,
+        "verdict": "approved",
+        "approval": approval,
+        "summary": f"{model} v{version} approved by {user} ({user}): {comment}",
+    }
+
+
+def _awaiting_gate_task(model: str, map_index: int, **form: Any) -> FakeTask:
+    """The gate's task of a model whose policy needs a person's approval, parked in awaiting_input."""
+    version = TRAINED[model]["version"]
+    return FakeTask(
+        "evaluate_policy",
+        state="awaiting_input",
+        map_index=map_index,
+        rendered_map_index=model,
+        form=FakeForm(
+            f"Approve {model} v{version} for release? (policy strict@2)", resume=_human_approval, **form
+        ),
+    )
+
+
+def _gate_value(model: str) -> dict[str, Any]:
+    version = TRAINED[model]["version"]
+    return {
+        "model_name": model,
+        "version": version,
+        "verdict": "approved",
+        "approval": AUTO_APPROVAL,
+        "summary": f"{model} v{version} approved automatically: 12/12 checks passed (standard@3)",
+    }
+
+
 def _asset_runs(start: datetime, *, coalesced: bool) -> list[FakeRun]:
-    """Training, gate and deployment runs as the scheduler starts them from Asset events."""
+    """Training, gate and deployment runs as the scheduler starts them from Asset events; the high-risk
+    model's gate task awaits its approval."""
     groups = [DEMO_MODELS] if coalesced else [(model,) for model in DEMO_MODELS]
     runs = []
     for step, (dag_id, task_id, verb) in enumerate(ASSET_TASKS):
@@ -1120,9 +1632,19 @@ def _asset_runs(start: datetime, *, coalesced: bool) -> list[FakeRun]:
             result = {"model_name": model, "version": version, "summary": f"{model} v{version} {verb}"}
             if dag_id == driver.TRAINING_DAG:
                 result["metrics"] = TRAINED[model]["metrics"]
+            if dag_id == driver.GATE_DAG:
+                result = _gate_value(model)
             return result
 
         for index, group in enumerate(groups):
+            tasks = _mapped(task_id, group, value)
+            if dag_id == driver.GATE_DAG:
+                tasks = [
+                    _awaiting_gate_task(t.rendered_map_index, t.map_index)
+                    if t.rendered_map_index == HIGH_RISK
+                    else t
+                    for t in tasks
+                ]
             runs.append(
                 FakeRun(
                     dag_id,
@@ -1131,10 +1653,21 @@ def _asset_runs(start: datetime, *, coalesced: bool) -> list[FakeRun]:
                     ["queued", "running", "success"],
                     run_type="asset_triggered",
                     hidden_list_reads=2 + step,  # the scheduler creates them a little later
-                    tasks=_mapped(task_id, group, value),
+                    tasks=tasks,
                 )
             )
     return runs
+
+
+def _approved(fake: FakeAirflow, model: str) -> bool:
+    """Whether ``model``'s gate form has an answer (its champion may move only then)."""
+    return any(
+        task.form is not None and task.form.response is not None
+        for run in fake.runs
+        if run.dag_id == driver.GATE_DAG
+        for task in run.tasks
+        if task.rendered_map_index == model
+    )
 
 
 def _scenario(fake: FakeAirflow, gateway: FakeGateway, *, coalesced: bool = True) -> None:
@@ -1191,7 +1724,8 @@ def fake_stack(airflow: tuple[FakeAirflow, str], incoming: Path) -> Iterator[Sta
             # Read once before the datasets are dropped, then until the alias moves.
             "ctr_recommender": ["2"] * 8 + ["3"],
             "diabetes_progression": [None] * 10 + ["1"],
-        }
+        },
+        held={HIGH_RISK: lambda: not _approved(fake, HIGH_RISK)},
     )
     gateway = FakeGateway()
     with (
@@ -1211,6 +1745,7 @@ def _drive(stack_: Stack, lines: list[str], **overrides: Any) -> driver.Lifecycl
         "poll_seconds": 0.02,
         "simulated_requests": 4,
         "sampled_requests": 3,
+        "approver_passwords": {APPROVER: APPROVER_PASSWORD},
         **overrides,
     }
     return driver.drive(stack_.api, stack_.mlflow_api, stack_.gateway_url, load_catalog(), **settings)
@@ -1247,7 +1782,41 @@ def test_drive_runs_both_models_through_the_six_stages(
     assert (diabetes.champion_before, diabetes.champion, diabetes.trained_version) == (None, "1", "1")
     for model in (ctr, diabetes):
         assert set(model.results) == {"training", "gate", "deployment", "monitoring", "retirement"}
-        assert model.fact("gate") == f"{model.name} v{model.trained_version} approved"
+    assert ctr.fact("gate") == "ctr_recommender v3 approved automatically: 12/12 checks passed (standard@3)"
+    assert ctr.approval() == "approved automatically (policy standard@3)"
+    comment = "Reviewed the model card and gate report (make demo)"
+    assert (
+        diabetes.fact("gate") == f"diabetes_progression v1 approved by risk_officer (risk_officer): {comment}"
+    )
+    assert diabetes.approval() == f"approved by risk_officer: {comment}"
+
+    # The high-risk model's approval: the admin is refused once (403), then risk_officer approves with
+    # its own token, through the REST API, with the comment; nobody answers the automatic one.
+    answers = [(user, task, index, status) for user, task, index, status, _ in airflow.answers]
+    high_risk_index = 1 if coalesced else 0
+    assert answers == [
+        ("admin", "evaluate_policy", high_risk_index, 403),
+        ("risk_officer", "evaluate_policy", high_risk_index, 200),
+    ]
+    assert airflow.answers[-1][4] == {"chosen_options": ["Approve"], "params_input": {"comment": comment}}
+    assert {"username": "risk_officer", "password": APPROVER_PASSWORD} in airflow.logins
+    assert airflow.form_queries[0] == {
+        "response_received": "false",
+        "state": "awaiting_input",
+        "limit": "100",
+    }
+    approval_lines = [line for line in lines if line.startswith("  approval     ")]
+    assert approval_lines == [
+        "  approval     diabetes_progression v1 awaits approval by risk_officer (policy strict@2); "
+        "approving through the REST API as risk_officer",
+        "  approval     admin tried first: HTTP 403 User=admin (id=admin) is not a respondent for the task. "
+        "(admins are not approvers)",
+        f"  approval     risk_officer answered Approve: '{comment}' (HTTP 200); the gate resumes",
+    ]
+    # The approval came before the high-risk model's champion moved (it waits for it).
+    assert lines.index(approval_lines[-1]) < next(
+        i for i, line in enumerate(lines) if line.startswith("  champion     diabetes_progression")
+    )
     assert (ctr.holdout(), diabetes.holdout()) == ("AUC 0.812", "RMSE 54.9")
 
     # Traffic went to each model's own path: the simulator's rows, and rows of the diabetes file.
@@ -1278,6 +1847,7 @@ def test_drive_runs_both_models_through_the_six_stages(
         ports=PORT_SET_A,
         default_model="ctr_recommender",
         password="pw",
+        approver_passwords={"risk_officer": "rpw"},
         audit=ChainVerification(ok=True, count=21, anchors_checked=9),
         logs=Path("/x/.demo/logs"),
         wall_seconds=95.2,
@@ -1300,6 +1870,9 @@ def test_drive_runs_both_models_through_the_six_stages(
         "  default model   ctr_recommender also answers POST http://127.0.0.1:18008/invocations",
         "  audit chain     verified, 21 records, HMACs and 9 anchors checked",
         "  Airflow UI      http://127.0.0.1:18080  (login admin / pw)",
+        "  approver        risk_officer / rpw  (answers the gate's approvals: Browse > Required Actions)",
+        "    gate          approved automatically (policy standard@3)",
+        f"    gate          approved by risk_officer: {comment}",
         "  wall time       95 s",
     ):
         assert expected in summary, (expected, text)
@@ -1367,6 +1940,19 @@ def test_drive_times_out_naming_each_model_and_the_runs(fake_stack: Stack) -> No
     assert "boom: AUC below floor" in message and "make down" in message
 
 
+def test_drive_without_an_approver_times_out_naming_the_awaiting_gate_task(fake_stack: Stack) -> None:
+    _scenario(fake_stack.airflow, fake_stack.gateway)
+    with pytest.raises(StageFailed) as info:
+        _drive(fake_stack, [], champion_timeout=1, approver_passwords=None)
+    message = str(info.value)
+    assert "  diabetes_progression: champion before none, now none (waiting)" in message
+    assert (
+        f"{driver.GATE_DAG} run asset_triggered__1_0: task evaluate_policy[diabetes_progression] awaits input "
+        "(an approval: answer it under Required Actions in the Airflow UI as the user it names)"
+    ) in message
+    assert fake_stack.airflow.answers == []
+
+
 def test_check_catalog_needs_every_demo_model_and_data_for_its_dataset(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -1380,6 +1966,17 @@ def test_check_catalog_needs_every_demo_model_and_data_for_its_dataset(
         match=r"diabetes_progression trains on dataset 'diabetes', for which the demo writes no",
     ):
         driver.check_catalog(catalog)
+
+
+def test_check_catalog_needs_a_demo_user_for_each_approval() -> None:
+    catalog = load_catalog()
+    assert catalog.policies_for("diabetes_progression").compliance.approval.approvers == ["risk_officer"]
+    driver.check_catalog(catalog, approvers=("risk_officer",))
+    driver.check_catalog(catalog, ("ctr_recommender",), approvers=())  # automatic: nobody needed
+    with pytest.raises(
+        ConfigurationError, match=r"diabetes_progression's compliance policy needs an approval by one of"
+    ):
+        driver.check_catalog(catalog, approvers=("someone_else",))
 
 
 # --- main: down / status / up ----------------------------------------------------------------------

@@ -540,7 +540,11 @@ def decide_approval(
         record_details={**details, "approval": approval},
         evidence=evidence,
         summary=f"{spec.name} v{version} approved by {responder}"
-        + (f" ({response.responder_name})" if response.responder_name else "")
+        + (
+            f" ({response.responder_name})"
+            if response.responder_name and response.responder_name != response.responder_id
+            else ""
+        )
         + (f": {answer['comment']}" if answer["comment"] else ""),
         policy_label=str(details.get("policy")),
         report_sha=str(details.get("gate_report_sha256")),
