@@ -7,7 +7,13 @@ reproduces the same verdicts, and compares it with the training data of the vers
 (found through its `train_data_sha256` lineage) using Evidently. The HTML report is kept under
 `<storage_root>/monitoring/<model>/` and, with the metrics, in one MLflow run per model and window in the
 model's experiment; the verdict (ok / warning / critical / insufficient_data, thresholds from the model's
-monitoring policy) goes to the audit log. A verdict the policy lists in `request_retraining_on` emits a
+monitoring policy) goes to the audit log and the history table. The business metric comes from the
+labels delivered for the window's predictions (`POST /labels`), against the serving version's own holdout
+baseline; too few labels is *pending*, never a drop. Critical needs critical drift **and** a business-metric
+drop seen in several callers' rows: drift alone is a warning. Warning and critical alert the model's owner
+through the policy's channels (outbox, SMTP, webhook), once per condition within the cool-down; the first
+ok after an alert sends a recovery. A critical verdict puts the previous approved champion back
+(`roll_back_on_critical`) and, as the policy lists in `request_retraining_on`, emits a
 `modelops_retraining_request` Asset event naming the model, which retrains that model only.
 
 The timetable is `CronDataIntervalTimetable`: Airflow 3 makes a bare `@hourly` a point-in-time
@@ -26,7 +32,11 @@ import pendulum
 from airflow.sdk import CronDataIntervalTimetable, dag
 
 from modelops.assets import RETRAINING_REQUEST
-from modelops.operators.monitoring import DriftMonitorOperator, RequestRetrainingOperator
+from modelops.operators.monitoring import (
+    DriftMonitorOperator,
+    RequestRetrainingOperator,
+    RollbackOnCriticalOperator,
+)
 from modelops.operators.planning import StagePlanOperator
 from modelops.params import models_param, optional_text_param
 
@@ -61,10 +71,18 @@ def modelops_drift_monitoring() -> None:
         map_index_template="{{ task.model }}",
     ).expand_kwargs(plan.output)
 
-    RequestRetrainingOperator.partial(
+    rollbacks = RollbackOnCriticalOperator.partial(
+        task_id="roll_back_on_critical",
+        map_index_template="{{ task.assessment['model_name'] }}",
+    ).expand(assessment=assessments.output)
+
+    retraining = RequestRetrainingOperator.partial(
         task_id="request_retraining",
         outlets=[RETRAINING_REQUEST],
+        # Asked for whether or not a rollback happened (or was refused): the verdict is what calls for it.
+        trigger_rule="all_done",
     ).expand(assessment=assessments.output)
+    rollbacks >> retraining
 
 
 modelops_drift_monitoring()

@@ -314,6 +314,50 @@ class CompliancePolicy(StrictModel):
         }
 
 
+BusinessMetric = Literal["click_through_rate", "accuracy", "roc_auc", "rmse", "mae"]
+BUSINESS_METRIC_TASKS: dict[str, str] = {
+    "click_through_rate": "binary_classification",
+    "accuracy": "binary_classification",
+    "roc_auc": "binary_classification",
+    "rmse": "regression",
+    "mae": "regression",
+}
+"""Which task kind each business metric applies to."""
+
+
+class BusinessMetricPolicy(StrictModel):
+    """The business metric per window, from the labels delivered for its predictions (``POST /labels``)."""
+
+    metric: dict[TaskKind, BusinessMetric] = Field(
+        default_factory=lambda: {"binary_classification": "click_through_rate", "regression": "rmse"}
+    )
+    min_labelled_rows: int = Field(
+        default=100, gt=0, description="Fewer labelled rows: the metric is pending, never a drop"
+    )
+    min_label_coverage: float = Field(
+        default=0.5, gt=0, le=1, description="Share of the window's rows that must have labels"
+    )
+    drop_warning: float = Field(
+        default=0.05, gt=0, description="Relative drop against the serving version's baseline that warns"
+    )
+    drop_critical: float = Field(
+        default=0.05, gt=0, description="Relative drop that, together with critical drift, is critical"
+    )
+    min_z: float = Field(
+        default=2.0,
+        ge=0,
+        description="For a rate (click-through, accuracy): a drop counts only this many standard errors "
+        "below the baseline, so sampling noise in a small window is not a drop",
+    )
+
+    @model_validator(mode="after")
+    def _metric_fits_task(self) -> BusinessMetricPolicy:
+        for task, metric in self.metric.items():
+            if BUSINESS_METRIC_TASKS[metric] != task:
+                raise ValueError(f"metric.{task} is {metric!r}, a {BUSINESS_METRIC_TASKS[metric]} metric")
+        return self
+
+
 class MonitoringPolicy(StrictModel):
     """``include/policies/monitoring/<file>.yaml``: when drift is a warning and when it is critical."""
 
@@ -332,6 +376,55 @@ class MonitoringPolicy(StrictModel):
     categorical_method: str = Field(default="jensenshannon", description="Evidently stat test for categories")
     categorical_threshold: float = Field(default=0.1, gt=0)
     request_retraining_on: list[Literal["warning", "critical"]] = Field(default_factory=lambda: ["critical"])
+    business: BusinessMetricPolicy = Field(
+        default_factory=lambda: BusinessMetricPolicy(),
+        description="The business metric computed from delayed labels, and the drop that counts",
+    )
+    critical_requires_business_drop: bool = Field(
+        default=True,
+        description="Critical needs drift together with a business-metric drop: drift alone never pages",
+    )
+    max_caller_share: float | None = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="No caller's rows carry more than this share of a window's weight; null: no cap",
+    )
+    min_callers_for_action: int = Field(
+        default=2,
+        ge=1,
+        description="An automatic action (critical) needs the drop in this many callers' rows",
+    )
+    channels: list[Any] = Field(
+        default_factory=lambda: [{"kind": "outbox"}],
+        validate_default=True,
+        description="Where alerts go (modelops.notifications.ChannelConfig): outbox, smtp, webhook",
+    )
+    alert_cooldown_hours: float = Field(
+        default=6, ge=0, description="The same alert again within this time is not sent again (recorded)"
+    )
+    cold_start_days: float = Field(
+        default=7,
+        ge=0,
+        description="A version's first days in service: verdicts and alerts are recorded, not sent",
+    )
+    rollback_on_critical: bool = Field(
+        default=True, description="A critical verdict puts the previous approved champion back"
+    )
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _channels(cls, value: Any) -> list[Any]:
+        # Imported here: notifications builds on these settings models.
+        from modelops.notifications import ChannelConfig
+
+        if not isinstance(value, list):
+            raise ValueError(
+                "channels must be a list, e.g. [{kind: outbox}, {kind: smtp, conn_id: ..., to: [...]}]"
+            )
+        return [
+            item if isinstance(item, ChannelConfig) else ChannelConfig.model_validate(item) for item in value
+        ]
 
     @model_validator(mode="after")
     def _ordered(self) -> MonitoringPolicy:

@@ -135,6 +135,8 @@ class AuditAction(StrEnum):
     """The champion went back to an earlier deployed version (details name the champion now serving)."""
     KEY_ROTATED = "audit.key_rotated"
     """The audit log's signing key changed; the record is endorsed with the previous key."""
+    ALERT_NOTIFIED = "alert.notified"
+    """A monitoring alert: sent (with each channel's delivery), suppressed within its cool-down, or failed."""
     DATASET_QUARANTINED = "dataset.quarantined"
     """A person withdrew a dataset version (``modelops dataset quarantine``): no model trained on it passes."""
 
@@ -162,6 +164,8 @@ class Decision(StrEnum):
     AWAITING_APPROVAL = "awaiting_approval"
     """Every check passed and the policy asks a person to approve: the gate waits in the Airflow UI."""
     QUARANTINED = "quarantined"
+    SENT = "sent"
+    SUPPRESSED = "suppressed"
     """The stage could not reach a decision (an exception); the record says which, the task log why."""
 
 

@@ -270,6 +270,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             {"conn_type": "fs", "extra": {"path": str(home / "audit-anchors")}}
         ),
         "MODELOPS_AUDIT_ANCHORS": (home / "audit-anchors").as_uri(),
+        # The stack's models are minutes old: their alerts would otherwise wait out the cold start.
+        "MODELOPS_COLD_START_DAYS": "0",
     }
     auth_keys = (
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS",

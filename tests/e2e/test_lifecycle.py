@@ -27,7 +27,7 @@ from airflow.utils.state import DagRunState, TaskInstanceState
 from modelops.audit import AuditStore
 from modelops.data.sklearn_datasets import write_diabetes_csv
 from modelops.data.synthetic import DriftShift, generate_clicks, write_csv
-from modelops.data.traffic import simulate_traffic
+from modelops.data.traffic import deliver_labels, simulate_traffic
 from modelops.registry import ModelRegistry
 from modelops.vocabulary import Alias, AuditAction, Decision, ModelTag, Tag, model_subject
 from tests.support import keyring_for_tests
@@ -241,10 +241,19 @@ def test_drift_on_one_model_retrains_that_model_only(stack: Stack, chain: Chain)
         TaskInstanceState.SKIPPED
     }
 
+    # Drifted traffic whose users then click far less: the delayed labels arrive before the hour is assessed.
     drift = DriftShift(
-        age_shift=15, out_of_range_share=0.2, category_weights={"fashion": 5, "toys": 1}, price_factor=1.5
+        age_shift=15,
+        out_of_range_share=0.2,
+        category_weights={"fashion": 5, "toys": 1},
+        price_factor=1.5,
+        click_logit_shift=-2.5,
     )
-    start, end = _traffic_window(stack, seed=12, shift=drift)
+    start = datetime.now(UTC)
+    report = simulate_traffic(stack.gateway_url, requests=60, rows_per_request=5, seed=12, shift=drift)
+    assert report.failed == 0
+    deliver_labels(stack.gateway_url, report.pending_labels)
+    end = datetime.now(UTC) + timedelta(seconds=1)
     run = stack.run(
         "modelops_drift_monitoring",
         {"models": [], "window_start": start.isoformat(), "window_end": end.isoformat()},
@@ -256,6 +265,19 @@ def test_drift_on_one_model_retrains_that_model_only(stack: Stack, chain: Chain)
         action=AuditAction.DRIFT_ASSESSED, subject=model_subject(CTR, chain.versions[CTR])
     )
     assert critical.decision == "critical" and "user_age" in critical.details["drifted_features"]
+    assert critical.details["business"]["status"] == "measured" and critical.details["business"]["drop"] > 0.3
+    # The owners were alerted through the outbox, and the alert is on record with its delivery.
+    alert = audit(stack).last(
+        action=AuditAction.ALERT_NOTIFIED, subject=model_subject(CTR, chain.versions[CTR])
+    )
+    assert alert.decision == "sent" and alert.details["tier"] == "critical"
+    outbox = [json.loads(line) for line in (stack.home / "outbox" / "alerts.jsonl").read_text().splitlines()]
+    assert any(item["tier"] == "critical" and item["model_name"] == CTR for item in outbox)
+    # v1 is the model's first champion: there is nothing earlier to put back, which is on record.
+    refused = audit(stack).last(
+        action=AuditAction.MODEL_ROLLED_BACK, subject=model_subject(CTR, chain.versions[CTR])
+    )
+    assert refused.decision == "refused" and "no earlier approved champion" in refused.details["reason"]
     quiet = audit(stack).last(
         action=AuditAction.DRIFT_ASSESSED, subject=model_subject(DIABETES, chain.versions[DIABETES])
     )

@@ -396,17 +396,20 @@ def test_a_drifted_window_is_assessed_recorded_and_logged_once_per_window(
     outcome = assess_window(served, catalog, CTR, prediction_log, storage)
     details = outcome.details
     json.dumps(outcome.xcom())
-    assert outcome.decision == details["verdict"] == "critical" and outcome.refusal is None
+    # Drift alone (no labels yet, so no business metric) is a warning: it never pages or retrains.
+    assert outcome.decision == details["verdict"] == "warning" and outcome.refusal is None
+    assert details["drift_level"] == "critical" and details["business"]["status"] == "pending_labels"
     assert outcome.asset_extra is None
     assert details["model_name"] == CTR and details["version"] == "1"
     assert (details["window_start"], details["window_end"]) == (START.isoformat(), END.isoformat())
-    assert details["rows"] == WINDOW_ROWS + 50 and details["request_retraining"] is True
+    assert details["rows"] == WINDOW_ROWS + 50 and details["request_retraining"] is False
     assert "user_age" in details["drifted_features"] and details["out_of_range_share"] > 0.05
     assert set(details) == {
-        "model_name", "version", "window_start", "window_end", "verdict", "rows", "drift_share",
-        "drifted_features", "out_of_range_share", "report_uri", "mlflow_run_id", "request_retraining",
+        "model_name", "version", "window_start", "window_end", "verdict", "drift_level", "rows", "drift_share",
+        "drifted_features", "out_of_range_share", "business", "report_uri", "report_sha256", "mlflow_run_id",
+        "request_retraining",
     }  # fmt: skip
-    assert outcome.summary.startswith(f"{CTR}: critical: {WINDOW_ROWS + 50} rows")
+    assert outcome.summary.startswith(f"{CTR}: warning: {WINDOW_ROWS + 50} rows")
 
     window_folder = ("monitoring", CTR, "2026-03-01T100000+0000--2026-03-01T110000+0000")
     folder = storage.joinpath(*window_folder)
@@ -414,11 +417,11 @@ def test_a_drifted_window_is_assessed_recorded_and_logged_once_per_window(
     assert details["report_uri"] == str(as_storage_path(storage).joinpath(*window_folder, html.name))
     assert is_html(html)
     written = json.loads((folder / "assessment.json").read_text())
-    assert written["verdict"] == "critical" and written["rows"] == WINDOW_ROWS + 50
+    assert written["verdict"] == "warning" and written["rows"] == WINDOW_ROWS + 50
 
     (record,) = outcome.records
     assert record.action == AuditAction.DRIFT_ASSESSED and record.subject == f"model:{CTR}@1"
-    assert record.decision == "critical" and record.details["policy"] == "standard"
+    assert record.decision == "warning" and record.details["policy"] == "standard"
     assert record.details["mlflow_run_id"] == details["mlflow_run_id"]
     assert record.details["feature_scores"]["user_age"]["drifted"] is True
     assert record.evidence["reference_dataset"] == served.train_sha[CTR]
@@ -427,7 +430,7 @@ def test_a_drifted_window_is_assessed_recorded_and_logged_once_per_window(
 
     run = served.registry.run(details["mlflow_run_id"])
     assert run.tags[RunTag.KIND] == DRIFT_RUN_KIND and run.tags[RunTag.MODEL] == CTR
-    assert run.tags[RunTag.MODEL_VERSION] == "1" and run.tags[RunTag.VERDICT] == "critical"
+    assert run.tags[RunTag.MODEL_VERSION] == "1" and run.tags[RunTag.VERDICT] == "warning"
     assert run.tags[RunTag.WINDOW] == f"{START.isoformat()}--{END.isoformat()}"
     assert run.metrics["rows"] == WINDOW_ROWS + 50 and run.metrics["drift_share"] == details["drift_share"]
     artifacts = Path(run.artifact_uri.removeprefix("file://")) / "drift"
@@ -449,20 +452,8 @@ def test_a_drifted_window_is_assessed_recorded_and_logged_once_per_window(
     assert later.details["report_uri"] is None
     assert later.details["mlflow_run_id"] not in (None, details["mlflow_run_id"])
 
-    # The verdict calls for a retrain of the version that served.
-    request = retraining_request(outcome.xcom(), catalog.policies_for(CTR).monitoring)
-    assert request is not None and request.decision == Decision.REQUESTED
-    expected = {
-        "model_name": CTR,
-        "version": "1",
-        "verdict": "critical",
-        "reason": f"drift verdict critical for window {START.isoformat()}--{END.isoformat()}",
-    }
-    assert request.asset_extra == expected and request.details == expected
-    (requested,) = request.records
-    assert requested.action == AuditAction.RETRAINING_REQUESTED and requested.subject == f"model:{CTR}@1"
-    assert requested.decision == Decision.REQUESTED and requested.details == expected
-    assert set(requested.evidence) == {"assessment"}
+    # A warning does not call for a retrain under the standard policy.
+    assert retraining_request(outcome.xcom(), catalog.policies_for(CTR).monitoring) is None
 
 
 def test_a_regression_model_is_assessed_against_its_own_training_data(
@@ -524,7 +515,7 @@ def test_predictions_without_a_feature_cannot_be_assessed(
     tmp_path: Path, served: Served, catalog: Catalog, prediction_log: PredictionLog
 ) -> None:
     log_predictions(prediction_log, CTR, generate_clicks(250, seed=2).drop(columns=["device"]), version="1")
-    with pytest.raises(MonitoringError, match=r"lack the features \['device'\]"):
+    with pytest.raises(MonitoringError, match=r"carry no value for the features \[.device.\]"):
         assess_window(served, catalog, CTR, prediction_log, tmp_path / "storage")
 
 
@@ -658,3 +649,389 @@ def test_request_retraining_operator_emits_or_skips(connections: Path) -> None:
     }
     (record,) = audit_records(connections, AuditAction.RETRAINING_REQUESTED)
     assert record.decision == "requested" and record.subject == f"model:{CTR}@1"
+
+
+# --- the business metric from delayed labels, correlated tiers, callers, history ----------------------------
+
+BASELINE_CTR = 0.3
+
+
+@pytest.fixture
+def audit(tmp_path: Path) -> AuditStore:
+    """An audit log holding the serving version's registration record: its holdout baseline."""
+    store = AuditStore(f"sqlite:///{tmp_path / 'audit.db'}", keyring=keyring_for_tests())
+    for name, metrics in (
+        (CTR, {"holdout_positive_rate": BASELINE_CTR, "holdout_roc_auc": 0.8}),
+        (DIABETES, {"holdout_rmse": 55.0}),
+    ):
+        store.append(
+            actor="test",
+            action=AuditAction.MODEL_REGISTERED,
+            subject=f"model:{name}@1",
+            decision=Decision.CANDIDATE,
+            details={"metrics": metrics},
+        )
+    yield store
+    store.dispose()
+
+
+def log_labelled(
+    log: PredictionLog,
+    frame: pd.DataFrame,
+    *,
+    callers: dict[str, float | None],
+    per_call: int = 20,
+    seed: int = 0,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Log ``frame`` for the classifier as calls rotating over ``callers``; each caller's requests get
+    labels drawn with that caller's click-through rate (None: no labels delivered)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    names = list(callers)
+    calls = [frame.iloc[i : i + per_call] for i in range(0, len(frame), per_call)]
+    for index, rows in enumerate(calls):
+        caller = names[index % len(names)]
+        request_id = uuid.uuid4().hex
+        inputs = [{**row, **(extra or {})} for row in rows.to_dict(orient="records")]
+        log.record(
+            PredictionRecord(
+                request_id=request_id,
+                received_at=START + timedelta(minutes=50 * index / len(calls)),
+                caller_id=caller,
+                model_name=CTR,
+                model_version="1",
+                status_code=200,
+                latency_ms=3.0 + index % 7,
+                n_rows=len(rows),
+                inputs=inputs,
+                outputs=[[0.7, 0.3]] * len(rows),
+            )
+        )
+        rate = callers[caller]
+        if rate is not None:
+            log.add_labels(request_id, [int(x) for x in rng.random(len(rows)) < rate])
+
+
+def assess_ctr(
+    served: Served, catalog: Catalog, log: PredictionLog, storage: Path, audit: AuditStore, **kw: Any
+):
+    spec = catalog.model(CTR)
+    return assess(
+        spec=spec,
+        policy=kw.pop("policy", catalog.policies_for(spec).monitoring),
+        registry=served.registry,
+        prediction_log=log,
+        storage=as_storage_path(storage),
+        start=START,
+        end=END,
+        audit=audit,
+        **kw,
+    )
+
+
+SHIFTED = dict(age_shift=15, out_of_range_share=0.2)
+
+
+def test_drift_with_a_click_through_drop_seen_by_several_callers_is_critical(
+    tmp_path: Path, served: Served, catalog: Catalog, prediction_log: PredictionLog, audit: AuditStore
+) -> None:
+    frame = generate_clicks(WINDOW_ROWS, seed=11, shift=DriftShift(**SHIFTED))
+    log_labelled(prediction_log, frame, callers={"web": 0.1, "app": 0.1, "email": 0.1})
+    outcome = assess_ctr(served, catalog, prediction_log, tmp_path, audit)
+    business = outcome.details["business"]
+    assert business["status"] == "measured" and business["metric"] == "click_through_rate"
+    assert business["baseline"] == BASELINE_CTR and business["label_coverage"] == 1.0
+    assert business["drop"] > 0.5 and set(business["by_caller"]) == {"web", "app", "email"}
+    assert outcome.decision == "critical" and outcome.details["request_retraining"] is True
+    assert "click_through_rate" in outcome.summary and "baseline 0.3" in outcome.summary
+    (record,) = outcome.records
+    assert record.details["business"]["drop"] == business["drop"]
+
+
+def test_drift_without_a_drop_stays_a_warning_and_a_drop_without_drift_warns(
+    tmp_path: Path,
+    served: Served,
+    catalog: Catalog,
+    prediction_log: PredictionLog,
+    audit: AuditStore,
+    stationary,
+) -> None:
+    frame = generate_clicks(WINDOW_ROWS, seed=11, shift=DriftShift(**SHIFTED))
+    log_labelled(prediction_log, frame, callers={"web": BASELINE_CTR, "app": BASELINE_CTR}, seed=1)
+    outcome = assess_ctr(served, catalog, prediction_log, tmp_path / "a", audit)
+    assert outcome.details["drift_level"] == "critical" and outcome.decision == "warning"
+    assert abs(outcome.details["business"]["drop"]) < 0.2
+
+    quiet = PredictionLog(f"sqlite:///{tmp_path / 'quiet.db'}")
+    log_labelled(quiet, stationary.head(WINDOW_ROWS), callers={"web": 0.1, "app": 0.1}, seed=2)
+    outcome = assess_ctr(served, catalog, quiet, tmp_path / "b", audit)
+    assert outcome.details["drift_level"] == "ok" and outcome.decision == "warning"
+    assert outcome.details["business"]["drop"] > 0.5
+    quiet.dispose()
+
+
+def test_labels_not_in_yet_are_pending_never_a_drop(
+    tmp_path: Path, served: Served, catalog: Catalog, prediction_log: PredictionLog, audit: AuditStore
+) -> None:
+    frame = generate_clicks(WINDOW_ROWS, seed=11, shift=DriftShift(**SHIFTED))
+    # Only a fifth of the rows labelled: below min_label_coverage.
+    log_labelled(prediction_log, frame, callers={"web": 0.0, "a": None, "b": None, "c": None, "d": None})
+    outcome = assess_ctr(served, catalog, prediction_log, tmp_path, audit)
+    business = outcome.details["business"]
+    assert business["status"] == "pending_labels" and business["drop"] is None
+    assert business["label_coverage"] == pytest.approx(0.2)
+    assert outcome.decision == "warning"  # never critical on drift alone
+    assert any("re-assessed when labels arrive" in reason for reason in outcome.records[0].details["reasons"])
+
+
+def test_one_caller_cannot_fake_a_drop_into_an_automatic_action(
+    tmp_path: Path, served: Served, catalog: Catalog, prediction_log: PredictionLog, audit: AuditStore
+) -> None:
+    """Attack: a caller sends drifted rows and posts 'no click' labels for its own requests. The window's
+    click-through rate drops, but the drop shows in one caller's rows only: a warning, not an action."""
+    frame = generate_clicks(WINDOW_ROWS, seed=11, shift=DriftShift(**SHIFTED))
+    log_labelled(prediction_log, frame, callers={"mallory": 0.0, "web": BASELINE_CTR}, seed=3)
+    outcome = assess_ctr(served, catalog, prediction_log, tmp_path, audit)
+    assert outcome.details["business"]["drop"] >= 0.05
+    assert outcome.decision == "warning" and outcome.details["request_retraining"] is False
+    assert any("1 caller(s) only" in reason for reason in outcome.records[0].details["reasons"])
+
+
+def test_a_flood_from_one_caller_is_capped_to_its_share(
+    tmp_path: Path,
+    served: Served,
+    catalog: Catalog,
+    prediction_log: PredictionLog,
+    audit: AuditStore,
+    stationary,
+) -> None:
+    """Attack: one request of many identical drifted rows. Its caller's weight is capped, so the window is
+    judged mostly on everyone else's traffic, and the capping is on record."""
+    log_labelled(prediction_log, stationary.head(WINDOW_ROWS), callers={"web": None, "app": None})
+    flood = generate_clicks(1, seed=5, shift=DriftShift(**SHIFTED))
+    flood = pd.concat([flood] * 3000, ignore_index=True)
+    log_labelled(prediction_log, flood, callers={"anonymous": None}, per_call=3000)
+    outcome = assess_ctr(served, catalog, prediction_log, tmp_path, audit)
+    callers = outcome.records[0].details["callers"]
+    assert callers["callers"] == 3 and callers["capped"] == {"anonymous": 3000 - WINDOW_ROWS}
+    assert outcome.details["rows"] == 2 * WINDOW_ROWS
+    assert outcome.decision != "critical"
+
+
+def test_unknown_and_colliding_columns_never_break_the_read(
+    tmp_path: Path,
+    served: Served,
+    catalog: Catalog,
+    prediction_log: PredictionLog,
+    audit: AuditStore,
+    stationary,
+) -> None:
+    """Bad input seen on the demo stack: a request with an extra column named received_at failed the hour."""
+    log_labelled(
+        prediction_log,
+        stationary.head(WINDOW_ROWS),
+        callers={"web": None, "app": None},
+        extra={"received_at": "yesterday", "caller_id": "spoofed", "nested": {"a": [1, 2]}},
+    )
+    outcome = assess_ctr(served, catalog, prediction_log, tmp_path, audit)
+    assert outcome.decision == "ok" and outcome.details["rows"] == WINDOW_ROWS
+    assert outcome.records[0].details["callers"]["rows_by_caller"] == {"web": 200, "app": 200}
+
+
+def test_quality_latency_and_errors_are_part_of_the_assessment(
+    tmp_path: Path,
+    served: Served,
+    catalog: Catalog,
+    prediction_log: PredictionLog,
+    audit: AuditStore,
+    stationary,
+) -> None:
+    import numpy as np
+
+    frame = stationary.head(WINDOW_ROWS).copy()
+    frame.loc[frame.index[:40], "user_balance"] = None
+    frame.loc[frame.index[:10], "device"] = "smart-fridge"
+    log_labelled(prediction_log, frame, callers={"web": None, "app": None})
+    prediction_log.record(
+        PredictionRecord(
+            request_id=uuid.uuid4().hex, received_at=START + timedelta(minutes=5), caller_id="web",
+            model_name=CTR, model_version="1", status_code=422, latency_ms=1.0, n_rows=0, inputs=[],
+            error="bad input",
+        )
+    )  # fmt: skip
+    outcome = assess_ctr(served, catalog, prediction_log, tmp_path, audit)
+    quality = outcome.records[0].details["quality"]
+    assert quality["null_rates"]["user_balance"] == pytest.approx(40 / WINDOW_ROWS)
+    assert quality["unseen_category_rows"] == {"device": 10}
+    assert quality["requests"] == WINDOW_ROWS // 20 + 1 and quality["failed_requests"] == 1
+    latencies = [3.0 + i % 7 for i in range(WINDOW_ROWS // 20)] + [1.0]
+    assert quality["latency_ms"]["p95"] == pytest.approx(float(np.percentile(latencies, 95)))
+    assert "smart-fridge" not in json.dumps(outcome.records[0].details)  # values never quoted
+
+
+def test_every_window_is_a_history_row_and_a_backfill_reproduces_it(
+    tmp_path: Path, served: Served, catalog: Catalog, prediction_log: PredictionLog, audit: AuditStore
+) -> None:
+    from modelops.monitoring_history import MonitoringHistory
+
+    history = MonitoringHistory(f"sqlite:///{tmp_path / 'predictions.db'}")
+    frame = generate_clicks(WINDOW_ROWS, seed=11, shift=DriftShift(**SHIFTED))
+    log_labelled(prediction_log, frame, callers={"web": 0.1, "app": 0.1, "email": 0.1})
+    first = assess_ctr(served, catalog, prediction_log, tmp_path / "a", audit, history=history)
+    for effect in first.effects:
+        effect()
+    again = assess_ctr(served, catalog, prediction_log, tmp_path / "b", audit, history=history)
+    for effect in again.effects:
+        effect()
+    assert first.decision == again.decision == "critical"
+    assert first.details["report_sha256"] == again.details["report_sha256"]
+    assert first.records[0].evidence["assessment"] == again.records[0].evidence["assessment"]
+    (row,) = history.rows(CTR)
+    assert (row.model_version, row.window_start, row.window_end, row.verdict) == ("1", START, END, "critical")
+    assert row.metrics["business_drop"] == first.details["business"]["drop"]
+    assert row.report_sha256 == first.details["report_sha256"]
+    history.dispose()
+
+
+def test_without_a_baseline_on_record_no_drop_is_claimed(
+    tmp_path: Path, served: Served, catalog: Catalog, prediction_log: PredictionLog
+) -> None:
+    frame = generate_clicks(WINDOW_ROWS, seed=11, shift=DriftShift(**SHIFTED))
+    log_labelled(prediction_log, frame, callers={"web": 0.0, "app": 0.0})
+    empty = AuditStore(f"sqlite:///{tmp_path / 'empty.db'}", keyring=keyring_for_tests())
+    outcome = assess_ctr(served, catalog, prediction_log, tmp_path, empty)
+    assert outcome.details["business"]["status"] == "no_baseline" and outcome.decision == "warning"
+    empty.dispose()
+
+
+def test_a_regressors_business_metric_is_its_error_against_its_holdout(catalog: Catalog) -> None:
+    from modelops.stages.monitoring import business_metric
+
+    spec = catalog.model(DIABETES)
+    policy = catalog.policies_for(spec).monitoring
+    window = pd.DataFrame(
+        {"prediction": [100.0] * 200, "label": [100.0 + (60 if i % 2 else -60) for i in range(200)],
+         "caller_id": ["a", "b"] * 100}
+    )  # fmt: skip
+    result = business_metric(window, spec, policy, {"holdout_rmse": 50.0})
+    assert result["metric"] == "rmse" and result["value"] == pytest.approx(60.0)
+    assert result["drop"] == pytest.approx(0.2)  # 20 % worse than the holdout's RMSE
+    assert set(result["by_caller"]) == {"a", "b"}
+
+
+# --- alerts: tiers, cool-down, recovery, cold start -------------------------------------------------------
+
+
+def assessment_of(
+    verdict: str, *, version: str = "1", drift: str = "critical", status: str = "measured"
+) -> dict:
+    return {
+        "model_name": CTR,
+        "version": version,
+        "verdict": verdict,
+        "drift_level": drift,
+        "rows": 400,
+        "drifted_features": ["user_age"],
+        "window_start": START.isoformat(),
+        "window_end": END.isoformat(),
+        "business": {
+            "metric": "click_through_rate",
+            "status": status,
+            "value": 0.1,
+            "baseline": 0.3,
+            "drop": 0.66,
+        },
+        "report_uri": "file:///reports/x.html",
+    }
+
+
+def record_plan(audit: AuditStore, plan, delivered: bool = True) -> None:
+    from modelops.stages.monitoring import alert_record
+
+    entry = alert_record(
+        catalog_spec(), "1", plan, [{"channel": "outbox", "delivered": delivered}] if plan.alert else None
+    )
+    audit.append(actor="test", action=entry.action, subject=entry.subject, decision=entry.decision,
+                 details=entry.details)  # fmt: skip
+
+
+def catalog_spec() -> ModelSpec:
+    return load_catalog().model(CTR)
+
+
+def test_alerts_are_sent_once_per_condition_within_the_cooldown_and_recovery_once(audit: AuditStore) -> None:
+    from modelops.stages.monitoring import plan_alert
+
+    spec = catalog_spec()
+    policy = load_catalog().policies_for(spec).monitoring.model_copy(update={"cold_start_days": 0})
+    now = datetime.now(UTC)
+    first = plan_alert(assessment_of("critical"), spec, policy, audit, now)
+    assert first is not None and first.alert is not None and first.alert.tier == "critical"
+    assert first.alert.recipients == [spec.owner] and "click_through_rate down 66.0%" in first.alert.title
+    record_plan(audit, first)
+    again = plan_alert(assessment_of("critical"), spec, policy, audit, now + timedelta(hours=1))
+    assert again is not None and again.alert is None and "cool-down 6 h" in again.suppressed_because
+    # A failed delivery does not start a cool-down: the next hour tries again.
+    failing = AuditStore(f"sqlite:///{audit.url.split('///')[1]}.failing", keyring=keyring_for_tests())
+    record_plan(failing, first, delivered=False)
+    assert plan_alert(assessment_of("critical"), spec, policy, failing, now).alert is not None
+    failing.dispose()
+    # Another condition is another alert; after the cool-down the same one is sent again.
+    assert plan_alert(assessment_of("warning", drift="warning"), spec, policy, audit, now).alert is not None
+    assert (
+        plan_alert(assessment_of("critical"), spec, policy, audit, now + timedelta(hours=7)).alert is not None
+    )
+    # Back to ok: one recovery, then nothing.
+    recovered = plan_alert(assessment_of("ok", drift="ok"), spec, policy, audit, now + timedelta(hours=2))
+    assert recovered is not None and recovered.alert.tier == "recovered"
+    record_plan(audit, recovered)
+    assert plan_alert(assessment_of("ok", drift="ok"), spec, policy, audit, now + timedelta(hours=3)) is None
+    assert plan_alert(assessment_of("insufficient_data"), spec, policy, audit, now) is None
+
+
+def test_a_new_versions_alerts_are_recorded_not_sent_during_its_cold_start(audit: AuditStore) -> None:
+    from modelops.stages.monitoring import plan_alert
+
+    spec = catalog_spec()
+    policy = load_catalog().policies_for(spec).monitoring
+    assert policy.cold_start_days == 7
+    audit.append(actor="test", action=AuditAction.MODEL_DEPLOYED, subject=f"model:{CTR}@1",
+                 decision=Decision.PROMOTED, details={"champion_version": "1"})  # fmt: skip
+    plan = plan_alert(assessment_of("critical"), spec, policy, audit, datetime.now(UTC))
+    assert plan is not None and plan.alert is None and plan.suppressed_because.startswith("cold start: v1")
+    later = plan_alert(assessment_of("critical"), spec, policy, audit, datetime.now(UTC) + timedelta(days=8))
+    assert later is not None and later.alert is not None
+
+
+def test_the_operator_records_the_verdict_and_the_alert_and_writes_the_outbox(
+    connections: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hour is assessed, recorded, and its alert delivered through the outbox notifier; the audit log
+    holds the alert with each channel's delivery."""
+    monkeypatch.setenv("MODELOPS_COLD_START_DAYS", "0")
+    log = PredictionLog(f"sqlite:///{connections / 'predictions.db'}")
+    store = AuditStore(f"sqlite:///{connections / 'audit.db'}", keyring=keyring_for_tests())
+    store.append(actor="test", action=AuditAction.MODEL_REGISTERED, subject=f"model:{CTR}@1",
+                 decision=Decision.CANDIDATE, details={"metrics": {"holdout_positive_rate": BASELINE_CTR}})  # fmt: skip
+    frame = generate_clicks(WINDOW_ROWS, seed=11, shift=DriftShift(**SHIFTED))
+    log_labelled(log, frame, callers={"web": 0.1, "app": 0.1, "email": 0.1})
+    operator = DriftMonitorOperator(
+        task_id="assess_drift", model=CTR, window_start=START.isoformat(), window_end=END.isoformat()
+    )
+    result = operator.execute(task_context("assess_drift"))
+    assert result["verdict"] == "critical"
+    outbox = connections / "outbox" / "alerts.jsonl"
+    (line,) = outbox.read_text().splitlines()
+    sent = json.loads(line)
+    assert sent["tier"] == "critical" and sent["model_name"] == CTR
+    alerts = store.records(action=AuditAction.ALERT_NOTIFIED)
+    assert [a.decision for a in alerts] == ["sent"]
+    assert alerts[0].details["deliveries"][0]["delivered"] is True
+    # The same hour assessed again (a retry): the alert is not sent twice.
+    operator.execute(task_context("assess_drift"))
+    assert len(outbox.read_text().splitlines()) == 1
+    assert [a.decision for a in store.records(action=AuditAction.ALERT_NOTIFIED)] == ["sent", "suppressed"]
+    log.dispose()
+    store.dispose()

@@ -12,16 +12,20 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
 
 from modelops import db
 from modelops.errors import ConfigurationError
+from modelops.serving import prediction_log
 from modelops.serving.prediction_log import (
+    WINDOW_COLUMNS,
     LabelCountMismatch,
     PredictionLog,
     PredictionRecord,
+    RequestStats,
     UnknownRequestError,
 )
 from tests.support import keyring_for_tests
@@ -114,6 +118,185 @@ def exercise_log(log: PredictionLog) -> None:
     empty = log.window("ctr", T0 + timedelta(days=1), T0 + timedelta(days=2))
     assert empty.empty and "prediction" in empty.columns and "label" in empty.columns
     assert log.count("nobody", T0, T0 + timedelta(days=1)) == 0
+
+
+def hostile_record(received_at: datetime) -> PredictionRecord:
+    """A call whose inputs collide with the window's own columns, nest values and add unknown keys."""
+    inputs = [
+        {
+            "user_age": 30.0,
+            "device": "mobile",
+            "received_at": "1999-01-01T00:00:00Z",
+            "label": 1,
+            "request_id": "forged",
+            "unknown_column": 7,
+        },
+        {
+            "user_age": {"nested": True},
+            "device": ["a", "list"],
+            "received_at": 12,
+            "model_version": "forged",
+            "unknown_column": 8,
+        },
+    ]
+    return PredictionRecord(
+        request_id=uuid.uuid4().hex,
+        received_at=received_at,
+        caller_id="hostile",
+        model_name="ctr",
+        model_version="1",
+        status_code=200,
+        latency_ms=2.0,
+        n_rows=2,
+        inputs=inputs,
+        outputs=[[0.4, 0.6], [0.3, 0.7]],
+    )
+
+
+def exercise_hostile_inputs(log: PredictionLog) -> None:
+    """The same checks on every backend."""
+    normal = make_record(T0)
+    hostile = hostile_record(T0 + timedelta(minutes=1))
+    log.record(normal)
+    log.record(hostile)
+    log.add_labels(hostile.request_id, [0, 1])
+    end = T0 + timedelta(hours=1)
+
+    frame = log.window("ctr", T0, end, features=["user_age", "device", "session_length"])
+    assert list(frame.columns) == ["user_age", "device", "session_length", *WINDOW_COLUMNS]
+    assert len(frame) == 4
+    # The metadata is the log's own, whatever the inputs said.
+    assert frame["request_id"].tolist() == [normal.request_id] * 2 + [hostile.request_id] * 2
+    assert (
+        frame["received_at"].tolist()
+        == [pd.Timestamp(T0)] * 2 + [pd.Timestamp(T0 + timedelta(minutes=1))] * 2
+    )
+    assert str(frame["received_at"].dt.tz) == "UTC"
+    assert frame["model_version"].tolist() == ["1"] * 4
+    assert frame["row_index"].tolist() == [0, 1, 0, 1]
+    assert frame["label"].tolist()[2:] == [0.0, 1.0] and frame["label"].iloc[:2].isna().all()
+    assert frame["prediction"].tolist() == pytest.approx([0.1, 0.2, 0.6, 0.7])
+    # Nested values become missing; a feature nobody sent is all NaN; unknown keys are ignored.
+    assert frame["user_age"].dtype == "float64"
+    assert frame["user_age"].tolist()[:3] == [30.0, 31.0, 30.0] and math.isnan(frame["user_age"].iloc[3])
+    assert frame["device"].tolist() == ["mobile", "mobile", "mobile", None]
+    assert frame["session_length"].isna().all() and frame["session_length"].dtype == "float64"
+    assert "unknown_column" not in frame.columns
+
+    # Without features: every input key, but none replaces a metadata column (colliding keys are dropped).
+    everything = log.window("ctr", T0, end)
+    assert list(everything.columns) == ["user_age", "device", "unknown_column", *WINDOW_COLUMNS]
+    assert everything["request_id"].tolist() == frame["request_id"].tolist()
+    assert everything["received_at"].tolist() == frame["received_at"].tolist()
+    assert everything["model_version"].tolist() == ["1"] * 4
+    assert everything["label"].tolist()[2:] == [0.0, 1.0]
+    assert everything["unknown_column"].iloc[:2].isna().all()
+    assert everything["unknown_column"].tolist()[2:] == [7.0, 8.0]
+    assert everything["device"].tolist() == ["mobile", "mobile", "mobile", None]
+
+    empty = log.window("ctr", end, end + timedelta(hours=1), features=["user_age"])
+    assert empty.empty and list(empty.columns) == ["user_age", *WINDOW_COLUMNS]
+
+
+def test_hostile_inputs_never_break_a_window_on_sqlite(sqlite_log: PredictionLog) -> None:
+    exercise_hostile_inputs(sqlite_log)
+
+
+def test_hostile_inputs_never_break_a_window_on_postgres(postgres_url: str) -> None:
+    log = PredictionLog(postgres_url)
+    try:
+        exercise_hostile_inputs(log)
+    finally:
+        log.dispose()
+
+
+def test_features_named_like_window_columns_are_refused(sqlite_log: PredictionLog) -> None:
+    with pytest.raises(ValueError, match=r"features \['label'\] are named like columns window\(\) adds"):
+        sqlite_log.window("ctr", T0, T0 + timedelta(hours=1), features=["user_age", "label"])
+    with pytest.raises(TypeError, match="not the string"):
+        sqlite_log.window("ctr", T0, T0 + timedelta(hours=1), features="user_age")
+
+
+def test_window_columns_survive_chunked_conversion(
+    sqlite_log: PredictionLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows are converted to typed columns a chunk at a time: a key first sent in a later chunk, rows
+    that are not objects, and shapes of output that vary all come out as one column each."""
+    monkeypatch.setattr(prediction_log, "_CHUNK_ROWS", 3)
+    records = [
+        make_record(T0, rows=2),
+        make_record(T0 + timedelta(seconds=1), rows=2),
+        replace_inputs(
+            make_record(T0 + timedelta(seconds=2), rows=2), [{"user_age": 1, "late": "x"}, {"late": "y"}]
+        ),
+        replace_inputs(make_record(T0 + timedelta(seconds=3), rows=2), [5, {"user_age": 2}]),
+    ]
+    for record in records:
+        sqlite_log.record(record)
+    frame = sqlite_log.window("ctr", T0, T0 + timedelta(hours=1))
+    assert list(frame.columns) == ["user_age", "device", "late", "input", *WINDOW_COLUMNS]
+    assert frame["user_age"].tolist()[:5] == [30.0, 31.0, 30.0, 31.0, 1.0]
+    assert math.isnan(frame["user_age"].iloc[5]) and math.isnan(frame["user_age"].iloc[6])
+    assert frame["user_age"].iloc[7] == 2.0
+    assert frame["late"].iloc[:4].isna().all() and frame["late"].tolist()[4:6] == ["x", "y"]
+    assert frame["input"].iloc[6] == 5 and frame["input"].drop(index=6).isna().all()
+    assert frame["row_index"].tolist() == [0, 1] * 4
+    typed = sqlite_log.window("ctr", T0, T0 + timedelta(hours=1), features=["user_age", "device"])
+    assert typed["user_age"].tolist()[:5] == [30.0, 31.0, 30.0, 31.0, 1.0]
+    assert typed["device"].tolist() == ["mobile"] * 4 + [None] * 4
+
+
+def replace_inputs(record: PredictionRecord, inputs: list[Any]) -> PredictionRecord:
+    from dataclasses import replace
+
+    return replace(record, inputs=inputs, n_rows=len(inputs))
+
+
+def exercise_request_stats(log: PredictionLog) -> None:
+    latencies = [12.0, 3.5, 250.0, 40.0, 7.25, 99.0, 1.0]
+    statuses = [200, 200, 400, 503, 200, 422, 200]
+    for index, (latency, status) in enumerate(zip(latencies, statuses, strict=True)):
+        record = make_record(T0 + timedelta(minutes=index), status=status)
+        log.record(replace_latency(record, latency))
+    # A 2xx call that still carries an error counts as failed; calls outside the window or of another
+    # model do not count at all.
+    errored = replace_latency(make_record(T0 + timedelta(minutes=10)), 5.0)
+    log.record(PredictionRecord(**{**errored.__dict__, "error": "INTERNAL: partial failure"}))
+    log.record(replace_latency(make_record(T0 - timedelta(seconds=1)), 10_000.0))
+    log.record(replace_latency(make_record(T0 + timedelta(hours=1)), 10_000.0))
+    log.record(replace_latency(make_record(T0 + timedelta(minutes=5), model="other", status=500), 1.0))
+
+    stats = log.request_stats("ctr", T0, T0 + timedelta(hours=1))
+    values = [*latencies, 5.0]
+    assert stats.requests == 8 and stats.failed == 4
+    assert stats.error_rate == pytest.approx(0.5)
+    assert (stats.p50_ms, stats.p95_ms, stats.p99_ms) == tuple(
+        float(value) for value in np.percentile(values, [50, 95, 99], method="linear")
+    )
+    assert stats == log.request_stats("ctr", T0, T0 + timedelta(hours=1))  # deterministic
+
+    empty = log.request_stats("ctr", T0 + timedelta(days=1), T0 + timedelta(days=2))
+    assert empty == RequestStats(requests=0, failed=0, error_rate=None, p50_ms=None, p95_ms=None, p99_ms=None)
+    with pytest.raises(ValueError, match="timezone-aware"):
+        log.request_stats("ctr", datetime(2026, 3, 1), datetime(2026, 3, 2))
+
+
+def replace_latency(record: PredictionRecord, latency_ms: float) -> PredictionRecord:
+    from dataclasses import replace
+
+    return replace(record, latency_ms=latency_ms)
+
+
+def test_request_stats_on_sqlite(sqlite_log: PredictionLog) -> None:
+    exercise_request_stats(sqlite_log)
+
+
+def test_request_stats_on_postgres(postgres_url: str) -> None:
+    log = PredictionLog(postgres_url)
+    try:
+        exercise_request_stats(log)
+    finally:
+        log.dispose()
 
 
 def test_sqlite_log_records_windows_and_labels(sqlite_log: PredictionLog) -> None:

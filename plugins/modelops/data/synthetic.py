@@ -91,6 +91,8 @@ class DriftShift:
     out_of_range_share: float = 0.0
     category_weights: dict[str, float] | None = None
     price_factor: float = 1.0
+    click_logit_shift: float = 0.0
+    """Added to every impression's click logit: negative is a click-through drop (the business metric)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.out_of_range_share <= 1.0:
@@ -196,7 +198,7 @@ def generate_clicks(
         device_u < p_mobile, "mobile", np.where(device_u < p_mobile + p_tablet, "tablet", "desktop")
     )
 
-    logit = _click_logit(age, balance, history, category, price, hour, device)
+    logit = _click_logit(age, balance, history, category, price, hour, device) + shift.click_logit_shift
     clicked = (rng.random(n_rows) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
 
     frame = pd.DataFrame(

@@ -13,6 +13,7 @@ from modelops.hooks._db import sqlalchemy_url
 if TYPE_CHECKING:
     from airflow.sdk import Connection
 
+    from modelops.monitoring_history import MonitoringHistory
     from modelops.serving.prediction_log import PredictionLog
 
 
@@ -47,6 +48,13 @@ class PredictionLogHook(BaseHook):
         from modelops.serving.prediction_log import PredictionLog
 
         return PredictionLog(sqlalchemy_url(self.connection))
+
+    @cached_property
+    def monitoring_history(self) -> MonitoringHistory:
+        """Monitoring's history table, in the same database as the prediction log it summarises."""
+        from modelops.monitoring_history import MonitoringHistory
+
+        return MonitoringHistory(sqlalchemy_url(self.connection))
 
     def get_conn(self) -> PredictionLog:
         return self.prediction_log

@@ -10,7 +10,7 @@ from airflow.sdk import Asset, BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
 from sqlalchemy.exc import SQLAlchemyError
 
-from modelops.errors import GateFailed, ModelOpsError, RegistryError, SettingsError
+from modelops.errors import GateFailed, ModelOpsError, MonitoringError, RegistryError, SettingsError
 from modelops.hooks.audit import AuditHook
 from modelops.hooks.gateway import GatewayHook
 from modelops.hooks.prediction_log import PredictionLogHook
@@ -21,6 +21,7 @@ from modelops.vocabulary import AuditAction, Decision
 if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
 
+    from modelops.monitoring_history import MonitoringHistory
     from modelops.registry import ModelRegistry
     from modelops.serving.client import GatewayClient
     from modelops.serving.prediction_log import PredictionLog
@@ -74,8 +75,16 @@ class ModelOpsBaseOperator(BaseOperator):
         return GatewayHook(gateway_conn_id=self.gateway_conn_id).get_conn()
 
     @cached_property
+    def prediction_log_hook(self) -> PredictionLogHook:
+        return PredictionLogHook(predictions_conn_id=self.predictions_conn_id)
+
+    @cached_property
     def prediction_log(self) -> PredictionLog:
-        return PredictionLogHook(predictions_conn_id=self.predictions_conn_id).get_conn()
+        return self.prediction_log_hook.get_conn()
+
+    @cached_property
+    def monitoring_history(self) -> MonitoringHistory:
+        return self.prediction_log_hook.monitoring_history
 
     @cached_property
     def storage(self) -> ObjectStoragePath:
@@ -103,9 +112,9 @@ class ModelOpsBaseOperator(BaseOperator):
         a settings mistake or a missing version) or propagates for Airflow to retry."""
         try:
             return stage()
-        except (GateFailed, SettingsError, RegistryError) as exc:
-            # A refusal, a settings mistake or a version that does not exist: the same inputs give the
-            # same answer, so fail now, naming the problem, instead of retrying.
+        except (GateFailed, SettingsError, RegistryError, MonitoringError) as exc:
+            # A refusal, a settings mistake, a version that does not exist or a window that cannot be
+            # assessed: the same inputs give the same answer, so fail now, on record, instead of retrying.
             self.record_failure(exc, context, retried=False)
             raise AirflowFailException(str(exc)) from exc
         except Exception as exc:

@@ -36,6 +36,35 @@ class DriftMonitorOperator(ModelOpsBaseOperator):
     def audit_subject(self) -> str:
         return model_subject(self.model)
 
+    def execute(self, context: Context) -> dict[str, Any]:
+        result = super().execute(context)
+        self.notify(result, context)
+        return result
+
+    def notify(self, assessment: dict[str, Any], context: Context) -> None:
+        """Alert the model's owners through the policy's channels (Airflow notifiers); the verdict is on
+        record already, so a channel that is down is recorded (``failed``) and tried again next hour."""
+        from datetime import UTC, datetime
+
+        from modelops.notifications import deliver
+        from modelops.stages.monitoring import alert_record, plan_alert
+
+        spec = self.catalog.model(self.model)
+        policy = self.catalog.policies_for(spec).monitoring
+        plan = plan_alert(assessment, spec, policy, self.audit_hook.store, datetime.now(UTC))
+        if plan is None:
+            return
+        deliveries = None
+        if plan.alert is not None:
+            results = deliver(plan.alert, policy.channels, context)
+            deliveries = [result.model_dump(mode="json") for result in results]
+            for result in results:
+                if not result.delivered:
+                    self.log.warning(
+                        "alert to %s failed after %d tries: %s", result.channel, result.attempts, result.error
+                    )
+        self.record_entry(alert_record(spec, assessment.get("version"), plan, deliveries), context)
+
     def run_stage(self, context: Context) -> StageOutcome:
         from modelops.stages.monitoring import assess, monitoring_window
 
@@ -54,7 +83,49 @@ class DriftMonitorOperator(ModelOpsBaseOperator):
             storage=self.storage,
             start=start,
             end=end,
+            audit=self.audit_hook.store,
+            history=self.monitoring_history,
         )
+
+
+class RollbackOnCriticalOperator(ModelOpsBaseOperator):
+    """Put the previous approved champion back when one assessment is critical; skip otherwise.
+
+    Mapped over the assessments, like :class:`RequestRetrainingOperator`.
+    """
+
+    template_fields: Sequence[str] = ()
+    ui_color = "#fdeaea"
+    audit_action = AuditAction.MODEL_ROLLED_BACK
+
+    def __init__(self, *, assessment: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.assessment = assessment
+
+    def audit_subject(self) -> str:
+        return model_subject(self.assessment.get("model_name", "?"), self.assessment.get("version"))
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from modelops.stages.monitoring import roll_back_on_critical
+
+        spec = self.catalog.model(self.assessment["model_name"])
+        outcome = self.decide(
+            lambda: roll_back_on_critical(
+                spec=spec,
+                policy=self.catalog.policies_for(spec).monitoring,
+                assessment=self.assessment,
+                registry=self.registry,
+                gateway=self.gateway,
+                audit=self.audit_hook.store,
+                record=lambda entry: self.record_entry(entry, context),
+            ),
+            context,
+        )
+        if outcome is None:
+            raise AirflowSkipException(
+                f"verdict {self.assessment.get('verdict')!r} of {spec.name} calls for no rollback"
+            )
+        return self.act_on(outcome, context)
 
 
 class RequestRetrainingOperator(ModelOpsBaseOperator):

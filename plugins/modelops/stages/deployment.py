@@ -143,7 +143,7 @@ def deploy_version(
         # The alias may lag a crash between the record and the move: put it where the record says.
         registry.set_alias(model, Alias.CHAMPION, version)
         gateway.reload(model)
-        _verify_live(gateway, model, version)
+        verify_live(gateway, model, version)
         return DeploymentResult(
             model,
             str(version),
@@ -182,7 +182,7 @@ def deploy_version(
     registry.set_alias(model, Alias.CHAMPION, version)
     try:
         gateway.reload(model)
-        _verify_live(gateway, model, version)
+        verify_live(gateway, model, version)
     except DeploymentFailed as exc:
         rollback(
             registry,
@@ -224,7 +224,7 @@ def deploy_version(
     return DeploymentResult(model, str(version), previous_version, check, now)
 
 
-def _verify_live(gateway: GatewayClient, model: str, version: str) -> None:
+def verify_live(gateway: GatewayClient, model: str, version: str) -> None:
     live = gateway.live_version(model)
     if live != str(version):
         raise DeploymentFailed(f"gateway reports {model} live version {live!r}, expected {version!r}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from modelops.errors import MonitoringError
+from modelops.monitoring_history import HistoryRow, MonitoringHistory
 from modelops.settings import Catalog, ModelSpec, MonitoringPolicy
 from modelops.stages.outcome import AuditEntry, StageOutcome, sha256_json
 from modelops.storage import as_storage_path, copy_file, read_dataset
@@ -37,8 +38,12 @@ if TYPE_CHECKING:
     import pandas as pd
     from airflow.sdk import ObjectStoragePath
 
+    from modelops.audit import AuditRecord, AuditStore
+    from modelops.notifications import Alert
     from modelops.registry import ModelRegistry
+    from modelops.serving.client import GatewayClient
     from modelops.serving.prediction_log import PredictionLog
+    from modelops.stages.outcome import Recorder
 
 Verdict = Literal["ok", "warning", "critical", "insufficient_data"]
 
@@ -54,6 +59,11 @@ class DriftAssessment:
     out_of_range_share: float | None = None
     out_of_range_features: dict[str, int] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
+    drift_level: Verdict | None = None
+    """What drift alone says (ok / warning / critical); ``verdict`` also weighs the business metric."""
+    business: dict[str, Any] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)
+    callers: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -165,6 +175,217 @@ def assess_drift(
     )
 
 
+# --- the business metric, data quality, callers, and the correlated verdict ------------------------------
+
+BASELINE_METRIC = {
+    "click_through_rate": "holdout_positive_rate",
+    "accuracy": "holdout_accuracy",
+    "roc_auc": "holdout_roc_auc",
+    "rmse": "holdout_rmse",
+    "mae": "holdout_mae",
+}
+"""The holdout metric training recorded that is the serving version's own baseline for each business metric."""
+HIGHER_IS_BETTER = {"click_through_rate", "accuracy", "roc_auc"}
+
+
+def business_metric(
+    window: pd.DataFrame, spec: ModelSpec, policy: MonitoringPolicy, baseline_metrics: dict[str, float] | None
+) -> dict[str, Any]:
+    """The spec's business metric over the window's labelled predictions, its coverage and its drop
+    against the serving version's holdout baseline. Too few labels is ``pending_labels``: never a drop."""
+    metric = policy.business.metric.get(spec.task)
+    rows = len(window)
+    labelled = window[window["label"].notna()] if rows else window
+    coverage = len(labelled) / rows if rows else 0.0
+    result: dict[str, Any] = {
+        "metric": metric,
+        "labelled_rows": len(labelled),
+        "label_coverage": round(coverage, 6),
+        "value": None,
+        "baseline": None,
+        "drop": None,
+    }
+    if metric is None:
+        return {**result, "status": "not_configured"}
+    baseline = (baseline_metrics or {}).get(BASELINE_METRIC[metric])
+    result["baseline"] = None if baseline is None else round(float(baseline), 6)
+    if len(labelled) < policy.business.min_labelled_rows or coverage < policy.business.min_label_coverage:
+        return {**result, "status": "pending_labels"}
+    value = _metric_value(metric, labelled)
+    if value is None:
+        return {**result, "status": "pending_labels", "reason": "one class only among the labels"}
+    result["value"] = round(value, 6)
+    if baseline is None or not baseline:
+        return {**result, "status": "no_baseline"}
+    drop = _drop(metric, value, float(baseline))
+    z = _z_score(metric, value, float(baseline), len(labelled))
+    # Per caller too: an automatic action needs the drop in several callers' own rows, so one caller (who
+    # can also post labels for its own requests) cannot fake it.
+    floor = max(10, policy.business.min_labelled_rows // 4)
+    by_caller = {}
+    for caller, caller_rows in labelled.groupby("caller_id", sort=True):
+        caller_value = _metric_value(metric, caller_rows) if len(caller_rows) >= floor else None
+        if caller_value is not None:
+            caller_z = _z_score(metric, caller_value, float(baseline), len(caller_rows))
+            by_caller[str(caller)] = {
+                "labelled_rows": len(caller_rows),
+                "value": round(caller_value, 6),
+                "drop": round(_drop(metric, caller_value, float(baseline)), 6),
+                "significant": caller_z is None or caller_z >= policy.business.min_z,
+            }
+    return {
+        **result,
+        "drop": round(drop, 6),
+        "z": None if z is None else round(z, 3),
+        "significant": z is None or z >= policy.business.min_z,
+        "status": "measured",
+        "by_caller": by_caller,
+    }
+
+
+def _z_score(metric: str, value: float, baseline: float, n: int) -> float | None:
+    """How many standard errors a rate lies below its baseline (binomial, normal approximation); None for
+    an error metric, whose drop is judged on its size alone."""
+    if metric not in ("click_through_rate", "accuracy") or not 0 < baseline < 1 or n == 0:
+        return None
+    return (baseline - value) / (baseline * (1 - baseline) / n) ** 0.5
+
+
+def _drop(metric: str, value: float, baseline: float) -> float:
+    """Relative change for the worse: positive when the window is worse than the baseline."""
+    change = (baseline - value) if metric in HIGHER_IS_BETTER else (value - baseline)
+    return float(change / abs(baseline))
+
+
+def _metric_value(metric: str, labelled: pd.DataFrame) -> float | None:
+    import numpy as np
+
+    labels = labelled["label"].astype(float).to_numpy()
+    predicted = pd_numeric(labelled["prediction"])
+    if metric == "click_through_rate":
+        value = float(labels.mean())
+    elif metric == "accuracy":
+        value = float(((predicted >= 0.5).astype(float) == labels).mean())
+    elif metric == "roc_auc":
+        from sklearn.metrics import roc_auc_score
+
+        if len(set(labels.tolist())) < 2:
+            return None
+        value = float(roc_auc_score(labels, predicted))
+    elif metric == "rmse":
+        value = float(np.sqrt(np.mean((predicted - labels) ** 2)))
+    else:
+        value = float(np.mean(np.abs(predicted - labels)))
+    return value
+
+
+def pd_numeric(values: pd.Series) -> Any:
+    import pandas as pd
+
+    return pd.to_numeric(values, errors="coerce").astype(float).to_numpy()
+
+
+def cap_callers(window: pd.DataFrame, max_share: float | None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The window with no caller carrying more than ``max_share`` of its rows, and who called how much.
+
+    A caller over the cap keeps its first rows in request order (deterministic, so a backfill of the window
+    reproduces the verdict): rows at most ``max_share / (1 - max_share)`` times everyone else's. With a
+    single caller there is nobody to weigh it against; its rows count, but an automatic action then needs
+    more callers (``min_callers_for_action``).
+    """
+    if window.empty:
+        return window, {"callers": 0, "rows_by_caller": {}, "capped": {}}
+    counts = window["caller_id"].value_counts()
+    capped: dict[str, int] = {}
+    if max_share is not None and max_share < 1 and len(counts) > 1:
+        keep = []
+        total = int(counts.sum())
+        for caller, rows in counts.items():
+            others = total - int(rows)
+            limit = max(1, int(max_share / (1 - max_share) * others))
+            group = window[window["caller_id"] == caller]
+            if rows > limit:
+                capped[str(caller)] = int(rows) - limit
+                group = group.head(limit)
+            keep.append(group)
+        window = pd_concat(keep).sort_values(["received_at", "request_id", "row_index"], kind="stable")
+    top = {str(caller): int(rows) for caller, rows in counts.head(10).items()}
+    return window, {"callers": int(len(counts)), "rows_by_caller": top, "capped": capped}
+
+
+def pd_concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.concat(frames)
+
+
+def data_quality(window: pd.DataFrame, reference: pd.DataFrame, spec: ModelSpec) -> dict[str, Any]:
+    """Null rates per feature, and categories the training data never had (counted, values not quoted)."""
+    nulls = {column: round(float(window[column].isna().mean()), 6) for column in spec.features if len(window)}
+    unseen: dict[str, int] = {}
+    for column in spec.categorical_features:
+        known = set(reference[column].dropna().astype(str))
+        present = window[column].dropna().astype(str)
+        count = int((~present.isin(known)).sum())
+        if count:
+            unseen[column] = count
+    return {"null_rates": nulls, "unseen_category_rows": unseen}
+
+
+def correlated_verdict(assessment: DriftAssessment, policy: MonitoringPolicy) -> tuple[Verdict, list[str]]:
+    """The window's verdict from drift, the business metric and who called.
+
+    Critical needs critical drift together with a business-metric drop of at least ``drop_critical``
+    (unless the policy says drift suffices) and rows from ``min_callers_for_action`` callers: drift alone,
+    or one caller alone, never pages and never rolls back. A pending metric is never counted as a drop.
+    """
+    if assessment.drift_level == "insufficient_data":
+        return "insufficient_data", list(assessment.reasons)
+    reasons = list(assessment.reasons)
+    business = assessment.business
+    measured = business.get("status") == "measured"
+    # A drop within sampling noise (not significant) is reported, never counted.
+    drop = business.get("drop") if measured and business.get("significant", True) else None
+    if drop is not None:
+        reasons.append(
+            f"{business['metric']} {business['value']} against baseline {business['baseline']}: "
+            f"{'drop' if drop > 0 else 'change'} of {drop:.1%} ({business['labelled_rows']} labelled rows)"
+        )
+    elif measured:
+        reasons.append(
+            f"{business['metric']} {business['value']} against baseline {business['baseline']}: a change of "
+            f"{business['drop']:.1%} within sampling noise (z={business.get('z')}), not counted as a drop"
+        )
+    elif business.get("status") == "pending_labels":
+        reasons.append(
+            f"{business.get('metric')} pending: {business.get('labelled_rows', 0)} labelled rows "
+            f"({business.get('label_coverage', 0):.0%} coverage) are too few to judge; re-assessed when labels arrive"
+        )
+    dropped = drop is not None and drop >= policy.business.drop_critical
+    verdict: Verdict = "ok"
+    if assessment.drift_level == "critical" and (dropped or not policy.critical_requires_business_drop):
+        verdict = "critical"
+    elif assessment.drift_level in ("warning", "critical") or (
+        drop is not None and drop >= policy.business.drop_warning
+    ):
+        verdict = "warning"
+        if assessment.drift_level == "critical":
+            reasons.append("critical drift without a business-metric drop is a warning")
+    if verdict == "critical" and policy.critical_requires_business_drop:
+        witnesses = sorted(
+            caller
+            for caller, seen in business.get("by_caller", {}).items()
+            if seen["drop"] >= policy.business.drop_critical and seen.get("significant", True)
+        )
+        if len(witnesses) < policy.min_callers_for_action:
+            verdict = "warning"
+            reasons.append(
+                f"the drop shows in the rows of {len(witnesses)} caller(s) only: an automatic action needs "
+                f"{policy.min_callers_for_action}"
+            )
+    return verdict, reasons
+
+
 # --- the window --------------------------------------------------------------------------------------
 
 
@@ -274,6 +495,19 @@ def _served_version(window: pd.DataFrame, spec: ModelSpec) -> str:
     return str(served.mode().iloc[0])
 
 
+def _baseline_metrics(audit: AuditStore | None, name: str, version: str) -> dict[str, float] | None:
+    """The serving version's holdout metrics as training recorded them (authentic), or None."""
+    from modelops.evidence import EvidenceMismatch, registration_record
+
+    if audit is None:
+        return None
+    try:
+        record = registration_record(audit, name, version)
+    except EvidenceMismatch:
+        return None
+    return {str(k): float(v) for k, v in record.details.get("metrics", {}).items()}
+
+
 def assess(
     *,
     spec: ModelSpec,
@@ -283,11 +517,15 @@ def assess(
     storage: ObjectStoragePath,
     start: datetime,
     end: datetime,
+    audit: AuditStore | None = None,
+    history: MonitoringHistory | None = None,
 ) -> StageOutcome:
-    """Assess the predictions ``spec`` served in ``[start, end)`` against the served version's training
-    data. Keeps ``assessment.json`` (and Evidently's report) under ``<storage>/monitoring/<model>/<window>/``
-    and, when the window has rows, one MLflow run per window."""
-    window = prediction_log.window(spec.name, start, end)
+    """Assess the predictions ``spec`` served in ``[start, end)``: drift against the served version's
+    training data, the business metric from delayed labels against the version's own baseline, data
+    quality, error rate and latency, who called; then the correlated verdict. Keeps ``assessment.json`` (and
+    Evidently's report) under ``<storage>/monitoring/<model>/<window>/``, one MLflow run per window with
+    rows, and one history row per model, version and window."""
+    window = prediction_log.window(spec.name, start, end, features=spec.features)
     # Deployment's smoke test scores rows of the training data itself: not traffic, so never evidence.
     window = window[window["caller_id"] != SMOKE_TEST_CALLER] if not window.empty else window
     report_dir = storage / "monitoring" / spec.name / window_label(start, end).replace(":", "")
@@ -296,6 +534,7 @@ def assess(
         assessment = DriftAssessment(
             verdict="insufficient_data", rows=0, reference_rows=0, reasons=["no predictions in the window"]
         )
+        assessment.drift_level = "insufficient_data"
         # A quiet hour is still a verdict about the version that was serving.
         champion = registry.version_by_alias(spec.name, Alias.CHAMPION)
         version = champion.version if champion is not None else None
@@ -308,23 +547,31 @@ def assess(
                 f"{spec.name} v{version} has no {Tag.TRAIN_DATA_SHA256}/{Tag.TRAIN_DATA_URI} lineage tags, "
                 "so there is no reference data to compare with"
             )
-        missing = [column for column in spec.features if column not in window.columns]
-        if missing:
+        empty = [column for column in spec.features if window[column].isna().all()]
+        if empty:
             raise MonitoringError(
-                f"the predictions of {spec.name} in the window lack the features {missing} its spec lists; "
-                "callers must send every feature by name"
+                f"the predictions of {spec.name} in the window carry no value for the features {empty} its "
+                "spec lists; callers must send every feature by name"
             )
+        capped, callers = cap_callers(window, policy.max_caller_share)
         reference = read_dataset(train_uri, columns=spec.features)
         # Evidently writes local files only; render locally, then copy through ObjectStoragePath.
         with tempfile.TemporaryDirectory(prefix="modelops-drift-") as tmp:
             local_html = Path(tmp) / "drift_report.html"
             assessment = assess_drift(
-                current=window[spec.features],
+                current=capped[spec.features],
                 reference=reference,
                 spec=spec,
                 policy=policy,
                 html_path=str(local_html),
             )
+            assessment.drift_level = assessment.verdict
+            assessment.callers = callers
+            assessment.quality = data_quality(capped, reference, spec)
+            assessment.business = business_metric(
+                capped, spec, policy, _baseline_metrics(audit, spec.name, version)
+            )
+            assessment.verdict, assessment.reasons = correlated_verdict(assessment, policy)
             rendered = local_html if local_html.exists() else None
             if rendered is not None:
                 target = report_dir / rendered.name
@@ -339,10 +586,19 @@ def assess(
                 assessment=assessment,
                 html_path=rendered,
             )
+    stats = prediction_log.request_stats(spec.name, start, end)
+    assessment.quality = {
+        **assessment.quality,
+        "requests": stats.requests,
+        "failed_requests": stats.failed,
+        "error_rate": stats.error_rate,
+        "latency_ms": {"p50": stats.p50_ms, "p95": stats.p95_ms, "p99": stats.p99_ms},
+    }
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "assessment.json").write_text(json.dumps(assessment.to_dict(), indent=2, sort_keys=True))
+    assessment_sha = sha256_json(assessment.to_dict())
 
-    evidence = {"assessment": sha256_json(assessment.to_dict()), "policy": sha256_json(policy.model_dump())}
+    evidence = {"assessment": assessment_sha, "policy": sha256_json(policy.model_dump())}
     if html_sha256:
         evidence["drift_report_html"] = html_sha256
     if train_sha:
@@ -353,22 +609,64 @@ def assess(
         "report_uri": html_uri,
         "mlflow_run_id": mlflow_run_id,
     }
+    business = assessment.business
+    effects: tuple[Any, ...] = ()
+    if history is not None and version is not None:
+        row = HistoryRow(
+            model_name=spec.name,
+            model_version=str(version),
+            window_start=start,
+            window_end=end,
+            verdict=assessment.verdict,
+            rows=assessment.rows,
+            assessed_at=datetime.now(UTC),
+            metrics={
+                "drift_share": assessment.drift_share,
+                "out_of_range_share": assessment.out_of_range_share,
+                "business_metric": business.get("value"),
+                "business_baseline": business.get("baseline"),
+                "business_drop": business.get("drop"),
+                "label_coverage": business.get("label_coverage"),
+                "error_rate": stats.error_rate,
+                "latency_p95_ms": stats.p95_ms,
+            },
+            report_sha256=assessment_sha,
+            details={
+                "drift_level": assessment.drift_level,
+                "business_status": business.get("status"),
+                "report_uri": html_uri,
+                "mlflow_run_id": mlflow_run_id,
+            },
+        )
+        effects = (lambda: history.upsert(row),)
     return StageOutcome(
         decision=assessment.verdict,
         summary=f"{spec.name}: {assessment.verdict}: {assessment.rows} rows, "
-        f"{len(assessment.drifted_features)} drifted features, window "
-        f"{start.astimezone(UTC):%Y-%m-%d %H:%M}-{end.astimezone(UTC):%H:%M} UTC (policy {policy.name})",
+        f"{len(assessment.drifted_features)} drifted features"
+        + (
+            f", {business['metric']} {business['value']} (baseline {business['baseline']})"
+            if business.get("status") == "measured"
+            else (
+                f", {business.get('metric')} pending labels"
+                if business.get("status") == "pending_labels"
+                else ""
+            )
+        )
+        + f", window {start.astimezone(UTC):%Y-%m-%d %H:%M}-{end.astimezone(UTC):%H:%M} UTC (policy {policy.name})",
         details={
             "model_name": spec.name,
             "version": version,
             "window_start": facts["window_start"],
             "window_end": facts["window_end"],
             "verdict": assessment.verdict,
+            "drift_level": assessment.drift_level,
             "rows": assessment.rows,
             "drift_share": assessment.drift_share,
             "drifted_features": assessment.drifted_features,
             "out_of_range_share": assessment.out_of_range_share,
+            "business": business,
             "report_uri": html_uri,
+            "report_sha256": assessment_sha,
             "mlflow_run_id": mlflow_run_id,
             "request_retraining": assessment.verdict in policy.request_retraining_on,
         },
@@ -381,6 +679,7 @@ def assess(
                 evidence=evidence,
             ),
         ),
+        effects=effects,
     )
 
 
@@ -412,4 +711,259 @@ def retraining_request(assessment: dict[str, Any], policy: MonitoringPolicy) -> 
             ),
         ),
         asset_extra=dict(request),
+    )
+
+
+# --- alerts -----------------------------------------------------------------------------------------------
+
+ALERT_TIERS = ("warning", "critical")
+
+
+def _last_alert(audit: AuditStore, model: str) -> AuditRecord | None:
+    """The newest authentic alert about ``model`` (any version) that was sent: cool-downs and recoveries
+    count from it."""
+    for record in reversed(
+        audit.records(action=AuditAction.ALERT_NOTIFIED, subject_prefix=model_subject(model, ""))
+    ):
+        if record.decision == Decision.SENT and audit.authentic(record):
+            return record
+    return None
+
+
+@dataclass(frozen=True)
+class AlertPlan:
+    """What to do about one assessment: send ``alert``, or record why not (``suppressed_because``)."""
+
+    alert: Alert | None
+    suppressed_because: str | None = None
+    dedup_key: str | None = None
+    tier: str | None = None
+
+
+def _cold_start(
+    audit: AuditStore, model: str, version: Any, policy: MonitoringPolicy, now: datetime
+) -> str | None:
+    """Why alerts about ``version`` are recorded but not sent yet (its first ``cold_start_days``), or None."""
+    from modelops.evidence import newest_authentic
+
+    if not version or policy.cold_start_days <= 0:
+        return None
+    promoted, _ = newest_authentic(
+        audit, AuditAction.MODEL_DEPLOYED, model_subject(model, str(version)), {Decision.PROMOTED}
+    )
+    if promoted is None:
+        return None
+    since = datetime.fromisoformat(promoted.recorded_at)
+    if (now - since).total_seconds() >= policy.cold_start_days * 86400:
+        return None
+    until = since.timestamp() + policy.cold_start_days * 86400
+    return (
+        f"cold start: v{version} serves since {since.isoformat()} (audit seq={promoted.seq}); alerts are "
+        f"recorded, not sent, until {datetime.fromtimestamp(until, UTC).isoformat()} "
+        f"(cold_start_days={policy.cold_start_days:g})"
+    )
+
+
+def plan_alert(
+    assessment: dict[str, Any], spec: ModelSpec, policy: MonitoringPolicy, audit: AuditStore, now: datetime
+) -> AlertPlan | None:
+    """Whether an assessment (the XCom of :func:`assess`) raises an alert to the model's owners.
+
+    A warning or critical verdict alerts, once per condition within ``alert_cooldown_hours`` (the same
+    condition again is recorded as suppressed); the first ``ok`` after an alert sends one recovery. None:
+    nothing to say.
+    """
+    from modelops.notifications import Alert
+
+    model, version, verdict = spec.name, assessment.get("version"), assessment.get("verdict")
+    cold = _cold_start(audit, model, version, policy, now)
+    last = _last_alert(audit, model)
+    window = {
+        "window_start": datetime.fromisoformat(assessment["window_start"]),
+        "window_end": datetime.fromisoformat(assessment["window_end"]),
+    }
+    business = assessment.get("business") or {}
+    if verdict in ALERT_TIERS:
+        condition = f"{verdict}.drift-{assessment.get('drift_level')}.business-{business.get('status')}"
+        dedup_key = f"{model}.v{version}.{condition}"
+        if last is not None and last.details.get("dedup_key") == dedup_key:
+            age = now - datetime.fromisoformat(last.recorded_at)
+            if age.total_seconds() < policy.alert_cooldown_hours * 3600:
+                return AlertPlan(
+                    None,
+                    f"the same alert was raised {age.total_seconds() / 60:.0f} min ago (audit seq={last.seq}); "
+                    f"cool-down {policy.alert_cooldown_hours:g} h",
+                    dedup_key,
+                    verdict,
+                )
+        if cold is not None:
+            return AlertPlan(None, cold, dedup_key, verdict)
+        drop = business.get("drop")
+        title = f"{verdict.upper()}: {len(assessment.get('drifted_features') or [])} drifted features" + (
+            f", {business.get('metric')} down {drop:.1%} against its baseline" if drop else ""
+        )
+        body = (
+            f"{model} v{version}, window {assessment['window_start']} to {assessment['window_end']}: "
+            f"{assessment.get('rows')} rows, drift {assessment.get('drift_level')}, drifted features "
+            f"{assessment.get('drifted_features')}, business metric {business.get('metric')} "
+            f"{business.get('status')} (value {business.get('value')}, baseline {business.get('baseline')}). "
+            + (
+                "Critical: the previous approved version is put back and retraining is requested. "
+                if verdict == "critical" and policy.rollback_on_critical
+                else ""
+            )
+            + f"Report: {assessment.get('report_uri')}"
+        )
+        return AlertPlan(
+            Alert(
+                model_name=model,
+                version=str(version),
+                tier=verdict,
+                title=title,
+                body=body,
+                dedup_key=dedup_key,
+                recipients=[spec.owner],
+                **window,
+            ),
+            dedup_key=dedup_key,
+            tier=verdict,
+        )
+    if verdict == "ok" and cold is None and last is not None and last.details.get("tier") in ALERT_TIERS:
+        dedup_key = f"{model}.v{version}.recovered"
+        return AlertPlan(
+            Alert(
+                model_name=model,
+                version=str(version),
+                tier="recovered",
+                title=f"recovered: {model} v{version} is ok again",
+                body=f"The window {assessment['window_start']} to {assessment['window_end']} is ok; the last "
+                f"alert was {last.details.get('tier')} (audit seq={last.seq}).",
+                dedup_key=dedup_key,
+                recipients=[spec.owner],
+                **window,
+            ),
+            dedup_key=dedup_key,
+            tier="recovered",
+        )
+    return None
+
+
+def alert_record(
+    spec: ModelSpec, version: str | None, plan: AlertPlan, deliveries: list[dict[str, Any]] | None
+) -> AuditEntry:
+    """The audit record of an alert: sent with every channel's delivery, suppressed, or failed on all."""
+    if plan.alert is None:
+        decision, extra = Decision.SUPPRESSED, {"reason": plan.suppressed_because}
+    else:
+        delivered = any(item.get("delivered") for item in deliveries or [])
+        decision = Decision.SENT if delivered else Decision.FAILED
+        extra = {
+            "title": plan.alert.title,
+            "recipients": plan.alert.recipients,
+            "deliveries": deliveries or [],
+        }
+    return AuditEntry(
+        AuditAction.ALERT_NOTIFIED,
+        model_subject(spec.name, version),
+        decision,
+        details={"tier": plan.tier, "dedup_key": plan.dedup_key, **extra},
+    )
+
+
+# --- automatic rollback -------------------------------------------------------------------------------------
+
+
+def roll_back_on_critical(
+    *,
+    spec: ModelSpec,
+    policy: MonitoringPolicy,
+    assessment: dict[str, Any],
+    registry: ModelRegistry,
+    gateway: GatewayClient,
+    audit: AuditStore,
+    record: Recorder,
+) -> StageOutcome | None:
+    """Put the previous approved champion back when the verdict is critical (None: nothing to do).
+
+    Through the deployment path's checks: the version going back must have an authentic promotion record
+    and files unchanged since; the rollback is recorded before the alias moves, so the gateway accepts it.
+    """
+    from modelops.evidence import (
+        CHAMPION_FIELD,
+        EvidenceMismatch,
+        champion_record,
+        check_files,
+        newest_authentic,
+        recorded_files,
+        version_file_hashes,
+    )
+    from modelops.stages.deployment import rollback, verify_live
+
+    if assessment.get("verdict") != "critical" or not policy.rollback_on_critical:
+        return None
+    model, assessed = spec.name, str(assessment.get("version"))
+    current = champion_record(audit, model)
+    serving = None if current is None else str(current.details.get(CHAMPION_FIELD))
+    subject = model_subject(model, assessed)
+    if serving != assessed:
+        return StageOutcome(
+            decision=Decision.REFUSED,
+            summary=f"{model}: no rollback: v{assessed} was assessed but v{serving} serves now",
+            details={"model_name": model, "version": assessed, "serving": serving},
+            records=(
+                AuditEntry(
+                    AuditAction.MODEL_ROLLED_BACK,
+                    subject,
+                    Decision.REFUSED,
+                    details={"reason": f"v{assessed} no longer serves (v{serving} does)"},
+                ),
+            ),
+        )
+    previous_version = current.details.get("previous_version") if current is not None else None
+    previous = None
+    if previous_version:
+        previous, _ = newest_authentic(
+            audit, AuditAction.MODEL_DEPLOYED, model_subject(model, previous_version), {Decision.PROMOTED}
+        )
+    problem = None
+    if previous is None:
+        problem = f"{model} has no earlier approved champion to go back to; retraining is the way out"
+    else:
+        try:
+            check_files(
+                recorded_files(previous),
+                version_file_hashes(registry, model, str(previous_version)),
+                what=f"v{previous_version}'s files differ from those its promotion record names",
+            )
+        except EvidenceMismatch as exc:
+            problem = str(exc)
+    if problem is not None:
+        return StageOutcome(
+            decision=Decision.REFUSED,
+            summary=f"{model}: no rollback: {problem}",
+            details={"model_name": model, "version": assessed, "reason": problem},
+            records=(
+                AuditEntry(
+                    AuditAction.MODEL_ROLLED_BACK, subject, Decision.REFUSED, details={"reason": problem}
+                ),
+            ),
+        )
+    reason = (
+        f"critical monitoring verdict for window {assessment['window_start']}--{assessment['window_end']}: "
+        f"drift {assessment.get('drift_level')} with {(assessment.get('business') or {}).get('metric')} down "
+        f"{(assessment.get('business') or {}).get('drop')}"
+    )
+    rollback(
+        registry, gateway, audit, record, model, failed_version=assessed, previous=previous, reason=reason
+    )
+    verify_live(gateway, model, str(previous_version))
+    return StageOutcome(
+        decision=Decision.ROLLED_BACK,
+        summary=f"{model}: rolled back from v{assessed} to v{previous_version} ({reason})",
+        details={
+            "model_name": model,
+            "version": assessed,
+            CHAMPION_FIELD: str(previous_version),
+            "reason": reason,
+        },
     )
