@@ -403,6 +403,12 @@ class MonitoringPolicy(StrictModel):
     alert_cooldown_hours: float = Field(
         default=6, ge=0, description="The same alert again within this time is not sent again (recorded)"
     )
+    reassess_pending_hours: float = Field(
+        default=24,
+        ge=0,
+        description="Each run re-assesses earlier windows of this many hours whose labels were pending and "
+        "have arrived since",
+    )
     cold_start_days: float = Field(
         default=7,
         ge=0,

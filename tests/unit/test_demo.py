@@ -398,6 +398,7 @@ def test_stack_env(tmp_path: Path) -> None:
         "AIRFLOW_VAR_FOO": "bar",
         "AIRFLOW_CONFIG": "/home/dev/airflow.cfg",
         "MODELOPS_INCOMING_ROOT": "s3://someone/else",
+        "MODELOPS_COLD_START_DAYS": "7",
     }
     env = stack_env(layout, ports, base)
     assert base["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"  # the caller's mapping is not changed
@@ -437,6 +438,28 @@ def test_stack_env(tmp_path: Path) -> None:
     # Two users: the admin, and the strict policy's approver (role user).
     assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] == "admin:admin,risk_officer:user"
     assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"] == "False"
+    # The demo's versions are minutes old: no cold start, or the incident's critical alert is only recorded.
+    assert env["MODELOPS_COLD_START_DAYS"] == "0"
+
+
+def test_the_demo_stack_has_no_cold_start_and_reads_the_outbox_its_tasks_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from modelops.notifications import OUTBOX_FILE, default_outbox_path
+
+    layout = Layout(tmp_path / ".demo")
+    env = stack_env(layout, PORT_SET_A, {"MODELOPS_COLD_START_DAYS": "7"})
+    monkeypatch.setenv("MODELOPS_COLD_START_DAYS", "7")
+    assert load_catalog().policies_for("ctr_recommender").monitoring.cold_start_days == 7
+    for name in ("MODELOPS_COLD_START_DAYS", "MODELOPS_HOME"):
+        monkeypatch.setenv(name, env[name])
+    catalog = load_catalog()
+    for model in DEMO_MODELS:
+        assert catalog.policies_for(model).monitoring.cold_start_days == 0
+    assert layout.outbox_file == layout.modelops_home / OUTBOX_FILE == default_outbox_path()
+    # Every process of the stack gets it, Airflow's and the others.
+    stack_services = services(layout, PORT_SET_A, env, {"AIRFLOW_CONN_X": "y"})
+    assert {service.env["MODELOPS_COLD_START_DAYS"] for service in stack_services} == {"0"}
 
 
 def _binding_ports(stack_services: list[processes.Service]) -> set[int]:
@@ -1494,6 +1517,8 @@ PREDICTIONS = {"ctr_recommender": [0.9, 0.1], "diabetes_progression": 152.34}
 @dataclass
 class FakeGateway:
     calls: list[tuple[str, str | None, list[str], int]] = field(default_factory=list)
+    request_ids: list[str] = field(default_factory=list)
+    labels: list[tuple[str, list[int]]] = field(default_factory=list)  # POST /labels: (request id, labels)
 
     def rows(self, model: str) -> int:
         return sum(rows for name, _, _, rows in self.calls if name == model)
@@ -1508,10 +1533,19 @@ def _gateway_app(fake: FakeGateway) -> FastAPI:
         fake.calls.append((name, request.headers.get("X-Caller-Id"), split["columns"], len(split["data"])))
         if name not in PREDICTIONS:
             return JSONResponse({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": name}, status_code=404)
+        request_id = uuid.uuid4().hex
+        fake.request_ids.append(request_id)
         return JSONResponse(
-            {"predictions": [PREDICTIONS[name]] * len(split["data"])},
-            headers={"X-Request-Id": uuid.uuid4().hex},
+            {"predictions": [PREDICTIONS[name]] * len(split["data"])}, headers={"X-Request-Id": request_id}
         )
+
+    @app.post("/labels")
+    async def labels(request: Request) -> Any:
+        body = await request.json()
+        if body["request_id"] not in fake.request_ids:
+            return JSONResponse({"error_code": "RESOURCE_DOES_NOT_EXIST"}, status_code=404)
+        fake.labels.append((body["request_id"], body["labels"]))
+        return {"request_id": body["request_id"], "accepted": len(body["labels"])}
 
     return app
 
@@ -1746,6 +1780,7 @@ def _drive(stack_: Stack, lines: list[str], **overrides: Any) -> driver.Lifecycl
         "simulated_requests": 4,
         "sampled_requests": 3,
         "approver_passwords": {APPROVER: APPROVER_PASSWORD},
+        "incident_model": None,  # the incident's own tests turn it on
         **overrides,
     }
     return driver.drive(stack_.api, stack_.mlflow_api, stack_.gateway_url, load_catalog(), **settings)
@@ -1951,6 +1986,533 @@ def test_drive_without_an_approver_times_out_naming_the_awaiting_gate_task(fake_
         "(an approval: answer it under Required Actions in the Airflow UI as the user it names)"
     ) in message
     assert fake_stack.airflow.answers == []
+
+
+# --- the incident: drift with a click drop, caught as critical, rolled back, alerted, retrained -------------
+
+CTR = "ctr_recommender"
+OWNER = "ml-platform@example.com"
+INCIDENT_VERSIONS = {"second": "4", "retrained": "5"}  # after the lifecycle's v3 (see fake_stack)
+INCIDENT_BUSINESS = {
+    "metric": "click_through_rate",
+    "labelled_rows": 20,
+    "label_coverage": 1.0,
+    "value": 0.018,
+    "baseline": 0.153,
+    "drop": 0.882353,
+    "z": 9.1,
+    "significant": True,
+    "status": "measured",
+    "by_caller": {
+        "web-shop": {"labelled_rows": 10, "value": 0.0, "drop": 1.0, "significant": True},
+        "mobile-app": {"labelled_rows": 5, "value": 0.02, "drop": 0.87, "significant": True},
+        "email-campaign": {"labelled_rows": 5, "value": 0.15, "drop": 0.02, "significant": False},
+    },
+}
+ASSESS_LOG = [
+    {"timestamp": "2026-05-09T07:41:02Z", "level": "info", "event": "assessing 20 rows of ctr_recommender"},
+    {"timestamp": "2026-05-09T07:41:09Z", "level": "warning", "event": "cold start: v4 serves since 07:39"},
+]
+
+
+def _set_champions(registry: FakeMlflow, model: str, versions: list[str | None]) -> None:
+    """From now on, reads of ``model`` answer ``versions`` in turn (the last one repeats)."""
+    registry.champions[model] = versions
+    registry.reads[model] = 0
+
+
+def _chain_runs(version: str, trigger: str, run_after: datetime, *, with_training: bool) -> list[FakeRun]:
+    """Training (when Asset-triggered), gate and deployment runs of one new version of the click model."""
+    values = {
+        driver.TRAINING_DAG: (
+            "train_and_register",
+            {
+                "version": version,
+                "metrics": {"holdout_roc_auc": 0.8011},
+                "summary": f"{CTR} v{version} (candidate), holdout_roc_auc 0.801, trigger {trigger}",
+            },
+        ),
+        driver.GATE_DAG: (
+            "evaluate_policy",
+            {
+                "version": version,
+                "verdict": "approved",
+                "approval": AUTO_APPROVAL,
+                "summary": f"{CTR} v{version} approved automatically: 12/12 checks passed (standard@3)",
+            },
+        ),
+        driver.DEPLOYMENT_DAG: (
+            "deploy_to_gateway",
+            {"version": version, "summary": f"{CTR} v{version} is champion (previous: v3)"},
+        ),
+    }
+    return [
+        FakeRun(
+            dag_id,
+            f"asset_triggered__{dag_id}_v{version}",
+            run_after,
+            ["queued", "running", "success"],
+            run_type="asset_triggered",
+            hidden_list_reads=1,
+            tasks=[
+                FakeTask(
+                    task_id, map_index=0, rendered_map_index=CTR, return_value={"model_name": CTR, **value}
+                )
+            ],
+        )
+        for dag_id, (task_id, value) in values.items()
+        if with_training or dag_id != driver.TRAINING_DAG
+    ]
+
+
+def _alert_line(version: str, recorded_at: datetime, *, tier: str = "critical", model: str = CTR) -> str:
+    """One outbox line as ``OutboxNotifier`` writes it."""
+    return json.dumps(
+        {
+            "recorded_at": recorded_at.isoformat(),
+            "model_name": model,
+            "version": version,
+            "tier": tier,
+            "title": f"{tier.upper()}: 5 drifted features, click_through_rate down 88.2% against its baseline",
+            "body": "...",
+            "dedup_key": f"{model}.v{version}.{tier}.drift-critical.business-measured",
+            "recipients": [OWNER],
+            "window_start": "2026-05-09T07:40:00Z",
+            "window_end": "2026-05-09T07:40:05Z",
+        },
+        sort_keys=True,
+    )
+
+
+@dataclass
+class Incident:
+    """How the stand-ins play the incident; each field changes one step."""
+
+    verdict: str = "critical"
+    rollback: str | None = "rolled_back"  # the decision roll_back_on_critical returns; None: it failed
+    alert: bool = True
+    retrained: bool = True
+
+
+def _incident_scenario(stack_: Stack, outbox: Path, incident: Incident) -> None:
+    """``_scenario``, plus the second champion's training and the incident's monitoring run."""
+    fake, gateway, registry = stack_.airflow, stack_.gateway, stack_.mlflow
+    _scenario(fake, gateway)
+    validation, stationary = fake.on_trigger[driver.VALIDATION_DAG], fake.on_trigger[driver.DRIFT_DAG]
+    second, retrained = INCIDENT_VERSIONS["second"], INCIDENT_VERSIONS["retrained"]
+
+    def validation_now(run: FakeRun) -> None:
+        validation(run)
+        # The lifecycle's runs, due at the trigger (not seconds later): the incident's own come after them.
+        for index, asset_run in enumerate(r for r in fake.runs if r.run_type == "asset_triggered"):
+            asset_run.run_after = run.run_after + timedelta(microseconds=index)
+
+    def training(run: FakeRun) -> None:
+        # The triggered run trains; the gate and deployment follow on Asset events.
+        triggered, *followers = _chain_runs(second, "manual", run.run_after, with_training=True)
+        run.tasks = triggered.tasks
+        fake.runs.extend(followers)
+        _set_champions(registry, CTR, ["3", "3", second])
+
+    def drift(run: FakeRun) -> None:
+        if run.conf.get("models") != [CTR]:
+            return stationary(run)
+        rows = sum(len(labels) for _, labels in gateway.labels)
+        assess = FakeTask(
+            "assess_drift",
+            map_index=0,
+            rendered_map_index=CTR,
+            log=ASSESS_LOG,
+            return_value={
+                "model_name": CTR,
+                "version": second,
+                "verdict": incident.verdict,
+                "drift_level": "critical",
+                "rows": rows,
+                "drifted_features": ["item_category", "item_price", "user_age", "user_balance", "device"],
+                "business": INCIDENT_BUSINESS,
+                "decision": incident.verdict,
+                "summary": f"{CTR}: {incident.verdict}: {rows} rows, 5 drifted features, click_through_rate "
+                "0.018 (baseline 0.153), window 2026-05-09 07:40-07:40 UTC (policy standard)",
+            },
+        )
+        run.tasks = [FakeTask("find_serving_models", return_value=[{"model": CTR}]), assess]
+        if incident.verdict != "critical":
+            run.tasks += [
+                FakeTask("roll_back_on_critical", state="skipped", map_index=0, rendered_map_index=CTR),
+                FakeTask("request_retraining", state="skipped", map_index=0),
+            ]
+            return None
+        if incident.rollback is None:
+            run.states = ["running", "failed"]
+            run.tasks.append(
+                FakeTask(
+                    "roll_back_on_critical",
+                    state="failed",
+                    map_index=0,
+                    rendered_map_index=CTR,
+                    log=FAILED_TASK_LOG,
+                )
+            )
+            return None
+        summary = (
+            f"{CTR}: rolled back from v{second} to v3 (critical monitoring verdict for window ...: drift "
+            "critical with click_through_rate down 0.882353)"
+            if incident.rollback == "rolled_back"
+            else f"{CTR}: no rollback: {CTR} has no earlier approved champion to go back to; retraining is the "
+            "way out"
+        )
+        back = {"champion_version": "3"} if incident.rollback == "rolled_back" else {}
+        run.tasks += [
+            FakeTask(
+                "roll_back_on_critical",
+                map_index=0,
+                rendered_map_index=CTR,
+                return_value={
+                    "model_name": CTR,
+                    "version": second,
+                    **back,
+                    "decision": incident.rollback,
+                    "summary": summary,
+                },
+            ),
+            FakeTask(
+                "request_retraining",
+                map_index=0,  # no map_index_template: named by the model in its result
+                return_value={
+                    "model_name": CTR,
+                    "version": second,
+                    "verdict": "critical",
+                    "decision": "requested",
+                    "summary": f"retraining of {CTR} requested: drift verdict critical for window ...",
+                },
+            ),
+        ]
+        if incident.alert:
+            with outbox.open("a") as lines:
+                lines.write(_alert_line(second, datetime.now(UTC)) + "\n")
+        if incident.retrained:
+            fake.runs.extend(_chain_runs(retrained, "retraining_request", run.run_after, with_training=True))
+            _set_champions(registry, CTR, ["3", "3", retrained])
+        else:
+            _set_champions(registry, CTR, ["3"])
+        return None
+
+    fake.on_trigger.update(
+        {driver.VALIDATION_DAG: validation_now, driver.TRAINING_DAG: training, driver.DRIFT_DAG: drift}
+    )
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Path:
+    """The outbox, holding a critical alert about the same version from an earlier demo on this ``.demo/``."""
+    path = tmp_path / "modelops" / "outbox" / "alerts.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text(_alert_line(INCIDENT_VERSIONS["second"], T0 - timedelta(days=1)) + "\n")
+    return path
+
+
+def _drive_incident(
+    stack_: Stack, outbox: Path, lines: list[str], **overrides: Any
+) -> driver.LifecycleReport:
+    settings = {"incident_model": CTR, "outbox": outbox, "incident_requests": 4, **overrides}
+    return _drive(stack_, lines, **settings)
+
+
+def test_drive_shows_the_incident_caught_rolled_back_alerted_and_retrained(
+    fake_stack: Stack, outbox: Path
+) -> None:
+    _incident_scenario(fake_stack, outbox, Incident())
+    lines: list[str] = []
+    report = _drive_incident(fake_stack, outbox, lines)
+    airflow, gateway = fake_stack.airflow, fake_stack.gateway
+
+    # The second champion's training starts while the stationary window is assessed; the incident's
+    # monitoring run assesses exactly the drifted window, of the click model only.
+    manual = [run for run in airflow.runs if run.run_type == "manual"]
+    assert [run.dag_id for run in manual] == [
+        driver.VALIDATION_DAG,
+        driver.DRIFT_DAG,
+        driver.TRAINING_DAG,
+        driver.RETIREMENT_DAG,
+        driver.DRIFT_DAG,
+    ]
+    assert manual[2].conf == {"model": CTR}
+    stationary, incident_conf = manual[1].conf, manual[4].conf
+    assert stationary["models"] == [] and incident_conf["models"] == [CTR]
+    start, end = (datetime.fromisoformat(incident_conf[key]) for key in ("window_start", "window_end"))
+    assert datetime.fromisoformat(stationary["window_end"]) < start < end
+
+    # Drifted click traffic from every caller, then the true labels of each scored request.
+    ctr_calls = [call for call in gateway.calls if call[0] == CTR]
+    incident_calls = ctr_calls[4:8]  # after the stationary window's 4, before the summary's one row
+    assert {call[1] for call in incident_calls} == {"web-shop", "mobile-app", "email-campaign"}
+    assert sum(call[3] for call in incident_calls) == 20
+    assert [request_id for request_id, _ in gateway.labels] == gateway.request_ids[-9:-1][-4:]
+    assert all(len(labels) == 5 and set(labels) <= {0, 1} for _, labels in gateway.labels)
+
+    incident = report.incident
+    assert incident is not None and incident.model == CTR and incident.champion_before == "3"
+    assert incident.second is not None and incident.retrained is not None
+    assert (incident.second.champion, incident.second.trained_version) == ("4", "4")
+    assert (incident.retrained.champion_before, incident.retrained.champion) == ("3", "5")
+    assert incident.retrained.trained_version == "5"
+    assert incident.retrained.fact("training").endswith("trigger retraining_request")
+    assert incident.verdict is not None and incident.verdict.value["verdict"] == "critical"
+    assert incident.rollback is not None and incident.rollback.value["champion_version"] == "3"
+    assert incident.request is not None and incident.request.task_id == "request_retraining"
+    # The alert of this run, not the earlier demo's line about the same version.
+    assert incident.alert is not None and incident.alert["recorded_at"] > "2026-05-09"
+    assert incident.traffic is not None and incident.traffic.labels_delivered == 20
+    assert report.models[CTR].facts is not None and report.models[CTR].facts.champion == "5"
+
+    # Progress lines, in the order things happen.
+    def at(prefix: str) -> int:
+        return next(i for i, line in enumerate(lines) if line.startswith(prefix))
+
+    training_line = lines[at("  incident     ctr_recommender: training a second champion")]
+    assert training_line.endswith("so that a rollback has a version to go back to")
+    assert "after v3 (run manual__" in training_line
+    expected = [
+        "  incident     ctr_recommender: training a second champion",
+        "  monitoring   success",
+        "  retirement   success",
+        "  champion     ctr_recommender v4 (before: v3)",
+        "  training     success    13.5 s  ctr_recommender v4 (candidate), holdout_roc_auc 0.801, trigger manual",
+        "  gate         success    13.5 s  ctr_recommender v4 approved automatically",
+        "  deployment   success    13.5 s  ctr_recommender v4 is champion",
+        "  traffic      ctr_recommender: 4 ok, 0 failed, 20 rows scored, 20 labels delivered; drifted, and its "
+        "users click far less",
+        "  incident     monitoring success in 13.5 s (run manual__",
+        "  verdict      ctr_recommender: critical: 20 rows, 5 drifted features, click_through_rate 0.018",
+        "  drop         click_through_rate 0.018 against the serving version's baseline 0.153: down 88.2% "
+        "(20 labelled rows, z=9.1); down 5% or more in the rows of 2 callers (mobile-app, web-shop), "
+        "critical needs 2",
+        "  rollback     ctr_recommender: rolled back from v4 to v3",
+        "  alert        critical alert about ctr_recommender v4 to ml-platform@example.com: CRITICAL: 5 drifted "
+        f"features, click_through_rate down 88.2% against its baseline (outbox {outbox})",
+        "  retraining   retraining of ctr_recommender requested: drift verdict critical",
+        "  champion     ctr_recommender v5 (before: v3)",
+        "  training     success    13.5 s  ctr_recommender v5 (candidate), holdout_roc_auc 0.801, trigger "
+        "retraining_request",
+        "  gate         success    13.5 s  ctr_recommender v5 approved automatically",
+        "  deployment   success    13.5 s  ctr_recommender v5 is champion",
+    ]
+    positions = [at(prefix) for prefix in expected]
+    assert positions == sorted(positions), [lines[i] for i in positions]
+    # The lifecycle's stages keep their results; the incident's are its own.
+    assert report.models[CTR].trained_version == "3"
+    assert [result.stage for result in incident.stages] == [
+        "training",
+        "gate",
+        "deployment",
+        "incident",
+        "training",
+        "gate",
+        "deployment",
+    ]
+
+    summary = driver.summary_lines(
+        report,
+        ports=PORT_SET_A,
+        default_model=CTR,
+        password="pw",
+        audit=ChainVerification(ok=True, count=40, anchors_checked=20),
+        logs=Path("/x/.demo/logs"),
+        wall_seconds=360.4,
+    )
+    text = "\n".join(summary)
+    for expected_line in (
+        "    version       v3 trained in this run, then v4 and v5 in the incident; champion v5 (before: v2)",
+        "  incident        ctr_recommender: drifted traffic whose users click far less, with its labels",
+        "    before        champion v4 (before: v3), trained first so that there is an earlier champion to go "
+        "back to",
+        "    traffic       ctr_recommender: 4 ok, 0 failed, 20 rows scored, 20 labels delivered",
+        "    retraining    v5 trained on request (AUC 0.801), approved automatically (policy standard@3); "
+        "champion v5 (before: v3)",
+        f"    outbox        {outbox}",
+    ):
+        assert expected_line in summary, (expected_line, text)
+    assert any(line.startswith("    verdict       ctr_recommender: critical: 20 rows") for line in summary)
+    assert any(line.startswith("    drop          click_through_rate 0.018") for line in summary)
+    assert any(
+        line.startswith("    rollback      ctr_recommender: rolled back from v4 to v3") for line in summary
+    )
+    assert any(
+        line.startswith("    alert         critical alert about ctr_recommender v4") for line in summary
+    )
+    assert any(line.startswith("    took          ") for line in summary)
+    # After the models, before the audit chain.
+    incident_at = summary.index(
+        "  incident        ctr_recommender: drifted traffic whose users click far less, with its labels"
+    )
+    assert (
+        summary.index("  model           diabetes_progression (regression, dataset diabetes)") < incident_at
+    )
+    assert incident_at < next(i for i, line in enumerate(summary) if line.startswith("  audit chain"))
+
+
+@pytest.mark.parametrize(
+    ("incident", "expected"),
+    [
+        pytest.param(
+            Incident(verdict="warning"),
+            [
+                "incident: the drifted window with its click drop was assessed 'warning', not critical: "
+                "ctr_recommender: warning: 20 rows",
+                "drift critical, click_through_rate 0.018",
+                "last lines of task assess_drift[ctr_recommender]'s log:",
+                "WARNING cold start: v4 serves since 07:39",
+            ],
+            id="not-critical",
+        ),
+        pytest.param(
+            Incident(rollback="refused"),
+            [
+                "incident: no rollback after the critical verdict: ctr_recommender: no rollback: ctr_recommender "
+                "has no earlier approved champion to go back to",
+                "task roll_back_on_critical[ctr_recommender]'s log:",
+            ],
+            id="rollback-refused",
+        ),
+        pytest.param(
+            Incident(rollback=None),
+            [
+                f"stage incident ({driver.DRIFT_DAG}) run manual__",
+                "task roll_back_on_critical[ctr_recommender] (map index 0) failed",
+                "boom: AUC below floor",
+            ],
+            id="rollback-failed",
+        ),
+        pytest.param(
+            Incident(alert=False),
+            [
+                "incident: no critical alert about ctr_recommender v4 in ",
+                "MODELOPS_COLD_START_DAYS=0, see devstack/modelops_dev/stack.py",
+                "WARNING cold start: v4 serves since 07:39",
+            ],
+            id="no-alert",
+        ),
+        pytest.param(
+            Incident(retrained=False),
+            [
+                "not every model has a new champion after 1 s:",
+                "  ctr_recommender: champion before v3, now v3 (waiting)",
+                "runs since the incident's monitoring run:",
+                f"  training    {driver.TRAINING_DAG}: none (Asset event not received?)",
+            ],
+            id="no-retrained-champion",
+        ),
+    ],
+)
+def test_the_incident_stops_the_demo_when_a_step_does_not_happen(
+    fake_stack: Stack, outbox: Path, incident: Incident, expected: list[str]
+) -> None:
+    _incident_scenario(fake_stack, outbox, incident)
+    lines: list[str] = []
+    with pytest.raises(StageFailed) as info:
+        _drive_incident(fake_stack, outbox, lines, champion_timeout=1)
+    message = str(info.value)
+    for fragment in expected:
+        assert fragment in message, (fragment, message)
+    # Nothing is shown as done that was not.
+    if incident.verdict != "critical":
+        assert not any(line.startswith("  rollback") for line in lines)
+    assert not any(line.startswith("  champion     ctr_recommender v5") for line in lines)
+
+
+def test_drive_refuses_an_incident_model_it_does_not_run(fake_stack: Stack) -> None:
+    with pytest.raises(ConfigurationError, match="the incident's model ctr_recommender is not one of"):
+        _drive(fake_stack, [], models=("diabetes_progression",), incident_model=CTR)
+    assert fake_stack.airflow.runs == []
+
+
+def test_drop_text_names_the_callers_who_saw_the_drop() -> None:
+    policy = load_catalog().policies_for(CTR).monitoring
+    assert (policy.business.drop_critical, policy.min_callers_for_action) == (0.05, 2)
+    assert driver.drop_text(INCIDENT_BUSINESS, policy) == (
+        "click_through_rate 0.018 against the serving version's baseline 0.153: down 88.2% (20 labelled rows, "
+        "z=9.1); down 5% or more in the rows of 2 callers (mobile-app, web-shop), critical needs 2"
+    )
+    one_caller = {**INCIDENT_BUSINESS, "by_caller": {"web-shop": INCIDENT_BUSINESS["by_caller"]["web-shop"]}}
+    assert "in the rows of 1 callers (web-shop), critical needs 2" in driver.drop_text(one_caller, policy)
+    better = {**INCIDENT_BUSINESS, "drop": -0.1, "by_caller": {}}
+    assert ": up 10.0% (20 labelled rows" in driver.drop_text(better, policy)
+    assert "in the rows of 0 callers, critical needs 2" in driver.drop_text(better, policy)
+    pending = {"metric": "click_through_rate", "status": "pending_labels", "labelled_rows": 3}
+    assert driver.drop_text(pending, policy) == "click_through_rate pending_labels (3 labelled rows)"
+    assert driver.drop_text({}, policy) == "business metric not measured (0 labelled rows)"
+
+
+def test_find_alert_takes_the_newest_matching_line_since_the_run(tmp_path: Path) -> None:
+    outbox = tmp_path / "alerts.jsonl"
+    since = T0
+    assert driver.find_alert(outbox, CTR, "4", since) is None  # no outbox yet
+    outbox.write_text(
+        "\n".join(
+            [
+                _alert_line("4", since - timedelta(seconds=1)),  # before the run
+                "not json",
+                json.dumps({"model_name": CTR, "tier": "critical"}),  # no recorded_at
+                _alert_line("4", since + timedelta(seconds=1), tier="warning"),
+                _alert_line("4", since + timedelta(seconds=2), model="diabetes_progression"),
+                _alert_line("3", since + timedelta(seconds=3)),  # another version
+                _alert_line("4", since + timedelta(seconds=4)),
+                _alert_line("4", since + timedelta(seconds=5)),
+                "",
+            ]
+        )
+    )
+    found = driver.find_alert(outbox, CTR, "4", since)
+    assert found is not None and found["recorded_at"] == (since + timedelta(seconds=5)).isoformat()
+    assert driver.find_alert(outbox, CTR, "3", since)["version"] == "3"  # type: ignore[index]
+    assert driver.find_alert(outbox, CTR, None, since)["version"] == "4"  # type: ignore[index]
+    assert driver.find_alert(outbox, CTR, "4", since + timedelta(seconds=6)) is None
+    assert driver.find_alert(outbox, CTR, "4", since, tier="warning")["tier"] == "warning"  # type: ignore[index]
+    assert driver.alert_text(found) == (
+        f"critical alert about {CTR} v4 to {OWNER}: CRITICAL: 5 drifted features, click_through_rate down "
+        "88.2% against its baseline"
+    )
+
+
+def test_find_alert_reads_what_the_outbox_notifier_writes(tmp_path: Path) -> None:
+    from modelops.notifications import Alert, OutboxNotifier
+
+    outbox = tmp_path / "alerts.jsonl"
+    since = datetime.now(UTC)
+    alert = Alert(
+        model_name=CTR,
+        version="4",
+        window_start=T0,
+        window_end=T0 + timedelta(minutes=1),
+        tier="critical",
+        title="CRITICAL: 5 drifted features",
+        dedup_key=f"{CTR}.v4.critical",
+        recipients=[OWNER],
+    )
+    OutboxNotifier(alert, path=outbox).notify({})
+    found = driver.find_alert(outbox, CTR, "4", since)
+    assert found is not None and found["title"] == "CRITICAL: 5 drifted features"
+    assert (
+        driver.alert_text(found) == f"critical alert about {CTR} v4 to {OWNER}: CRITICAL: 5 drifted features"
+    )
+
+
+def test_check_catalog_needs_an_incident_model_that_can_show_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    catalog = load_catalog()
+    driver.check_catalog(catalog, incident_model=CTR)
+    driver.check_catalog(catalog, ("diabetes_progression",), incident_model=None)
+    with pytest.raises(ConfigurationError, match="the incident's model ctr_recommender is not one of"):
+        driver.check_catalog(catalog, ("diabetes_progression",))
+    with pytest.raises(
+        ConfigurationError, match="diabetes_progression trains on 'diabetes', not 'ctr_clicks'"
+    ):
+        driver.check_catalog(catalog, incident_model="diabetes_progression")
+    monkeypatch.setattr(driver, "INCIDENT_REQUESTS", 30)
+    with pytest.raises(
+        ConfigurationError, match="the incident sends 150 rows; .* needs 200 rows and 100 labelled"
+    ):
+        driver.check_catalog(catalog)
 
 
 def test_check_catalog_needs_every_demo_model_and_data_for_its_dataset(

@@ -945,3 +945,87 @@ def test_a_model_file_overwritten_after_the_gate_is_refused(stack: Stack) -> Non
     with pytest.raises(DeploymentFailed, match="UNVERIFIED_MODEL_VERSION|MLmodel changed"):
         stack.gateway.stage(name, victim)
     assert victim not in served(stack, name)["loaded_versions"]
+
+
+# --- monitoring's automatic rollback goes through the same path ------------------------------------------
+
+
+def test_a_critical_verdict_puts_the_previous_champion_back_through_the_deployment_checks(
+    stack: Stack,
+) -> None:
+    from modelops.settings import load_catalog
+    from modelops.stages.monitoring import roll_back_on_critical
+
+    spec = stack.spec(CLASSIFIER, unique("incident"))
+    first = register(stack, spec.name, CLASSIFIER)
+    ship(stack, spec, first)
+    second = register(stack, spec.name, CLASSIFIER)
+    ship(stack, spec, second)
+    assert aliases(stack, spec.name)[Alias.CHAMPION] == second
+    policy = load_catalog().policies_for(CLASSIFIER).monitoring
+    assessment = {
+        "model_name": spec.name,
+        "version": second,
+        "verdict": "critical",
+        "drift_level": "critical",
+        "window_start": "2026-03-01T10:00:00+00:00",
+        "window_end": "2026-03-01T11:00:00+00:00",
+        "business": {"metric": "click_through_rate", "drop": 0.4},
+    }
+
+    def roll_back(of: dict[str, Any]) -> Any:
+        return roll_back_on_critical(
+            spec=spec,
+            policy=policy,
+            assessment=of,
+            registry=stack.registry,
+            gateway=stack.gateway,
+            audit=stack.audit,
+            record=stack.record,
+        )
+
+    assert roll_back({**assessment, "verdict": "warning"}) is None  # only critical acts
+    outcome = roll_back(assessment)
+    assert outcome.decision == Decision.ROLLED_BACK, outcome.summary
+    assert aliases(stack, spec.name)[Alias.CHAMPION] == first
+    assert stack.gateway.live_version(spec.name) == first
+    record = stack.audit.last(action=AuditAction.MODEL_ROLLED_BACK, subject=model_subject(spec.name, second))
+    assert record.decision == Decision.ROLLED_BACK and record.details["champion_version"] == first
+    assert "critical monitoring verdict" in record.details["reason"]
+    # The same verdict again (a retry or a late run): v2 no longer serves, so nothing moves.
+    again = roll_back(assessment)
+    assert again.decision == Decision.REFUSED and aliases(stack, spec.name)[Alias.CHAMPION] == first
+
+
+def test_a_rollback_target_whose_files_changed_is_refused(stack: Stack) -> None:
+    from modelops.settings import load_catalog
+    from modelops.stages.monitoring import roll_back_on_critical
+
+    spec = stack.spec(CLASSIFIER, unique("tampered_target"))
+    first = register(stack, spec.name, CLASSIFIER)
+    ship(stack, spec, first)
+    # The earlier champion's promotion record no longer matches its files: forged hashes on a new record.
+    stack.audit.append(
+        actor="test",
+        action=AuditAction.MODEL_DEPLOYED,
+        subject=model_subject(spec.name, first),
+        decision=Decision.PROMOTED,
+        details={"champion_version": first, "artifacts": {"MLmodel": "0" * 64}},
+    )
+    second = register(stack, spec.name, CLASSIFIER)
+    ship(stack, spec, second)
+    outcome = roll_back_on_critical(
+        spec=spec,
+        policy=load_catalog().policies_for(CLASSIFIER).monitoring,
+        assessment={"model_name": spec.name, "version": second, "verdict": "critical",
+                    "window_start": "2026-03-01T10:00:00+00:00", "window_end": "2026-03-01T11:00:00+00:00"},
+        registry=stack.registry,
+        gateway=stack.gateway,
+        audit=stack.audit,
+        record=stack.record,
+    )  # fmt: skip
+    assert (
+        outcome.decision == Decision.REFUSED
+        and "differ from those its promotion record names" in outcome.summary
+    )
+    assert aliases(stack, spec.name)[Alias.CHAMPION] == second

@@ -1035,3 +1035,95 @@ def test_the_operator_records_the_verdict_and_the_alert_and_writes_the_outbox(
     assert [a.decision for a in store.records(action=AuditAction.ALERT_NOTIFIED)] == ["sent", "suppressed"]
     log.dispose()
     store.dispose()
+
+
+def test_a_window_whose_labels_arrive_later_is_reassessed_by_the_next_run(
+    connections: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Labels come hours after the predictions: the hour is first assessed with its metric pending (never a
+    drop), and the next hourly run assesses it again once they are in."""
+    monkeypatch.setenv("MODELOPS_COLD_START_DAYS", "0")
+    log = PredictionLog(f"sqlite:///{connections / 'predictions.db'}")
+    store = AuditStore(f"sqlite:///{connections / 'audit.db'}", keyring=keyring_for_tests())
+    store.append(actor="test", action=AuditAction.MODEL_REGISTERED, subject=f"model:{CTR}@1",
+                 decision=Decision.CANDIDATE, details={"metrics": {"holdout_positive_rate": BASELINE_CTR}})  # fmt: skip
+    frame = generate_clicks(WINDOW_ROWS, seed=11, shift=DriftShift(**SHIFTED))
+    log_labelled(log, frame, callers={"web": None, "app": None, "email": None})
+
+    def run(start: datetime) -> dict[str, Any]:
+        operator = DriftMonitorOperator(
+            task_id="assess_drift",
+            model=CTR,
+            window_start=start.isoformat(),
+            window_end=(start + timedelta(hours=1)).isoformat(),
+        )
+        return operator.execute(task_context("assess_drift"))
+
+    first = run(START)
+    assert first["verdict"] == "warning" and first["business"]["status"] == "pending_labels"
+    # The labels arrive: every request of the hour gets its clicks (far fewer than the baseline).
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    window = log.window(CTR, START, END, features=[])
+    for request_id, rows in window.groupby("request_id"):
+        log.add_labels(str(request_id), [int(x) for x in rng.random(len(rows)) < 0.1])
+    later = run(END)
+    assert later["verdict"] == "insufficient_data"  # the next hour itself is empty
+    assessed = [
+        r
+        for r in store.records(action=AuditAction.DRIFT_ASSESSED)
+        if r.details["window_start"] == START.isoformat()
+    ]
+    assert [r.decision for r in assessed] == ["warning", "critical"]
+    assert assessed[-1].details["business"]["status"] == "measured"
+    # Nothing new to read: the run after does not assess the hour a third time.
+    run(END + timedelta(hours=1))
+    assert len([r for r in store.records(action=AuditAction.DRIFT_ASSESSED)
+                if r.details["window_start"] == START.isoformat()]) == 2  # fmt: skip
+    log.dispose()
+    store.dispose()
+
+
+def test_a_notifier_that_is_down_leaves_the_verdict_on_record_and_its_failure_visible(
+    connections: Path, monkeypatch: pytest.MonkeyPatch, catalog: Catalog
+) -> None:
+    from modelops.notifications import ChannelConfig
+    from tests.support import free_port
+
+    monkeypatch.setenv("MODELOPS_COLD_START_DAYS", "0")
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MODELOPS_SMTP",
+        json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": free_port(),
+                    "extra": {"disable_tls": True, "disable_ssl": True, "timeout": 2, "retry_limit": 0}}),
+    )  # fmt: skip
+    log = PredictionLog(f"sqlite:///{connections / 'predictions.db'}")
+    store = AuditStore(f"sqlite:///{connections / 'audit.db'}", keyring=keyring_for_tests())
+    store.append(actor="test", action=AuditAction.MODEL_REGISTERED, subject=f"model:{CTR}@1",
+                 decision=Decision.CANDIDATE, details={"metrics": {"holdout_positive_rate": BASELINE_CTR}})  # fmt: skip
+    log_labelled(log, generate_clicks(WINDOW_ROWS, seed=11, shift=DriftShift(**SHIFTED)),
+                 callers={"web": 0.1, "app": 0.1})  # fmt: skip
+    policy = catalog.monitoring_policies["standard"]
+    smtp_only = policy.model_copy(
+        update={
+            "cold_start_days": 0,
+            "channels": [ChannelConfig(kind="smtp", conn_id="modelops_smtp", to=["ops@example.com"],
+                                       attempts=2, backoff_seconds=0.01)],
+        }
+    )  # fmt: skip
+    operator = DriftMonitorOperator(
+        task_id="assess_drift", model=CTR, window_start=START.isoformat(), window_end=END.isoformat()
+    )
+    operator.catalog = dataclasses.replace(
+        catalog, monitoring_policies={**catalog.monitoring_policies, "standard": smtp_only}
+    )
+    result = operator.execute(task_context("assess_drift"))
+    assert result["verdict"] == "critical"
+    assert [r.decision for r in store.records(action=AuditAction.DRIFT_ASSESSED)] == ["critical"]
+    (alert,) = store.records(action=AuditAction.ALERT_NOTIFIED)
+    smtp = [d for d in alert.details["deliveries"] if d["kind"] == "smtp"]
+    assert smtp and smtp[0]["delivered"] is False and smtp[0]["attempts"] == 2
+    # The outbox (always on) still has it, so the alert is sent, and the SMTP failure is on record.
+    assert alert.decision == "sent"
+    log.dispose()
+    store.dispose()

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk.exceptions import AirflowSkipException
 
 from modelops.operators.base import ModelOpsBaseOperator
+from modelops.stages.outcome import json_safe
 from modelops.vocabulary import AuditAction, model_subject
 
 if TYPE_CHECKING:
@@ -39,7 +40,31 @@ class DriftMonitorOperator(ModelOpsBaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         result = super().execute(context)
         self.notify(result, context)
+        self.reassess_pending(context)
         return result
+
+    def reassess_pending(self, context: Context) -> None:
+        """Earlier windows whose labels have arrived since they were assessed are assessed again, recorded
+        and alerted on like any window (their XCom is not this task's: this run's window is)."""
+        from datetime import datetime
+
+        from modelops.stages.monitoring import windows_to_reassess
+
+        spec = self.catalog.model(self.model)
+        policy = self.catalog.policies_for(spec).monitoring
+        start = datetime.fromisoformat(self._window[0]) if self._window else None
+        if start is None:
+            return
+        for window_start, window_end in windows_to_reassess(
+            self.monitoring_history, self.prediction_log, spec, policy, start
+        ):
+            outcome = self.decide(lambda ws=window_start, we=window_end: self._assess(ws, we), context)
+            for entry in outcome.records:
+                self.record_entry(entry, context)
+            for effect in outcome.effects:
+                effect()
+            self.log.info("re-assessed now that its labels arrived: %s", outcome.summary)
+            self.notify(json_safe(outcome.xcom()), context)
 
     def notify(self, assessment: dict[str, Any], context: Context) -> None:
         """Alert the model's owners through the policy's channels (Airflow notifiers); the verdict is on
@@ -66,15 +91,23 @@ class DriftMonitorOperator(ModelOpsBaseOperator):
         self.record_entry(alert_record(spec, assessment.get("version"), plan, deliveries), context)
 
     def run_stage(self, context: Context) -> StageOutcome:
-        from modelops.stages.monitoring import assess, monitoring_window
+        from modelops.stages.monitoring import monitoring_window
 
-        spec = self.catalog.model(self.model)
         start, end = monitoring_window(
             self.window_start,
             self.window_end,
             context.get("data_interval_start"),
             context.get("data_interval_end"),
         )
+        self._window = (start.isoformat(), end.isoformat())
+        return self._assess(start, end)
+
+    _window: tuple[str, str] | None = None
+
+    def _assess(self, start: Any, end: Any) -> StageOutcome:
+        from modelops.stages.monitoring import assess
+
+        spec = self.catalog.model(self.model)
         return assess(
             spec=spec,
             policy=self.catalog.policies_for(spec).monitoring,

@@ -627,6 +627,7 @@ def assess(
                 "business_baseline": business.get("baseline"),
                 "business_drop": business.get("drop"),
                 "label_coverage": business.get("label_coverage"),
+                "labelled_rows": business.get("labelled_rows"),
                 "error_rate": stats.error_rate,
                 "latency_p95_ms": stats.p95_ms,
             },
@@ -712,6 +713,31 @@ def retraining_request(assessment: dict[str, Any], policy: MonitoringPolicy) -> 
         ),
         asset_extra=dict(request),
     )
+
+
+def windows_to_reassess(
+    history: MonitoringHistory,
+    prediction_log: PredictionLog,
+    spec: ModelSpec,
+    policy: MonitoringPolicy,
+    before: datetime,
+) -> list[tuple[datetime, datetime]]:
+    """Earlier windows whose business metric was pending labels and that have more labels now, oldest
+    first: a later run assesses them again, so a drop shows up when its labels arrive."""
+    from datetime import timedelta
+
+    if policy.reassess_pending_hours <= 0:
+        return []
+    since = before - timedelta(hours=policy.reassess_pending_hours)
+    due = []
+    for row in history.rows(spec.name, since=since, until=before):
+        if (row.details or {}).get("business_status") != "pending_labels" or row.window_end > before:
+            continue
+        labelled_then = int(row.metrics.get("labelled_rows") or 0)
+        window = prediction_log.window(spec.name, row.window_start, row.window_end, features=[])
+        if int(window["label"].notna().sum()) > labelled_then:
+            due.append((row.window_start, row.window_end))
+    return due
 
 
 # --- alerts -----------------------------------------------------------------------------------------------
