@@ -2244,11 +2244,15 @@ def test_drive_shows_the_incident_caught_rolled_back_alerted_and_retrained(
     assert datetime.fromisoformat(stationary["window_end"]) < start < end
 
     # Drifted click traffic from every caller, then the true labels of each scored request.
-    ctr_calls = [call for call in gateway.calls if call[0] == CTR]
+    # (Each answered call got a request id, in order: the stand-in refuses no call here.)
+    assert len(gateway.request_ids) == len(gateway.calls)
+    ctr_calls = [index for index, call in enumerate(gateway.calls) if call[0] == CTR]
     incident_calls = ctr_calls[4:8]  # after the stationary window's 4, before the summary's one row
-    assert {call[1] for call in incident_calls} == {"web-shop", "mobile-app", "email-campaign"}
-    assert sum(call[3] for call in incident_calls) == 20
-    assert [request_id for request_id, _ in gateway.labels] == gateway.request_ids[-9:-1][-4:]
+    assert {gateway.calls[i][1] for i in incident_calls} == {"web-shop", "mobile-app", "email-campaign"}
+    assert sum(gateway.calls[i][3] for i in incident_calls) == 20
+    assert [request_id for request_id, _ in gateway.labels] == [
+        gateway.request_ids[i] for i in incident_calls
+    ]
     assert all(len(labels) == 5 and set(labels) <= {0, 1} for _, labels in gateway.labels)
 
     incident = report.incident
@@ -2278,12 +2282,12 @@ def test_drive_shows_the_incident_caught_rolled_back_alerted_and_retrained(
         "  monitoring   success",
         "  retirement   success",
         "  champion     ctr_recommender v4 (before: v3)",
-        "  training     success    13.5 s  ctr_recommender v4 (candidate), holdout_roc_auc 0.801, trigger manual",
-        "  gate         success    13.5 s  ctr_recommender v4 approved automatically",
-        "  deployment   success    13.5 s  ctr_recommender v4 is champion",
+        "  training     success    12.5 s  ctr_recommender v4 (candidate), holdout_roc_auc 0.801, trigger manual",
+        "  gate         success    12.5 s  ctr_recommender v4 approved automatically",
+        "  deployment   success    12.5 s  ctr_recommender v4 is champion",
         "  traffic      ctr_recommender: 4 ok, 0 failed, 20 rows scored, 20 labels delivered; drifted, and its "
         "users click far less",
-        "  incident     monitoring success in 13.5 s (run manual__",
+        "  incident     monitoring success in 12.5 s (run manual__",
         "  verdict      ctr_recommender: critical: 20 rows, 5 drifted features, click_through_rate 0.018",
         "  drop         click_through_rate 0.018 against the serving version's baseline 0.153: down 88.2% "
         "(20 labelled rows, z=9.1); down 5% or more in the rows of 2 callers (mobile-app, web-shop), "
@@ -2293,10 +2297,10 @@ def test_drive_shows_the_incident_caught_rolled_back_alerted_and_retrained(
         f"features, click_through_rate down 88.2% against its baseline (outbox {outbox})",
         "  retraining   retraining of ctr_recommender requested: drift verdict critical",
         "  champion     ctr_recommender v5 (before: v3)",
-        "  training     success    13.5 s  ctr_recommender v5 (candidate), holdout_roc_auc 0.801, trigger "
+        "  training     success    12.5 s  ctr_recommender v5 (candidate), holdout_roc_auc 0.801, trigger "
         "retraining_request",
-        "  gate         success    13.5 s  ctr_recommender v5 approved automatically",
-        "  deployment   success    13.5 s  ctr_recommender v5 is champion",
+        "  gate         success    12.5 s  ctr_recommender v5 approved automatically",
+        "  deployment   success    12.5 s  ctr_recommender v5 is champion",
     ]
     positions = [at(prefix) for prefix in expected]
     assert positions == sorted(positions), [lines[i] for i in positions]

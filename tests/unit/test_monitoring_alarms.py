@@ -82,7 +82,7 @@ def test_injected_drift_with_a_click_drop_is_critical_in_that_hour_and_without_t
     assert warning == "warning" and assessment.drift_level == "critical"
 
 
-def test_per_feature_statistics_agree_with_scipy(setting) -> None:
+def test_per_feature_statistics_agree_with_scipy_and_with_evidentlys_report(setting) -> None:
     from scipy.spatial.distance import jensenshannon
     from scipy.stats import wasserstein_distance
 
@@ -103,3 +103,10 @@ def test_per_feature_statistics_agree_with_scipy(setting) -> None:
         cur = window[column].value_counts(normalize=True).reindex(categories, fill_value=0)
         expected = jensenshannon(ref.to_numpy(), cur.to_numpy())
         assert assessment.feature_scores[column]["value"] == pytest.approx(expected, abs=1e-3), column
+    # And with Evidently's own report on the same data (the statistics are computed natively for speed).
+    from modelops.stages.monitoring import _evidently_report, _evidently_scores
+
+    evidently = _evidently_scores(_evidently_report(window[spec.features], sample, spec, policy))
+    for column, score in assessment.feature_scores.items():
+        assert score["value"] == pytest.approx(evidently[column]["value"], abs=1e-5), column
+        assert score["drifted"] == evidently[column]["drifted"], column
