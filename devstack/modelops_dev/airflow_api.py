@@ -164,6 +164,11 @@ class StageResult:
         found = [o for o in self.outcomes if name in (o.label, o.model_name)]
         return found[-1] if found else None
 
+    def for_task(self, task_id: str, name: str) -> TaskOutcome | None:
+        """The result of task ``task_id`` about model ``name`` (None: skipped, failed or not run)."""
+        found = [o for o in self.outcomes if o.task_id == task_id and name in (o.label, o.model_name)]
+        return found[-1] if found else None
+
     @property
     def fact(self) -> str:
         return "; ".join(o.summary for o in self.outcomes) or "(no summary returned)"
@@ -295,6 +300,17 @@ class AirflowApi:
             ti["task_id"] if map_index == -1 else f"{ti['task_id']}[{task_label(ti)}] (map index {map_index})"
         )
         return f"task {name} {ti['state']}; last lines of its log:\n{log_excerpt(log)}"
+
+    def task_excerpt(self, dag_id: str, run_id: str, task_id: str, label: str | None = None) -> str | None:
+        """The last lines of the log of the run's task ``task_id`` (the instance named ``label`` when there
+        is one: a mapped task's model), whatever its state; None when the run has no such task."""
+        found = [ti for ti in self.task_instances(dag_id, run_id) if ti["task_id"] == task_id]
+        named = [ti for ti in found if task_label(ti) == label]
+        if not (named or found):
+            return None
+        ti = (named or found)[0]
+        try_number = max(1, int(ti.get("try_number") or 1))
+        return log_excerpt(self.task_log(dag_id, run_id, task_id, try_number, int(ti.get("map_index", -1))))
 
     def awaiting_input(self, dag_id: str) -> list[dict[str, Any]]:
         """The unanswered human-in-the-loop forms of ``dag_id``'s task instances that wait in

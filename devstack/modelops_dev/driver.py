@@ -14,7 +14,14 @@ outlive it), then runs two models through the six stages and prints a summary pe
    Airflow refuses the admin (403);
 3. scoring traffic for each model through the gateway, then ``modelops_drift_monitoring`` over that
    window and ``modelops_retirement`` as a dry run, both triggered;
-4. one live prediction per model, the audit chain verified, the summary.
+4. the incident (``ctr_recommender``): a triggered ``modelops_training`` run gives the model a second
+   champion (started while the stationary window is assessed), so that there is an earlier one to go back
+   to; then drifted traffic whose users click far less, with its delayed labels, and monitoring over
+   exactly that window: the verdict must be critical (drift and a click-through drop seen by several
+   callers), the previous champion put back, a critical alert in the outbox
+   (``.demo/modelops/outbox/alerts.jsonl``) and retraining requested, which Airflow carries through
+   training, the gate and deployment to a new champion;
+5. one live prediction per model, the audit chain verified, the summary.
 
 The services keep running until ``down``.
 """
@@ -35,7 +42,8 @@ from typing import Any
 import httpx
 
 from modelops.errors import ConfigurationError, ModelOpsError
-from modelops.settings import Catalog, ModelSpec
+from modelops.settings import Catalog, ModelSpec, MonitoringPolicy
+from modelops.vocabulary import Decision
 from modelops_dev import LOOPBACK, processes
 from modelops_dev.airflow_api import (
     AWAITING_INPUT,
@@ -65,7 +73,10 @@ from modelops_dev.stack import (
     stack_env,
 )
 from modelops_dev.workload import (
+    CTR_DATASET,
     DATASET_WRITERS,
+    INCIDENT_REQUESTS,
+    ROWS_PER_REQUEST,
     SAMPLED_REQUESTS,
     SIMULATED_REQUESTS,
     DatasetDrop,
@@ -75,10 +86,12 @@ from modelops_dev.workload import (
     example_row,
     model_base_url,
     predict,
+    send_incident_traffic,
     send_traffic,
 )
 
 DEMO_MODELS = ("ctr_recommender", "diabetes_progression")
+INCIDENT_MODEL = "ctr_recommender"  # its traffic can drift (the click simulator), and its clicks can drop
 HEALTH_TIMEOUT_SECONDS = 180
 CHAMPION_TIMEOUT_SECONDS = 15 * 60
 
@@ -164,10 +177,40 @@ class ModelReport:
 
 
 @dataclass
+class IncidentReport:
+    """What the incident found: the second champion, the critical verdict, the rollback, the alert and the
+    retrained champion."""
+
+    model: str
+    champion_before: str | None  # the champion the lifecycle left
+    since: datetime  # when the second champion's training was triggered
+    started: float  # the same moment on the monotonic clock
+    training_run: str | None = None
+    second: ModelReport | None = None  # the champion trained so that there is an earlier one to go back to
+    traffic: TrafficCount | None = None
+    monitoring: StageResult | None = None
+    verdict: TaskOutcome | None = None
+    drop: str | None = None
+    rollback: TaskOutcome | None = None
+    alert: dict[str, Any] | None = None
+    outbox: Path | None = None
+    request: TaskOutcome | None = None
+    retrained: ModelReport | None = None
+    seconds: float | None = None
+    stages: list[StageResult] = field(default_factory=list)
+
+    def trained_versions(self) -> list[str]:
+        """The versions trained during the incident (the second champion's, the retrained one's)."""
+        reports = (self.second, self.retrained)
+        return [r.trained_version for r in reports if r is not None and r.trained_version is not None]
+
+
+@dataclass
 class LifecycleReport:
     drops: dict[str, DatasetDrop]
     models: dict[str, ModelReport]
     stages: list[StageResult] = field(default_factory=list)
+    incident: IncidentReport | None = None
 
 
 def _version(version: str | None) -> str:
@@ -205,6 +248,7 @@ def champion_timeout_message(
     current: Mapping[str, str | None],
     since: datetime,
     timeout: float,
+    since_what: str = "the datasets were dropped",
 ) -> str:
     """Why the demo gave up waiting: each model's champion, the runs since the start, any task's log."""
     lines = [f"not every model has a new champion after {timeout:.0f} s:"]
@@ -214,7 +258,7 @@ def champion_timeout_message(
             f"  {name}: champion before {_version(report.champion_before)}, now "
             f"{_version(current.get(name))} ({done})"
         )
-    lines.append("runs since the datasets were dropped:")
+    lines.append(f"runs since {since_what}:")
     excerpts = []
     for stage, dag_id in WATCHED_STAGES:
         runs = api.runs_since(dag_id, since)
@@ -246,12 +290,16 @@ def wait_for_champions(
     poll_seconds: float = 2.0,
     out: Callable[[str], None] = print,
     on_poll: Callable[[], int] | None = None,
+    started_at: float | None = None,
+    since_what: str = "the datasets were dropped",
 ) -> None:
     """Wait until every model's ``champion`` is newer than before; fail fast on a failed run.
 
     ``on_poll`` is called on every poll: the gate's approvals are answered there (a high-risk model's
-    champion moves only once its version is approved)."""
-    started = time.monotonic()
+    champion moves only once its version is approved). ``started_at`` (monotonic clock): what the printed
+    "after N s" counts from, when not from this call; ``since_what`` names ``since`` in a timeout."""
+    started = time.monotonic() if started_at is None else started_at
+    waited_from = time.monotonic()
     current: dict[str, str | None] = {}
     while True:
         fail_on_failed_runs(api, since)
@@ -269,8 +317,8 @@ def wait_for_champions(
                 )
         if all(report.champion for report in models.values()):
             return
-        if time.monotonic() - started > timeout:
-            raise StageFailed(champion_timeout_message(api, models, current, since, timeout))
+        if time.monotonic() - waited_from > timeout:
+            raise StageFailed(champion_timeout_message(api, models, current, since, timeout, since_what))
         time.sleep(poll_seconds)
 
 
@@ -300,6 +348,235 @@ def asset_stage_results(
     return results
 
 
+# --- the incident: drift with a click-through drop, caught as critical --------------------------------
+
+
+def start_incident(api: AirflowApi, model: ModelReport, out: Callable[[str], None] = print) -> IncidentReport:
+    """Trigger the training of ``model``'s second champion (form ``{"model": ...}``); the gate and
+    deployment follow through Assets. Returns at once: the driver waits for it in :func:`run_incident`."""
+    incident = IncidentReport(
+        model.name, champion_before=model.champion, since=datetime.now(UTC), started=time.monotonic()
+    )
+    incident.training_run = api.trigger(TRAINING_DAG, {"model": model.name})
+    out(
+        f"  incident     {model.name}: training a second champion after {_version(model.champion)} (run "
+        f"{incident.training_run}), so that a rollback has a version to go back to"
+    )
+    return incident
+
+
+def drop_text(business: Mapping[str, Any], policy: MonitoringPolicy) -> str:
+    """How the business metric fared in the window (an assessment's ``business``), and in how many callers'
+    rows it dropped by the critical amount: an automatic action needs ``min_callers_for_action`` of them."""
+    metric = business.get("metric") or "business metric"
+    if business.get("status") != "measured":
+        return (
+            f"{metric} {business.get('status') or 'not measured'} "
+            f"({business.get('labelled_rows', 0)} labelled rows)"
+        )
+    drop = float(business.get("drop") or 0.0)
+    needed = policy.business.drop_critical
+    witnesses = sorted(
+        str(caller)
+        for caller, seen in (business.get("by_caller") or {}).items()
+        if isinstance(seen, Mapping) and (seen.get("drop") or 0) >= needed and seen.get("significant", True)
+    )
+    return (
+        f"{metric} {business.get('value')} against the serving version's baseline {business.get('baseline')}: "
+        f"{'down' if drop >= 0 else 'up'} {abs(drop):.1%} ({business.get('labelled_rows')} labelled rows, "
+        f"z={business.get('z')}); down {needed:.0%} or more in the rows of {len(witnesses)} callers"
+        f"{' (' + ', '.join(witnesses) + ')' if witnesses else ''}, critical needs "
+        f"{policy.min_callers_for_action}"
+    )
+
+
+def find_alert(
+    outbox: Path, model: str, version: str | None, since: datetime, tier: str = "critical"
+) -> dict[str, Any] | None:
+    """The newest alert of ``tier`` about ``model`` (``version`` when given) the outbox (one JSON object a
+    line) recorded at or after ``since``; None when there is none (or no outbox yet)."""
+    if not outbox.is_file():
+        return None
+    found = None
+    for line in outbox.read_text(encoding="utf-8").splitlines():
+        try:
+            item = json.loads(line)
+            recorded = datetime.fromisoformat(str(item["recorded_at"]))
+        except (ValueError, TypeError, KeyError):
+            continue  # not an alert line: a relay's note, a line cut short
+        if recorded.tzinfo is None:
+            recorded = recorded.replace(tzinfo=UTC)
+        if item.get("model_name") != model or item.get("tier") != tier or recorded < since:
+            continue
+        if version is not None and str(item.get("version")) != str(version):
+            continue
+        found = item
+    return found
+
+
+def alert_text(alert: Mapping[str, Any]) -> str:
+    """An outbox alert as one line: its tier, model and version, title and recipients."""
+    recipients = ", ".join(str(r) for r in alert.get("recipients") or []) or "the policy's channels"
+    return (
+        f"{alert.get('tier')} alert about {alert.get('model_name')} v{alert.get('version')} to {recipients}: "
+        f"{alert.get('title')}"
+    )
+
+
+def _incident_failed(
+    api: AirflowApi, run: StageResult, task_id: str, model: str, problem: str
+) -> StageFailed:
+    """The incident did not go as the demo shows it: ``problem``, with the task's log excerpt."""
+    excerpt = api.task_excerpt(run.dag_id, run.run_id, task_id, model)
+    return StageFailed(
+        f"incident: {problem}\nrun {run.run_id} of {run.dag_id}; last lines of task {task_id}[{model}]'s log:\n"
+        f"{excerpt or '(no such task instance)'}"
+    )
+
+
+def run_incident(
+    api: AirflowApi,
+    mlflow: MlflowApi,
+    gateway_url: str,
+    spec: ModelSpec,
+    policy: MonitoringPolicy,
+    incident: IncidentReport,
+    client: httpx.Client,
+    *,
+    outbox: Path,
+    out: Callable[[str], None] = print,
+    champion_timeout: float = CHAMPION_TIMEOUT_SECONDS,
+    stage_timeout: float = STAGE_TIMEOUT_SECONDS,
+    poll_seconds: float = 2.0,
+    requests: int = INCIDENT_REQUESTS,
+    on_poll: Callable[[], int] | None = None,
+) -> None:
+    """The rest of the incident :func:`start_incident` began; fills ``incident``, raises ``StageFailed``
+    when a step does not show what it should (with the task's log excerpt)."""
+    name = spec.name
+    timing = {"timeout": stage_timeout, "poll_seconds": poll_seconds}
+    waiting = {"timeout": champion_timeout, "poll_seconds": poll_seconds, "out": out, "on_poll": on_poll}
+
+    def show(results: Sequence[StageResult], model: ModelReport) -> None:
+        incident.stages.extend(results)
+        _assign(results, {name: model})
+        for result in results:
+            for line in stage_lines(result):
+                out(line)
+
+    # 1. The second champion: its training, the gate and deployment all finished (the gateway serves it).
+    second = incident.second = ModelReport(spec, champion_before=incident.champion_before)
+    wait_for_champions(
+        api,
+        mlflow,
+        {name: second},
+        incident.since,
+        started_at=incident.started,
+        since_what="the incident's training was triggered",
+        **waiting,
+    )
+    show(asset_stage_results(api, incident.since, on_poll=on_poll, **timing), second)
+
+    # 2. Drifted traffic whose users click far less, and its labels: exactly the window monitoring assesses.
+    window_start = datetime.now(UTC)
+    traffic = incident.traffic = send_incident_traffic(gateway_url, spec, client, requests=requests)
+    out(f"  traffic      {traffic.line()}; drifted, and its users click far less")
+    if traffic.ok == 0 or not traffic.labels_delivered:
+        raise StageFailed(
+            f"incident: the gateway scored or labelled nothing for {name}: {traffic.line()}; "
+            "see .demo/logs/gateway.log"
+        )
+    window_end = datetime.now(UTC)
+
+    # 3. Monitoring of that window: critical, the rollback, the alert, the retraining request.
+    monitoring_since = datetime.now(UTC)
+    conf = {"models": [name], "window_start": window_start.isoformat(), "window_end": window_end.isoformat()}
+    run = incident.monitoring = wait_for_run(
+        api, "incident", DRIFT_DAG, api.trigger(DRIFT_DAG, conf), on_poll=on_poll, **timing
+    )
+    incident.stages.append(run)
+    out(f"  incident     monitoring {run.state} in {run.seconds:.1f} s (run {run.run_id})")
+
+    verdict = incident.verdict = run.for_task("assess_drift", name)
+    if verdict is None:
+        raise _incident_failed(api, run, "assess_drift", name, f"the window of {name} has no verdict")
+    business = verdict.value.get("business")
+    incident.drop = drop_text(business if isinstance(business, Mapping) else {}, policy)
+    if verdict.value.get("verdict") != "critical":
+        raise _incident_failed(
+            api,
+            run,
+            "assess_drift",
+            name,
+            f"the drifted window with its click drop was assessed {verdict.value.get('verdict')!r}, not "
+            f"critical: {verdict.summary}; drift {verdict.value.get('drift_level')}, {incident.drop}",
+        )
+    out(f"  verdict      {verdict.summary}")
+    out(f"  drop         {incident.drop}")
+
+    rollback = incident.rollback = run.for_task("roll_back_on_critical", name)
+    if rollback is None or rollback.value.get("decision") != Decision.ROLLED_BACK:
+        raise _incident_failed(
+            api,
+            run,
+            "roll_back_on_critical",
+            name,
+            f"no rollback after the critical verdict: "
+            f"{rollback.summary if rollback else '(the task returned nothing)'}",
+        )
+    out(f"  rollback     {rollback.summary}")
+
+    assessed = verdict.value.get("version")
+    incident.outbox = outbox
+    alert = incident.alert = find_alert(
+        outbox, name, None if assessed is None else str(assessed), monitoring_since
+    )
+    if alert is None:
+        raise _incident_failed(
+            api,
+            run,
+            "assess_drift",
+            name,
+            f"no critical alert about {name} v{assessed} in {outbox} since {monitoring_since.isoformat()}: "
+            "the task recorded it as suppressed (a cold start: the stack's Airflow processes need "
+            "MODELOPS_COLD_START_DAYS=0, see devstack/modelops_dev/stack.py; or the cool-down of the same "
+            "alert) or its delivery failed",
+        )
+    out(f"  alert        {alert_text(alert)} (outbox {outbox})")
+
+    request = incident.request = run.for_task("request_retraining", name)
+    if request is None:
+        raise _incident_failed(
+            api,
+            run,
+            "request_retraining",
+            name,
+            f"the critical verdict did not request a retraining of {name}",
+        )
+    out(f"  retraining   {request.summary}")
+
+    # 4. Airflow retrains through the retraining-request Asset: training, the gate, deployment.
+    back_to = rollback.value.get("champion_version")  # modelops.evidence.CHAMPION_FIELD: the version put back
+    retrained = incident.retrained = ModelReport(
+        spec, champion_before=None if back_to is None else str(back_to)
+    )
+    wait_for_champions(
+        api,
+        mlflow,
+        {name: retrained},
+        monitoring_since,
+        since_what="the incident's monitoring run",
+        **waiting,
+    )
+    if not is_newer(retrained.champion, second.champion):
+        raise StageFailed(
+            f"incident: after the rollback {name}'s champion moved to {_version(retrained.champion)}, not to a "
+            f"version newer than {_version(second.champion)}; see the runs of {TRAINING_DAG} in the Airflow UI"
+        )
+    show(asset_stage_results(api, monitoring_since, on_poll=on_poll, **timing), retrained)
+    incident.seconds = time.monotonic() - incident.started
+
+
 def drive(
     api: AirflowApi,
     mlflow: MlflowApi,
@@ -315,13 +592,22 @@ def drive(
     sampled_requests: int = SAMPLED_REQUESTS,
     writers: Mapping[str, Callable[[Path], int]] = DATASET_WRITERS,
     approver_passwords: Mapping[str, str] | None = None,
+    incident_model: str | None = INCIDENT_MODEL,
+    incident_requests: int = INCIDENT_REQUESTS,
+    outbox: Path | None = None,
 ) -> LifecycleReport:
     """Run ``models`` through the six stages of a running stack; returns what the summary shows.
 
     ``approver_passwords`` (user -> password): the approvers the driver may answer the gate's approval
     forms as; None leaves a form unanswered (the run then waits, and the wait times out).
+    ``incident_model``: the model of the incident (None: no incident), whose critical alert is looked for
+    in ``outbox`` (default: ``$MODELOPS_HOME/outbox/alerts.jsonl``, as the stack's tasks write it).
     """
     specs = [catalog.model(name) for name in models]
+    if incident_model is not None and incident_model not in models:
+        raise ConfigurationError(
+            f"the incident's model {incident_model} is not one of the demo's {list(models)}"
+        )
     reports = {spec.name: ModelReport(spec, champion_before=mlflow.champion(spec.name)) for spec in specs}
     timing = {"timeout": stage_timeout, "poll_seconds": poll_seconds}
 
@@ -381,7 +667,13 @@ def drive(
             "window_start": window_start.isoformat(),
             "window_end": window_end.isoformat(),
         }
-        record([wait_for_run(api, "monitoring", DRIFT_DAG, api.trigger(DRIFT_DAG, drift_conf), **timing)])
+        drift_run = api.trigger(DRIFT_DAG, drift_conf)
+        # The incident's second champion trains, passes the gate and deploys while the stationary window
+        # (closed already, so served by the first champion only) is assessed and retirement runs: a minute
+        # the demo would otherwise wait for.
+        if incident_model is not None:
+            report.incident = start_incident(api, reports[incident_model], out)
+        record([wait_for_run(api, "monitoring", DRIFT_DAG, drift_run, **timing)])
         retirement_conf = {"models": [], "versions": [], "reason": None, "dry_run": True}
         record(
             [
@@ -390,6 +682,28 @@ def drive(
                 )
             ]
         )
+        if report.incident is not None:
+            if outbox is None:
+                from modelops.notifications import default_outbox_path
+
+                outbox = default_outbox_path()
+            incident_spec = reports[report.incident.model].spec
+            run_incident(
+                api,
+                mlflow,
+                gateway_url,
+                incident_spec,
+                catalog.policies_for(incident_spec).monitoring,
+                report.incident,
+                client,
+                outbox=outbox,
+                out=out,
+                champion_timeout=champion_timeout,
+                stage_timeout=stage_timeout,
+                poll_seconds=poll_seconds,
+                requests=incident_requests,
+                on_poll=approver,
+            )
 
         for spec in specs:
             model = reports[spec.name]
@@ -400,6 +714,38 @@ def drive(
 
 
 # --- the summary ---------------------------------------------------------------------------------
+
+
+def incident_lines(incident: IncidentReport) -> list[str]:
+    """The summary's lines about the incident (what it found so far, when it stopped early)."""
+    second, retrained, traffic = incident.second, incident.retrained, incident.traffic
+    lines = [
+        f"  incident        {incident.model}: drifted traffic whose users click far less, with its labels"
+    ]
+    if second is not None:
+        lines.append(
+            f"    before        champion {_version(second.champion)} (before: {_version(second.champion_before)}), "
+            "trained first so that there is an earlier champion to go back to"
+        )
+    if traffic is not None:
+        lines.append(f"    traffic       {traffic.line()}")
+    if incident.verdict is not None:
+        lines.append(f"    verdict       {incident.verdict.summary}")
+        lines.append(f"    drop          {incident.drop}")
+    if incident.rollback is not None:
+        lines.append(f"    rollback      {incident.rollback.summary}")
+    if incident.alert is not None:
+        lines.append(f"    alert         {alert_text(incident.alert)}")
+        lines.append(f"    outbox        {incident.outbox}")
+    if retrained is not None and retrained.champion is not None:
+        lines.append(
+            f"    retraining    {_version(retrained.trained_version)} trained on request ({retrained.holdout()}), "
+            f"{retrained.approval()}; champion {_version(retrained.champion)} (before: "
+            f"{_version(retrained.champion_before)})"
+        )
+    if incident.seconds is not None:
+        lines.append(f"    took          {incident.seconds:.0f} s, from the second champion's training on")
+    return lines
 
 
 def summary_lines(
@@ -425,9 +771,14 @@ def summary_lines(
         alias_text = ", ".join(f"{alias}=v{version}" for alias, version in sorted(aliases.items())) or "none"
         champion = (model.facts.champion if model.facts else None) or model.champion
         traffic = model.traffic
+        incident = report.incident
+        later = incident.trained_versions() if incident is not None and incident.model == spec.name else []
+        trained = f"{_version(model.trained_version)} trained in this run" + (
+            f", then {' and '.join(_version(v) for v in later)} in the incident" if later else ""
+        )
         lines += [
             f"  model           {spec.name} ({spec.task.replace('_', ' ')}, dataset {spec.dataset})",
-            f"    version       {_version(model.trained_version)} trained in this run; champion "
+            f"    version       {trained}; champion "
             f"{_version(champion)} (before: {_version(model.champion_before)})",
             f"    aliases       {alias_text}",
             f"    holdout       {model.holdout()}",
@@ -440,6 +791,8 @@ def summary_lines(
             f"      one row     {json.dumps(model.example, default=str)}",
             f"      answer      {describe_prediction(spec.task, model.prediction)}",
         ]
+    if report.incident is not None:
+        lines += incident_lines(report.incident)
     chain = (
         f"verified, {audit.count} records, HMACs and {audit.anchors_checked} anchors checked"
         if audit.ok
@@ -473,10 +826,14 @@ class Clock:
 
 
 def check_catalog(
-    catalog: Catalog, models: Sequence[str] = DEMO_MODELS, approvers: Sequence[str] = APPROVER_USERS
+    catalog: Catalog,
+    models: Sequence[str] = DEMO_MODELS,
+    approvers: Sequence[str] = APPROVER_USERS,
+    incident_model: str | None = INCIDENT_MODEL,
 ) -> None:
     """Fail before anything starts if a demo model, data for its dataset, or a user of the demo who may
-    approve it (where its policy needs a person's approval) is missing."""
+    approve it (where its policy needs a person's approval) is missing, or if the incident's model could
+    not show a critical verdict's rollback and retraining."""
     for name in models:
         spec = catalog.model(name)
         if spec.dataset not in DATASET_WRITERS:
@@ -491,6 +848,30 @@ def check_catalog(
                 f"of whom is an Airflow user of the demo ({', '.join(approvers)}); add one to "
                 "APPROVER_USERS in devstack/modelops_dev/stack.py"
             )
+    if incident_model is None:
+        return
+    if incident_model not in models:
+        raise ConfigurationError(
+            f"the incident's model {incident_model} is not one of the demo's {list(models)}"
+        )
+    spec = catalog.model(incident_model)
+    if spec.dataset != CTR_DATASET:
+        raise ConfigurationError(
+            f"the incident sends click-through traffic; {incident_model} trains on {spec.dataset!r}, not "
+            f"{CTR_DATASET!r}: set INCIDENT_MODEL in devstack/modelops_dev/driver.py"
+        )
+    policy = catalog.policies_for(spec).monitoring
+    rows = INCIDENT_REQUESTS * ROWS_PER_REQUEST
+    if not policy.rollback_on_critical or "critical" not in policy.request_retraining_on:
+        raise ConfigurationError(
+            f"{incident_model}'s monitoring policy {policy.name} does not roll back and request retraining on "
+            "a critical verdict (rollback_on_critical, request_retraining_on), which the incident shows"
+        )
+    if rows < max(policy.min_rows, policy.business.min_labelled_rows):
+        raise ConfigurationError(
+            f"the incident sends {rows} rows; {incident_model}'s monitoring policy {policy.name} needs "
+            f"{policy.min_rows} rows and {policy.business.min_labelled_rows} labelled ones for a verdict"
+        )
 
 
 def up() -> int:
@@ -557,7 +938,12 @@ def up() -> int:
     say(f"{len(DAG_IDS)} DAGs parsed and unpaused; running {' and '.join(DEMO_MODELS)} through them")
 
     report = drive(
-        api, MlflowApi(ports.mlflow_url), ports.gateway_url, catalog, approver_passwords=approver_passwords
+        api,
+        MlflowApi(ports.mlflow_url),
+        ports.gateway_url,
+        catalog,
+        approver_passwords=approver_passwords,
+        outbox=layout.outbox_file,
     )
 
     from modelops.audit import AuditKeyring, AuditStore

@@ -158,6 +158,11 @@ class Layout:
     def audit_key_file(self) -> Path:
         return self.modelops_home / "audit_key"
 
+    @property
+    def outbox_file(self) -> Path:
+        """Where the monitoring alerts go (``modelops.notifications.OUTBOX_FILE`` under ``MODELOPS_HOME``)."""
+        return self.modelops_home / "outbox" / "alerts.jsonl"
+
     def create(self) -> None:
         for folder in (self.airflow_home, self.incoming, self.mlflow_dir / "artifacts", self.logs, self.run):
             folder.mkdir(parents=True, exist_ok=True)
@@ -279,6 +284,10 @@ def stack_env(layout: Layout, ports: Ports, base: Mapping[str, str]) -> dict[str
             "AIRFLOW__API__WORKERS": "1",
             "MODELOPS_HOME": str(layout.modelops_home),
             "MODELOPS_INCOMING_ROOT": str(layout.incoming),
+            # A version's first cold_start_days (monitoring policy, default 7) only record their alerts. The
+            # demo's versions are minutes old, and its incident must send its critical alert to the outbox:
+            # no cold start here, whatever the developer's shell says.
+            "MODELOPS_COLD_START_DAYS": "0",
             **{name: str(number) for name, number in ports.by_variable().items()},
             "MODELOPS_GATEWAY_ADMIN_TOKEN": ensure_gateway_token(layout.gateway_token_file),
             # Airflow reads it through the connection modelops_audit_key (airflow_settings.yaml), processes

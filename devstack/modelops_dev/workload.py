@@ -4,7 +4,9 @@ Each dataset gets one CSV in its incoming folder (written aside, then renamed in
 validation DAG never sees half a file); every CSV there is a new version. Traffic goes to each model's
 own gateway path, ``POST /models/<name>/invocations``, in MLflow's ``dataframe_split`` JSON with an
 ``X-Caller-Id`` header: the click-through model gets the traffic simulator's synthetic rows, every other
-model rows sampled from the file the demo dropped for its dataset.
+model rows sampled from the file the demo dropped for its dataset. The incident sends the click-through
+model drifted traffic whose users click far less, then delivers its labels (``POST /labels``): what the
+business metric of monitoring is measured on.
 """
 
 from __future__ import annotations
@@ -29,6 +31,19 @@ ROWS_PER_REQUEST = 5
 SIMULATED_REQUESTS = 240  # one hour of the demo's traffic: 4 requests a minute, 5 rows each
 SAMPLED_REQUESTS = 60  # 300 rows: enough for any monitoring policy's min_rows (at most 50 today)
 TRAFFIC_SEED = 11
+# The incident: 300 drifted rows (the click model's standard policy needs 200 rows and 100 labelled ones
+# for a verdict), spread over every caller: a critical verdict needs the drop in two callers' rows or more.
+INCIDENT_REQUESTS = 60
+INCIDENT_SEED = 12
+INCIDENT_SHIFT: dict[str, Any] = {
+    "age_shift": 15,
+    "out_of_range_share": 0.2,
+    "category_weights": {"fashion": 5, "toys": 1},
+    "price_factor": 1.5,
+    "click_logit_shift": -2.5,
+}
+"""``modelops.data.synthetic.DriftShift`` arguments: users 15 years older (a fifth of them outside the training
+range), a fashion-heavy mix at 1.5 times the prices, and clicks far fewer (the click-through drop)."""
 PREDICTION_SEED = 2024
 CALLERS = ("web-shop", "mobile-app", "email-campaign")
 CALLER_HEADER = "X-Caller-Id"
@@ -117,9 +132,12 @@ class TrafficCount:
     failed: int = 0
     rows_scored: int = 0
     errors: list[str] = field(default_factory=list)
+    labels_delivered: int | None = None  # rows whose true labels the gateway accepted (None: none sent)
 
     def line(self) -> str:
         text = f"{self.model}: {self.ok} ok, {self.failed} failed, {self.rows_scored} rows scored"
+        if self.labels_delivered is not None:
+            text += f", {self.labels_delivered} labels delivered"
         return text + (f" (first error: {self.errors[0]})" if self.errors else "")
 
 
@@ -215,6 +233,40 @@ def send_traffic(
         )
     rows = sampled_rows(drop.path, spec.features, sampled_requests * ROWS_PER_REQUEST)
     return send_rows(gateway_url, spec.name, spec.features, rows, client)
+
+
+def send_incident_traffic(
+    gateway_url: str, spec: ModelSpec, client: httpx.Client, *, requests: int = INCIDENT_REQUESTS
+) -> TrafficCount:
+    """The incident's window for the click-through model: drifted traffic (``INCIDENT_SHIFT``) rotating over
+    every caller, then each scored request's true labels posted to the gateway's ``POST /labels``."""
+    if spec.dataset != CTR_DATASET:
+        raise ConfigurationError(
+            f"the demo's incident sends click-through traffic; {spec.name} trains on {spec.dataset!r}, "
+            f"not {CTR_DATASET!r}"
+        )
+    from modelops.data.synthetic import DriftShift
+    from modelops.data.traffic import deliver_labels, simulate_traffic
+
+    report = simulate_traffic(
+        model_base_url(gateway_url, spec.name),
+        requests=requests,
+        rows_per_request=ROWS_PER_REQUEST,
+        seed=INCIDENT_SEED,
+        callers=CALLERS,
+        shift=DriftShift(**INCIDENT_SHIFT),
+        client=client,
+    )
+    labels = deliver_labels(gateway_url, report.pending_labels, client=client)
+    return TrafficCount(
+        model=spec.name,
+        requests=report.requests_sent,
+        ok=report.ok,
+        failed=report.failed,
+        rows_scored=report.rows_scored,
+        errors=list(report.errors),
+        labels_delivered=labels,
+    )
 
 
 # --- one live prediction per model ---------------------------------------------------------------
