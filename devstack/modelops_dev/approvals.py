@@ -10,6 +10,7 @@ driver shows once first. Nothing here decides: the gate's task reads the answer 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -46,6 +47,7 @@ class PendingApproval:
     options: tuple[str, ...]
     run_after: datetime | None
     created_at: str | None
+    try_number: int | None = None
 
     @classmethod
     def from_detail(cls, detail: Mapping[str, Any]) -> PendingApproval:
@@ -72,11 +74,14 @@ class PendingApproval:
             options=tuple(str(option) for option in detail.get("options") or []),
             run_after=datetime.fromisoformat(run_after) if run_after else None,
             created_at=detail.get("created_at"),
+            try_number=ti.get("try_number"),
         )
 
     @property
-    def key(self) -> tuple[str, str, str, int, str | None]:
-        return (self.dag_id, self.run_id, self.task_id, self.map_index, self.created_at)
+    def key(self) -> tuple[str, str, str, int, str | None, int | None]:
+        # A retried task asks again with the same form (Airflow keeps its subject and creation time), so
+        # the try number tells a new question from one already answered.
+        return (self.dag_id, self.run_id, self.task_id, self.map_index, self.created_at, self.try_number)
 
     @property
     def what(self) -> str:
@@ -111,8 +116,16 @@ class Approver:
         comment: str = DEMO_COMMENT,
         out: Callable[[str], None] = print,
         login: Callable[[str, str, str], AirflowApi] = AirflowApi,
+        settle_seconds: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.admin = admin
+        # A person reads the model card before answering. An answer within the second the task parks can
+        # race Airflow 3.3's scheduler, which then sees the resumed task as "changed externally" and
+        # retries it (seen on the demo stack): the demo waits this long after it first sees a form.
+        self.settle_seconds = settle_seconds
+        self._clock = clock
+        self._first_seen: dict[tuple[Any, ...], float] = {}
         self.passwords = dict(passwords)
         self.dag_id = dag_id
         self.since = since
@@ -120,7 +133,7 @@ class Approver:
         self.out = out
         self._login = login
         self._clients: dict[str, AirflowApi] = {}
-        self._done: set[tuple[str, str, str, int, str | None]] = set()
+        self._done: set[tuple[Any, ...]] = set()
         self.refusal_shown = False
         self.answered: list[Answered] = []
 
@@ -138,6 +151,9 @@ class Approver:
             if pending.key in self._done or pending.state not in WAITING_STATES:
                 continue
             if self.since and pending.run_after and pending.run_after < self.since:
+                continue
+            first_seen = self._first_seen.setdefault(pending.key, self._clock())
+            if self._clock() - first_seen < self.settle_seconds:
                 continue
             found.append(pending)
         return found

@@ -98,6 +98,8 @@ CHAMPION_TIMEOUT_SECONDS = 15 * 60
 VALIDATION_DAG = "modelops_data_validation"
 TRAINING_DAG = "modelops_training"
 GATE_DAG = "modelops_compliance_gate"
+APPROVAL_SETTLE_SECONDS = 5.0
+"""How long the demo's approver waits after a form appears (see approvals.Approver)."""
 DEPLOYMENT_DAG = "modelops_deployment"
 DRIFT_DAG = "modelops_drift_monitoring"
 RETIREMENT_DAG = "modelops_retirement"
@@ -613,7 +615,7 @@ def drive(
 
     since = datetime.now(UTC)
     approver = (
-        Approver(api, approver_passwords, dag_id=GATE_DAG, since=since, out=out)
+        Approver(api, approver_passwords, dag_id=GATE_DAG, since=since, out=out, settle_seconds=APPROVAL_SETTLE_SECONDS)
         if approver_passwords is not None
         else None
     )

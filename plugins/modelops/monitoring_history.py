@@ -124,7 +124,14 @@ class MonitoringHistory:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine: Engine = db.create_engine(url, what="the monitoring history")
-        metadata.create_all(self.engine)
+        try:
+            metadata.create_all(self.engine)
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError) as exc:
+            # Two monitoring tasks (one per model) may both find the table missing and both create it:
+            # the loser's CREATE fails with "already exists". Looking again then finds the table.
+            if "already exists" not in str(exc.orig):
+                raise
+            metadata.create_all(self.engine)
 
     def __repr__(self) -> str:
         return f"MonitoringHistory({db.safe_url(self.url)!r})"

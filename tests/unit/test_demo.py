@@ -64,6 +64,12 @@ DEMO_MODELS = ("ctr_recommender", "diabetes_progression")
 # --- pure functions ------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _answer_approvals_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fakes have no scheduler to race: the demo's settle time before answering would only slow them.
+    monkeypatch.setattr(driver, "APPROVAL_SETTLE_SECONDS", 0.0)
+
+
 def _serde(value: Any) -> Any:
     """What the Task SDK stores for a return value (Airflow's serde envelopes for typed values)."""
     from airflow.sdk.serde import serialize
