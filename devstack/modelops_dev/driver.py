@@ -615,7 +615,14 @@ def drive(
 
     since = datetime.now(UTC)
     approver = (
-        Approver(api, approver_passwords, dag_id=GATE_DAG, since=since, out=out, settle_seconds=APPROVAL_SETTLE_SECONDS)
+        Approver(
+            api,
+            approver_passwords,
+            dag_id=GATE_DAG,
+            since=since,
+            out=out,
+            settle_seconds=APPROVAL_SETTLE_SECONDS,
+        )
         if approver_passwords is not None
         else None
     )
