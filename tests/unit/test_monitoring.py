@@ -1127,3 +1127,17 @@ def test_a_notifier_that_is_down_leaves_the_verdict_on_record_and_its_failure_vi
     assert alert.decision == "sent"
     log.dispose()
     store.dispose()
+
+
+def test_a_reference_whose_bytes_changed_stops_the_window_with_a_clear_error(
+    tmp_path: Path, served: Served, catalog: Catalog, prediction_log: PredictionLog, reference
+) -> None:
+    copy = tmp_path / "clicks.csv"
+    reference.to_csv(copy, index=False)
+    version = register(
+        served, CTR, tags={Tag.TRAIN_DATA_SHA256: sha256_file(copy), Tag.TRAIN_DATA_URI: str(copy)}
+    )
+    log_predictions(prediction_log, CTR, generate_clicks(WINDOW_ROWS, seed=2), version=version)
+    copy.write_text(copy.read_text() + copy.read_text().splitlines()[1] + "\n")  # one row added afterwards
+    with pytest.raises(MonitoringError, match="it changed since; restore the validated snapshot"):
+        assess_window(served, catalog, CTR, prediction_log, tmp_path / "storage")

@@ -21,7 +21,7 @@ from modelops.errors import MonitoringError
 from modelops.monitoring_history import HistoryRow, MonitoringHistory
 from modelops.settings import Catalog, ModelSpec, MonitoringPolicy
 from modelops.stages.outcome import AuditEntry, StageOutcome, sha256_json
-from modelops.storage import as_storage_path, copy_file, read_dataset
+from modelops.storage import as_storage_path, copy_file, read_dataset, sha256_of
 from modelops.vocabulary import (
     DRIFT_RUN_KIND,
     SMOKE_TEST_CALLER,
@@ -620,6 +620,14 @@ def assess(
                 "spec lists; callers must send every feature by name"
             )
         capped, callers = cap_callers(window, policy.max_caller_share)
+        # The reference must be the bytes the version was trained on: a file changed since is not evidence.
+        found_sha = sha256_of(as_storage_path(train_uri))[0]
+        if found_sha != train_sha:
+            raise MonitoringError(
+                f"the training data of {spec.name} v{version} at {train_uri} has sha256 {found_sha[:12]}..., not "
+                f"the {train_sha[:12]}... the version was trained on: it changed since; restore the validated "
+                "snapshot (or retrain) before this window can be assessed"
+            )
         reference = read_dataset(train_uri, columns=spec.features)
         # Evidently writes local files only; render locally, then copy through ObjectStoragePath.
         with tempfile.TemporaryDirectory(prefix="modelops-drift-") as tmp:
