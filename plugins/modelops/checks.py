@@ -129,12 +129,16 @@ class RegisteredCheck:
     settings: type[BaseModel]
     run: CheckFunction
     proves: str
+    needs_files: bool = False
+    """The check reads the version's downloaded files: without them it fails without running."""
 
 
 CHECKS: dict[str, RegisteredCheck] = {}
 
 
-def register_check(name: str, settings: type[S], *, proves: str) -> Callable[[CheckFunction], CheckFunction]:
+def register_check(
+    name: str, settings: type[S], *, proves: str, needs_files: bool = False
+) -> Callable[[CheckFunction], CheckFunction]:
     """Register ``function`` as the check ``name``; policies name it and configure it with ``settings``."""
 
     def register(function: CheckFunction) -> CheckFunction:
@@ -142,7 +146,7 @@ def register_check(name: str, settings: type[S], *, proves: str) -> Callable[[Ch
             raise ValueError(
                 f"a check named {name!r} is already registered ({CHECKS[name].run.__qualname__})"
             )
-        CHECKS[name] = RegisteredCheck(name, settings, function, proves)
+        CHECKS[name] = RegisteredCheck(name, settings, function, proves, needs_files)
         return function
 
     return register
@@ -172,6 +176,9 @@ def run_checks(inputs: GateInputs) -> list[CheckResult]:
     """Run every check the policy lists, in its order; a check that cannot see what it needs fails."""
     results = []
     for name, settings in inputs.policy.checks.items():
+        if CHECKS[name].needs_files and inputs.model_dir is None:
+            results.append(CheckResult(name, False, "the version's files could not be downloaded"))
+            continue
         try:
             results.append(CHECKS[name].run(inputs, settings))
         except (EvidenceMismatch, DatasetError) as exc:
@@ -540,12 +547,11 @@ class ModelFilesSettings(StrictModel):
     proves="every file of the version was scanned without being loaded: pickle-family files import "
     "nothing outside the allow-list, skops files hold only reviewed types, and no file is of a format the "
     "gate cannot read",
+    needs_files=True,
 )
 def check_model_files(inputs: GateInputs, settings: ModelFilesSettings) -> CheckResult:
     from modelops import filescan
 
-    if inputs.model_dir is None:
-        return CheckResult("model_files", False, "the version's files could not be downloaded")
     policy = filescan.ScanPolicy(
         allowed_globals=(*filescan.DEFAULT_ALLOWED_GLOBALS, *settings.allow_globals),
         refused_globals=(*filescan.DEFAULT_REFUSED_GLOBALS, *settings.refuse_globals),
@@ -593,12 +599,11 @@ REQUIREMENTS_FILE = "requirements.txt"
     LicencesSettings,
     proves="every pip requirement the version declares has a licence on the allow list and none on the deny "
     "list; an unknown licence fails",
+    needs_files=True,
 )
 def check_licences(inputs: GateInputs, settings: LicencesSettings) -> CheckResult:
     from modelops import licences
 
-    if inputs.model_dir is None:
-        return CheckResult("licences", False, "the version's files could not be downloaded")
     requirements_file = inputs.model_dir / REQUIREMENTS_FILE
     if not requirements_file.is_file():
         return CheckResult(
@@ -637,6 +642,7 @@ class SecretsSettings(StrictModel):
     SecretsSettings,
     proves="the run's params, the version's and model's tags, the input example and every text file of the "
     "version carry no credential-like value (detect-secrets)",
+    needs_files=True,
 )
 def check_secrets(inputs: GateInputs, settings: SecretsSettings) -> CheckResult:
     from modelops import secret_scan
@@ -649,23 +655,20 @@ def check_secrets(inputs: GateInputs, settings: SecretsSettings) -> CheckResult:
     model = inputs.registry.model(inputs.spec.name)
     if model is not None:
         findings += secret_scan.scan_values(model.tags, prefix="model tag")
-    skipped: dict[str, str] = {}
-    if inputs.model_dir is not None:
-        scanned = secret_scan.scan_text_files(inputs.model_dir)
-        findings += scanned.findings
-        # Binary files (the skops zip) are the file scanner's; named here so the report says what was read.
-        skipped = {item.path: f"not scanned for secrets: {item.reason}" for item in scanned.skipped}
+    assert inputs.model_dir is not None  # needs_files: run_checks fails the check without them
+    scanned = secret_scan.scan_text_files(inputs.model_dir)
+    findings += scanned.findings
+    # Binary files (the skops zip) are the file scanner's; named here so the report says what was read.
+    skipped = {item.path: f"not scanned for secrets: {item.reason}" for item in scanned.skipped}
     lines = sorted({f"{finding.kind} in {finding.where}" for finding in findings})
     return CheckResult(
         "secrets",
-        inputs.model_dir is not None and not lines,
+        not lines,
         _summary(
             "credential-like values (values not shown)",
             lines,
             "no credential-like value in params, tags, the input example or config files",
-        )
-        if inputs.model_dir is not None
-        else "the version's files could not be downloaded",
+        ),
         evidence=skipped,
         findings=tuple(lines),
     )
@@ -737,12 +740,11 @@ def _card_sensitive_columns(inputs: GateInputs) -> set[str]:
     PiiSettings,
     proves="the input example and the version's text artifacts match none of the dataset's PII patterns and "
     "carry no column its spec marks sensitive, unless the policy allows it",
+    needs_files=True,
 )
 def check_pii(inputs: GateInputs, settings: PiiSettings) -> CheckResult:
     from modelops.pii import scan_text_files_for_pii
 
-    if inputs.model_dir is None:
-        return CheckResult("pii", False, "the version's files could not be downloaded")
     dataset = inputs.catalog.dataset(inputs.spec.dataset)
     patterns = [p for p in dataset.pii_patterns if p.name not in settings.allow_patterns]
     problems = [

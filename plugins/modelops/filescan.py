@@ -36,6 +36,7 @@ import logging
 import lzma
 import os
 import stat
+import struct
 import tempfile
 import zipfile
 import zlib
@@ -599,7 +600,8 @@ def _text_could_unpickle(handle: IO[bytes], policy: ScanPolicy) -> bool:
             if not handle.read(1):
                 return False
             handle.seek(-1, 1)
-    except Exception:  # the parse gave up: whatever came before imported nothing
+    except (ValueError, EOFError, struct.error):
+        # The parse gave up: an unpickler stops at the same place, and what came before imported nothing.
         return False
     finally:
         handle.seek(0)
@@ -1234,7 +1236,8 @@ def _pickle_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bool:
     try:
         with archive.open(info) as member:
             return member.read(1) == b"\x80"
-    except Exception:  # encrypted or corrupt: scanning it reports the failure
+    except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError, EOFError, zlib.error):
+        # Encrypted, compressed in a way zipfile cannot read, or corrupt: scanning it reports the failure.
         return True
 
 

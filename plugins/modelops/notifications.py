@@ -463,12 +463,13 @@ def _channel_secrets(channel: ChannelConfig) -> set[str]:
     secrets: set[str] = set()
     urls = [channel.url] if channel.url else []
     if channel.conn_id:
-        try:
-            from airflow.sdk import BaseHook
+        from airflow.sdk import BaseHook
+        from airflow.sdk.exceptions import AirflowNotFoundException
 
+        try:
             conn = BaseHook.get_connection(channel.conn_id)
-        except Exception:
-            conn = None
+        except AirflowNotFoundException:
+            conn = None  # no connection, so no password of its to hide
         if conn is not None:
             secrets.update(filter(None, [conn.password]))
             for name, value in (conn.extra_dejson or {}).items():
