@@ -358,6 +358,21 @@ class BusinessMetricPolicy(StrictModel):
         return self
 
 
+class ReferencePolicy(StrictModel):
+    """What a version's windows are compared with once its cold start is over."""
+
+    after_cold_start: Literal["training_data", "production_window"] = Field(
+        default="training_data",
+        description="training_data: always the version's training data; production_window: the version's "
+        "own traffic of the last production_window_hours of its cold start (if usable; recorded either way)",
+    )
+    production_window_hours: float = Field(
+        default=24,
+        gt=0,
+        description="Hours of traffic, ending when the cold start ends, that become the reference",
+    )
+
+
 class MonitoringPolicy(StrictModel):
     """``include/policies/monitoring/<file>.yaml``: when drift is a warning and when it is critical."""
 
@@ -375,7 +390,18 @@ class MonitoringPolicy(StrictModel):
     numerical_threshold: float = Field(default=0.25, gt=0)
     categorical_method: str = Field(default="jensenshannon", description="Evidently stat test for categories")
     categorical_threshold: float = Field(default=0.1, gt=0)
+    prediction_threshold: float = Field(
+        default=0.5,
+        gt=0,
+        description="Normed Wasserstein distance of the model's outputs from its outputs on the reference "
+        "at which prediction drift warns",
+    )
     request_retraining_on: list[Literal["warning", "critical"]] = Field(default_factory=lambda: ["critical"])
+    html_report: bool = Field(
+        default=True,
+        description="Render Evidently's HTML report per window (1-2 s per model and hour for 7 features, "
+        "~0.3 s per feature: plotly figures); the verdict never depends on it",
+    )
     business: BusinessMetricPolicy = Field(
         default_factory=lambda: BusinessMetricPolicy(),
         description="The business metric computed from delayed labels, and the drop that counts",
@@ -416,6 +442,10 @@ class MonitoringPolicy(StrictModel):
     )
     rollback_on_critical: bool = Field(
         default=True, description="A critical verdict puts the previous approved champion back"
+    )
+    reference: ReferencePolicy = Field(
+        default_factory=lambda: ReferencePolicy(),
+        description="What windows are compared with after the cold start (training data or production traffic)",
     )
 
     @field_validator("channels", mode="before")

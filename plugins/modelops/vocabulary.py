@@ -139,6 +139,9 @@ class AuditAction(StrEnum):
     """A monitoring alert: sent (with each channel's delivery), suppressed within its cool-down, or failed."""
     DATASET_QUARANTINED = "dataset.quarantined"
     """A person withdrew a dataset version (``modelops dataset quarantine``): no model trained on it passes."""
+    MONITORING_REFERENCE_SET = "monitoring.reference_set"
+    """What a version's monitoring windows are compared with: its training data, or (after its cold start, when
+    the policy says so) a window of its own production traffic; the decision names which."""
 
 
 class Decision(StrEnum):
@@ -166,6 +169,10 @@ class Decision(StrEnum):
     QUARANTINED = "quarantined"
     SENT = "sent"
     SUPPRESSED = "suppressed"
+    TRAINING_DATA = "training_data"
+    """Monitoring compares with the version's training data."""
+    PRODUCTION_WINDOW = "production_window"
+    """Monitoring compares with a window of the version's own production traffic."""
     """The stage could not reach a decision (an exception); the record says which, the task log why."""
 
 

@@ -237,6 +237,14 @@ def test_drift_on_one_model_retrains_that_model_only(stack: Stack, chain: Chain)
         action=AuditAction.DRIFT_ASSESSED, subject=model_subject(CTR, chain.versions[CTR])
     )
     assert verdict.decision == "ok", verdict.details
+    # The first window set the version's reference (its training data, during its cold start), with the
+    # model's own outputs on it: stationary traffic shows no prediction drift.
+    reference = audit(stack).last(
+        action=AuditAction.MONITORING_REFERENCE_SET, subject=model_subject(CTR, chain.versions[CTR])
+    )
+    assert reference.decision == "training_data", reference.details
+    assert verdict.details["reference"]["profile_sha256"] == reference.evidence["profile"]
+    assert verdict.details["prediction_drift"]["drifted"] is False, verdict.details["prediction_drift"]
     assert {ti.state for ti in run.get_task_instances() if ti.task_id == "request_retraining"} == {
         TaskInstanceState.SKIPPED
     }

@@ -426,7 +426,13 @@ def test_a_drifted_window_is_assessed_recorded_and_logged_once_per_window(
     assert record.details["feature_scores"]["user_age"]["drifted"] is True
     assert record.evidence["reference_dataset"] == served.train_sha[CTR]
     assert record.evidence["drift_report_html"] == sha256_file(html)
-    assert set(record.evidence) == {"assessment", "policy", "reference_dataset", "drift_report_html"}
+    assert set(record.evidence) == {
+        "assessment",
+        "policy",
+        "reference_dataset",
+        "drift_report_html",
+        "reference_profile",
+    }
 
     run = served.registry.run(details["mlflow_run_id"])
     assert run.tags[RunTag.KIND] == DRIFT_RUN_KIND and run.tags[RunTag.MODEL] == CTR
@@ -746,8 +752,14 @@ def test_drift_with_a_click_through_drop_seen_by_several_callers_is_critical(
     assert business["drop"] > 0.5 and set(business["by_caller"]) == {"web", "app", "email"}
     assert outcome.decision == "critical" and outcome.details["request_retraining"] is True
     assert "click_through_rate" in outcome.summary and "baseline 0.3" in outcome.summary
-    (record,) = outcome.records
+    record, reference = outcome.records
     assert record.details["business"]["drop"] == business["drop"]
+    # The first window of the version sets its reference: its training data (no promotion record here, so
+    # no cold start to end and no model outputs to compare predictions with).
+    assert (reference.action, reference.decision) == (AuditAction.MONITORING_REFERENCE_SET, "training_data")
+    assert reference.details["source_sha256"] == served.train_sha[CTR]
+    assert record.details["reference"]["profile_sha256"] == reference.evidence["profile"]
+    assert outcome.details["business"] and record.details["prediction_drift"] == {}
 
 
 def test_drift_without_a_drop_stays_a_warning_and_a_drop_without_drift_warns(

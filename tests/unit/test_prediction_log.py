@@ -4,6 +4,7 @@ and the storage layer it shares with the audit log (modelops.db)."""
 from __future__ import annotations
 
 import math
+import random
 import subprocess
 import sys
 import uuid
@@ -477,3 +478,356 @@ def test_the_storage_layer_imports_no_airflow() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# --- window(): the fast reader against the Python one ------------------------------------------------
+
+_WORDS = [
+    "mobile",
+    "desktop",
+    "tablet",
+    "é",
+    "😀",
+    "a\nb",
+    'q"uote',
+    "back\\slash",
+    "",
+    "\x00z",
+    "[x]",
+    "{y}",
+]
+
+
+def _random_value(rng: random.Random, kind: str) -> Any:
+    if rng.random() < 0.08:
+        return None
+    extreme = rng.random() < 0.05
+    if kind == "float":
+        if extreme:
+            return rng.choice([-0.0, 1e-300, 1.5e300, float("nan"), 2.0**63])
+        return rng.choice([rng.uniform(-1e6, 1e6), rng.random(), 0.1])
+    if kind == "int":
+        return rng.choice([2**53 + 1, -(2**63), 2**63 - 1]) if extreme else rng.randint(-1000, 1000)
+    if kind == "mixed":
+        return rng.choice([rng.randint(-5, 5), rng.uniform(-5, 5)])
+    if kind == "string":
+        return rng.choice(_WORDS[:3]) if rng.random() < 0.9 else rng.choice(_WORDS)
+    if kind == "bool":
+        return rng.random() < 0.5
+    if kind == "date":
+        return rng.choice(["2026-01-01", "1999-01-01T00:00:00Z", "2026-03-01 12:00:00"])
+    return None  # "null": a key always sent without a value
+
+
+def _hostile_value(rng: random.Random) -> Any:
+    return rng.choice(
+        [{"nested": 1}, [1, 2], [], {}, "text", True, 2**63, -(2**63) - 1, 2**64 + 5, 10**30, 1.5, None]
+    )
+
+
+def _random_log(log: PredictionLog, seed: int) -> tuple[list[str], list[str]]:
+    """A log of calls of random shapes; every third seed is hostile. Returns the request ids of the
+    successful calls and the feature names used."""
+    rng = random.Random(seed)
+    hostile = seed % 3 == 0
+    kinds = ["float", "int", "mixed", "string", "bool", "date", "null"]
+    names = [f"f{index}" for index in range(rng.randint(1, 6))]
+    kind_of = {name: rng.choice(kinds) for name in names}
+    shape = rng.choice(["pairs", "pairs", "scalars", "int_pairs"])
+    ids = []
+    for number in range(rng.randint(0, 12)):
+        rows = rng.choice([0, 1, 2, 3, 5, 8])
+        inputs: list[Any] = []
+        for _ in range(rows):
+            row = {name: _random_value(rng, kind_of[name]) for name in names if rng.random() < 0.95}
+            if rng.random() < 0.1:
+                row[rng.choice(["extra", "other", "f9"])] = _random_value(rng, rng.choice(kinds))
+            if rng.random() < 0.1:
+                row = dict(reversed(list(row.items())))
+            if hostile and rng.random() < 0.3:
+                key = rng.choice([*names, *WINDOW_COLUMNS, "input", "x"])
+                row[key] = _hostile_value(rng)
+            if hostile and rng.random() < 0.05:
+                row = rng.choice([5, "row", None, [1, 2], True])
+            inputs.append(row)
+        if shape == "scalars":
+            outputs: list[Any] | None = [rng.choice([rng.random(), 1, None]) for _ in range(rows)]
+        elif shape == "int_pairs":
+            outputs = [[rng.random(), rng.choice([0, 1])] for _ in range(rows)]
+        else:
+            outputs = [[1 - (p := rng.random()), p] for _ in range(rows)]
+        if hostile and rng.random() < 0.2:
+            outputs = rng.choice(
+                [None, outputs[:-1], [[0.1, 0.2, 0.7]] * rows, [{"p": 0.5}] * rows, [[0.5]] * rows, {"a": 1}]
+            )
+        status = 500 if rng.random() < 0.1 else 200
+        when = T0 + timedelta(seconds=rng.choice([-5, 0, 1, 1, 2, 30, 3599, 3600]))
+        model = "other" if rng.random() < 0.1 else "ctr"
+        record = PredictionRecord(
+            request_id=f"{seed:04d}{number:04d}{uuid.uuid4().hex[:8]}",
+            received_at=when,
+            caller_id=rng.choice(["shop", "app"]),
+            model_name=model,
+            model_version=rng.choice(["1", "2", None]),
+            status_code=status,
+            latency_ms=1.0,
+            n_rows=rows,
+            inputs=inputs,
+            outputs=outputs,
+        )
+        log.record(record)
+        if status == 200:
+            ids.append(record.request_id)
+            if rows and rng.random() < 0.4:
+                log.add_labels(record.request_id, [rng.randint(0, 1) for _ in range(rows)])
+    return ids, names
+
+
+def _raw_call(log: PredictionLog, inputs: str, outputs: str | None, *, at: datetime = T0) -> None:
+    """A call whose JSON was not written by record(): what a damaged or forged row could hold."""
+    with log.engine.begin() as conn:
+        conn.execute(
+            prediction_log.predictions_table.insert().values(
+                request_id=uuid.uuid4().hex,
+                received_at=at,
+                caller_id="raw",
+                model_name="ctr",
+                model_version="1",
+                status_code=200,
+                latency_ms=1.0,
+                n_rows=1,
+                inputs=inputs,
+                outputs=outputs,
+            )
+        )
+
+
+def _assert_same_windows(log: PredictionLog, names: list[str]) -> bool:
+    """window() equals the Python reader's frame, with and without features; True when the fast reader
+    read both (rather than handing the window to the Python reader)."""
+    end = T0 + timedelta(hours=1)
+    fast_read = True
+    for features in (None, names, [*reversed(names), "never_sent"]):
+        python = log._window_python("ctr", T0, end, features=features)
+        fast = log._window_arrow("ctr", T0, end, None if features is None else list(dict.fromkeys(features)))
+        if fast is None:
+            fast_read = False
+        else:
+            pd.testing.assert_frame_equal(fast, python)
+        pd.testing.assert_frame_equal(log.window("ctr", T0, end, features=features), python)
+    return fast_read
+
+
+@pytest.mark.parametrize("small_batches", [False, True])
+def test_fast_window_equals_the_python_reader_on_random_logs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_batches: bool
+) -> None:
+    if small_batches:  # many batches, several pyarrow blocks per batch, and the Python reader's chunks
+        monkeypatch.setattr(prediction_log, "_ARROW_BATCH_ROWS", 7)
+        monkeypatch.setattr(prediction_log, "_ARROW_BLOCK_BYTES", 256)
+        monkeypatch.setattr(prediction_log, "_CHUNK_ROWS", 5)
+    fast_reads = 0
+    for seed in range(60):
+        log = PredictionLog(f"sqlite:///{tmp_path}/random-{small_batches}-{seed}.db")
+        try:
+            _ids, names = _random_log(log, seed)
+            fast_reads += _assert_same_windows(log, names)
+        finally:
+            log.dispose()
+    assert fast_reads >= 15  # the fast reader did read most clean logs
+
+
+def test_fast_window_reads_the_usual_log_itself(sqlite_log: PredictionLog) -> None:
+    for index in range(5):
+        sqlite_log.record(make_record(T0 + timedelta(seconds=index), rows=3))
+    end = T0 + timedelta(hours=1)
+    fast = sqlite_log._window_arrow("ctr", T0, end, ["user_age", "device"])
+    assert fast is not None
+    pd.testing.assert_frame_equal(
+        fast, sqlite_log._window_python("ctr", T0, end, features=["user_age", "device"])
+    )
+    assert fast["user_age"].dtype == "float64" and fast["prediction"].dtype == "float64"
+
+
+@pytest.mark.parametrize(
+    ("inputs", "outputs"),
+    [
+        ('[{"a": 1, "a": 2}]', "[[0.5, 0.5]]"),  # a duplicate key: json.loads keeps the last value
+        ('[{"a": 1,\n "b": 2}]', "[[0.5, 0.5]]"),  # a line break inside a row
+        ('{"a": 1}', "[[0.5, 0.5]]"),  # an object, not an array: one row
+        ('  [{"a": 1}]', "[[0.5, 0.5]]"),
+        ('"[{}]"', "[[0.5, 0.5]]"),
+        ("5", "[1]"),
+        ('[{"a": "\\ud800"}]', "[0.5]"),  # a lone surrogate
+        ('[{"a": "\\ud83d\\ude00\\u0000\\/"}]', "[0.5]"),
+        ('[{"a": 1e400}, {"a": -0.0}, {"a": 1E2}]', "[1, 2, 3]"),
+        ('[{"a": ' + "[" * 5000 + "]" * 5000 + "}]", "[0.5]"),  # deeper than any parser likes
+        ('[{"a": 1}]', "[" * 5000 + "]" * 5000),
+        ('[{"a": 1}]', '{"p": [0.5]}'),
+        ('[{"a": 1}]', None),
+        ('[{"a": 1}]', "[[0.5, [0.5]]]"),
+        ('[{"a": 1}]', '[["x", "[y]"]]'),
+        ('[{"a": 1}]', "[]"),
+        ('[{"a": 1}, {"a": 2}]', "[0.1, 0.2, 0.3]"),
+        ("[{}, {}]", "[true, false]"),
+        ("[]", "not json"),
+        # Malformed JSON that has the shape record() writes: json.loads refuses it, so does window().
+        ('[{"a": 01}]', "[0.5]"),
+        ('[{"a": 1,}]', "[0.5]"),
+        ('[{"a": "tab\there"}]', "[0.5]"),
+        ('[{"a": NaN}, {"a": Infinity}]', "[0.5, 0.5]"),
+        ('[{"a": "\\x"}]', "[0.5]"),
+        ('[{"a": 1}, {"a": "x}, {y"}]', "[0.5, 0.5]"),
+        ('[{"a": 1}]', "[01]"),
+        ('[{"a": 1}]', "[[0.5, 1,]]"),
+        ('[{"a": 1}, {"a": 2}]', "[[0.5, null], [null, 0.5]]"),
+        ('[{"a": 1}, {"a": 2}]', "[NaN, Infinity]"),
+        ('[{"a": 1}, {"a": 2}]', "[true, 1]"),
+    ],
+)
+def test_fast_window_hands_what_it_cannot_read_to_the_python_reader(
+    sqlite_log: PredictionLog, inputs: str, outputs: str | None
+) -> None:
+    sqlite_log.record(make_record(T0, rows=2))
+    _raw_call(sqlite_log, inputs, outputs, at=T0 + timedelta(seconds=1))
+    end = T0 + timedelta(hours=1)
+    for features in (None, ["a", "user_age"]):
+        try:
+            python = sqlite_log._window_python("ctr", T0, end, features=features)
+        except (ValueError, RecursionError) as error:  # what json.loads refuses, window() refuses too
+            with pytest.raises(type(error)):
+                sqlite_log.window("ctr", T0, end, features=features)
+            continue
+        pd.testing.assert_frame_equal(sqlite_log.window("ctr", T0, end, features=features), python)
+
+
+def test_malformed_json_falls_back_to_the_python_reader_and_its_error(sqlite_log: PredictionLog) -> None:
+    sqlite_log.record(make_record(T0))
+    _raw_call(sqlite_log, '[{"a": 1}', "[[0.5, 0.5]]", at=T0 + timedelta(seconds=1))
+    assert sqlite_log._window_arrow("ctr", T0, T0 + timedelta(hours=1), None) is None
+    with pytest.raises(ValueError, match="Expecting"):
+        sqlite_log.window("ctr", T0, T0 + timedelta(hours=1))
+
+
+def test_fast_window_equals_the_python_reader_on_postgres(postgres_url: str) -> None:
+    log = PredictionLog(postgres_url)
+    try:
+        fast_reads = 0
+        for seed in range(24):
+            with log.engine.begin() as conn:  # one database, a fresh log per seed
+                conn.execute(prediction_log.labels_table.delete())
+                conn.execute(prediction_log.predictions_table.delete())
+            _ids, names = _random_log(log, seed)
+            fast_reads += _assert_same_windows(log, names)
+        assert fast_reads >= 6
+        _raw_call(log, '[{"a": 1,\n "b": 2}]', "[[0.5, 0.5]]", at=T0 + timedelta(seconds=1))
+        _raw_call(log, '{"a": 1}', "[[0.5, 0.5]]", at=T0 + timedelta(seconds=2))
+        _raw_call(log, '[{"a": "\\ud800"}]', "[0.5]", at=T0 + timedelta(seconds=3))
+        _assert_same_windows(log, ["a"])
+        _raw_call(log, '[{"a": 1}', "[0.5]", at=T0 + timedelta(seconds=4))  # PostgreSQL refuses it
+        assert log._window_arrow("ctr", T0, T0 + timedelta(hours=1), None) is None
+        with pytest.raises(ValueError, match="Expecting"):
+            log.window("ctr", T0, T0 + timedelta(hours=1))
+    finally:
+        log.dispose()
+
+
+# --- refused label deliveries are counted --------------------------------------------------------------
+
+
+def exercise_label_rejections(log: PredictionLog) -> None:
+    record = make_record(T0, rows=2)
+    log.record(record)
+    now = datetime.now(UTC)
+    hour = now.replace(minute=0, second=0, microsecond=0)
+    window = (hour, hour + timedelta(hours=1))
+    assert log.label_rejections(*window) == {}
+
+    secret = "attacker-chosen-" + "x" * 500
+    for _ in range(3):
+        with pytest.raises(UnknownRequestError):
+            log.add_labels(secret, [1] * 1000)
+    with pytest.raises(LabelCountMismatch):
+        log.add_labels(record.request_id, [1])
+    assert log.add_labels(record.request_id, [1, 0]) == 2  # first delivery: not counted
+    assert log.add_labels(record.request_id, [0, 0]) == 2  # a redelivery: counted, not refused
+    counts = log.label_rejections(*window)
+    if counts != {"label_count_mismatch": 1, "redelivered": 1, "unknown_request_id": 3}:
+        # The hour turned between the deliveries: the buckets of both hours hold them.
+        counts = log.label_rejections(hour, hour + timedelta(hours=2))
+    assert counts == {"label_count_mismatch": 1, "redelivered": 1, "unknown_request_id": 3}
+    # Hours outside [start, end) are not summed; the request id and labels are stored nowhere.
+    assert log.label_rejections(hour - timedelta(hours=2), hour) == {}
+    with log.engine.connect() as conn:
+        stored = conn.execute(sa.select(prediction_log.label_rejections_table)).all()
+    assert all(secret not in str(row) for row in stored)
+    assert {row.hour.minute for row in stored} == {0} and all(row.hour.tzinfo is not None for row in stored)
+    with pytest.raises(ValueError, match="timezone-aware"):
+        log.label_rejections(datetime(2026, 3, 1), datetime(2026, 3, 2))
+
+
+def test_label_rejections_are_counted_on_sqlite(sqlite_log: PredictionLog) -> None:
+    exercise_label_rejections(sqlite_log)
+
+
+def test_label_rejections_are_counted_on_postgres(postgres_url: str) -> None:
+    log = PredictionLog(postgres_url)
+    try:
+        exercise_label_rejections(log)
+    finally:
+        log.dispose()
+
+
+def test_the_rejections_table_is_added_to_an_existing_log(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/old.db"
+    engine = sa.create_engine(url)
+    prediction_log.predictions_table.create(engine)
+    prediction_log.labels_table.create(engine)
+    engine.dispose()
+    log = PredictionLog(url)
+    try:
+        with pytest.raises(UnknownRequestError):
+            log.add_labels("nope", [1])
+        now = datetime.now(UTC)
+        assert log.label_rejections(now - timedelta(hours=2), now + timedelta(hours=1)) == {
+            "unknown_request_id": 1
+        }
+    finally:
+        log.dispose()
+
+
+@pytest.mark.parametrize(
+    "outputs",
+    [
+        "[0x10]",
+        "[+1]",
+        "[01]",
+        "[.5]",
+        "[1.]",
+        "[inf]",
+        "[nan]",
+        "[NaN]",
+        "[Infinity]",
+        "[-0]",
+        "[1e5]",
+        "[null]",
+    ],
+)
+@pytest.mark.parametrize("pairs", [False, True])
+def test_fast_window_reads_predictions_as_strictly_as_json_loads(
+    sqlite_log: PredictionLog, outputs: str, pairs: bool
+) -> None:
+    """Only the outputs' numbers are parsed (no row of the window is a pair of another shape): spellings
+    JSON forbids are refused as json.loads refuses them, never read as numbers."""
+    if pairs:
+        outputs = "[[0.5, " + outputs[1:-1] + "]]"
+    _raw_call(sqlite_log, '[{"a": 1}]', "[[0.5, 0.5]]" if pairs else "[0.5]")
+    _raw_call(sqlite_log, '[{"a": 2}]', outputs, at=T0 + timedelta(seconds=1))
+    end = T0 + timedelta(hours=1)
+    try:
+        python = sqlite_log._window_python("ctr", T0, end)
+    except ValueError:
+        with pytest.raises(ValueError):
+            sqlite_log.window("ctr", T0, end)
+        return
+    pd.testing.assert_frame_equal(sqlite_log.window("ctr", T0, end), python)

@@ -10,8 +10,11 @@ policy (chosen by its risk tier) turns that into ok / warning / critical. Too fe
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
 
     from modelops.audit import AuditRecord, AuditStore
+    from modelops.monitoring_reference import ReferenceProfile
     from modelops.notifications import Alert
     from modelops.registry import ModelRegistry
     from modelops.serving.client import GatewayClient
@@ -64,6 +68,11 @@ class DriftAssessment:
     business: dict[str, Any] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
     callers: dict[str, Any] = field(default_factory=dict)
+    prediction_drift: dict[str, Any] = field(default_factory=dict)
+    """The model's outputs in the window against its outputs on the reference (the same statistic as a
+    numeric feature's); empty when the reference has none."""
+    reference: dict[str, Any] = field(default_factory=dict)
+    """Which reference the window was compared with (source, profile sha256, rows)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,12 +82,26 @@ def out_of_range(
     current: pd.DataFrame, reference: pd.DataFrame, numeric: list[str]
 ) -> tuple[float, dict[str, int]]:
     """Share of rows with any numeric feature outside the training range, and counts per feature."""
+    from modelops.monitoring_reference import numeric_ranges
+
+    return out_of_ranges(current, numeric_ranges(reference, numeric))
+
+
+def out_of_ranges(
+    current: pd.DataFrame, ranges: dict[str, list[float | None]]
+) -> tuple[float, dict[str, int]]:
+    """:func:`out_of_range` against ``{feature: [min, max]}`` of the reference (a profile's ``ranges``)."""
     import pandas as pd
 
     flags = pd.DataFrame(index=current.index)
-    for column in numeric:
-        low, high = reference[column].min(), reference[column].max()
-        flags[column] = (current[column] < low) | (current[column] > high)
+    for column, (low, high) in ranges.items():
+        values = pd.to_numeric(current[column], errors="coerce")
+        outside = pd.Series(False, index=current.index)
+        if low is not None:
+            outside |= values < low
+        if high is not None:
+            outside |= values > high
+        flags[column] = outside
     per_feature = {column: int(count) for column, count in flags.sum().items() if count}
     share = float(flags.any(axis=1).mean()) if len(flags) else 0.0
     return share, per_feature
@@ -90,45 +113,76 @@ def _drifted(method: str, value: float, threshold: float) -> bool:
     return value < threshold if "p_value" in method.lower() else value >= threshold
 
 
-HTML_REPORT_ROWS = 50_000
+HTML_REPORT_ROWS = 20_000
 """Rows of the window Evidently's HTML report is drawn from (a fixed-seed sample of larger windows)."""
 
 
 def _drift_scores(
     current: pd.DataFrame, reference: pd.DataFrame, spec: ModelSpec, policy: MonitoringPolicy
 ) -> dict[str, dict[str, Any]]:
-    """Evidently's per-feature statistics, computed with scipy directly.
+    """Evidently's per-feature statistics, computed with scipy directly, one feature per thread.
 
     Hand-written because Evidently's Report costs ~12.6 s on a 1 M-row window against 1.8 s for the same
     statistics here (measured, benchmarks/bench_monitoring.py); the values are Evidently's definitions
     (normed Wasserstein: the distance over the reference's standard deviation, floored at 0.001;
     Jensen-Shannon distance of the category frequencies) and agree with its report to 1e-6
-    (tests/unit/test_monitoring_alarms.py). Evidently still renders the HTML report.
+    (tests/unit/test_monitoring_alarms.py). Evidently still renders the HTML report. numpy's sorts and
+    pandas' hashing release the GIL, so two threads use both cores of a small worker.
     """
+
+    def one(column: str) -> tuple[str, dict[str, Any] | None]:
+        if column in spec.numeric_features:
+            return column, numeric_score(reference[column], current[column], policy)
+        return column, _categorical_score(reference[column], current[column], policy)
+
+    with ThreadPoolExecutor(max_workers=STATISTICS_THREADS) as pool:
+        results = list(pool.map(one, spec.features))
+    return {column: score for column, score in results if score is not None}
+
+
+STATISTICS_THREADS = 2
+
+
+def numeric_score(
+    reference: Any, current: Any, policy: MonitoringPolicy, threshold: float | None = None
+) -> dict[str, Any] | None:
+    """Normed Wasserstein distance of one numeric column (None when either side has no value), judged
+    against ``threshold`` (default: the policy's ``numerical_threshold``)."""
     import numpy as np
-    from scipy.spatial.distance import jensenshannon
     from scipy.stats import wasserstein_distance
 
-    scores: dict[str, dict[str, Any]] = {}
-    for column in spec.numeric_features:
-        ref = pd_numeric(reference[column])
-        cur = pd_numeric(current[column])
-        ref, cur = ref[~np.isnan(ref)], cur[~np.isnan(cur)]
-        if not len(ref) or not len(cur):
-            continue
-        value = float(wasserstein_distance(ref, cur) / max(float(np.std(ref)), 0.001))
-        scores[column] = _score("wasserstein", value, policy.numerical_threshold)
-    for column in spec.categorical_features:
-        ref_counts = reference[column].dropna().astype(str).value_counts()
-        cur_counts = current[column].dropna().astype(str).value_counts()
-        if ref_counts.empty or cur_counts.empty:
-            continue
-        categories = sorted(set(ref_counts.index) | set(cur_counts.index))
-        ref_p = ref_counts.reindex(categories, fill_value=0).to_numpy(float)
-        cur_p = cur_counts.reindex(categories, fill_value=0).to_numpy(float)
-        value = float(jensenshannon(ref_p / ref_p.sum(), cur_p / cur_p.sum()))
-        scores[column] = _score("jensenshannon", value, policy.categorical_threshold)
-    return scores
+    ref, cur = pd_numeric(reference), pd_numeric(current)
+    ref, cur = ref[~np.isnan(ref)], cur[~np.isnan(cur)]
+    if not len(ref) or not len(cur):
+        return None
+    # The window as distinct values with their counts: the same distance (scipy weighs each value by its
+    # count), one sort of a million values instead of scipy's three, and integer features shrink to a few
+    # hundred values.
+    values, counts = np.unique(cur, return_counts=True)
+    distance = wasserstein_distance(ref, values, v_weights=counts.astype("float64"))
+    value = float(distance / max(float(np.std(ref)), 0.001))
+    return _score("wasserstein", value, policy.numerical_threshold if threshold is None else threshold)
+
+
+def _category_counts(values: Any) -> Any:
+    """Rows per category, categories as text (``1`` and ``"1"`` are one category, as in the reference
+    file). Counted first and turned into text after: a million rows hash faster than they convert."""
+    counts = values.value_counts(dropna=True)
+    return counts.groupby(counts.index.astype(str)).sum()
+
+
+def _categorical_score(reference: Any, current: Any, policy: MonitoringPolicy) -> dict[str, Any] | None:
+    from scipy.spatial.distance import jensenshannon
+
+    ref_counts = _category_counts(reference)
+    cur_counts = _category_counts(current)
+    if ref_counts.empty or cur_counts.empty:
+        return None
+    categories = sorted(set(ref_counts.index) | set(cur_counts.index))
+    ref_p = ref_counts.reindex(categories, fill_value=0).to_numpy(float)
+    cur_p = cur_counts.reindex(categories, fill_value=0).to_numpy(float)
+    value = float(jensenshannon(ref_p / ref_p.sum(), cur_p / cur_p.sum()))
+    return _score("jensenshannon", value, policy.categorical_threshold)
 
 
 def _score(method: str, value: float, threshold: float) -> dict[str, Any]:
@@ -163,6 +217,26 @@ def _evidently_report(
     )
 
 
+_RANDOM_ID = re.compile(
+    r"(?<![0-9a-fA-F])[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}(?![0-9a-fA-F])"
+)
+
+
+def stable_html(path: Path) -> None:
+    """Replace the random uuids Evidently gives its widgets with numbers in order of appearance.
+
+    Evidently names every widget with a fresh ``uuid4``, so the same report rendered twice has different
+    bytes; with these replaced, a backfill of a window writes a byte-identical report and its sha256 in the
+    audit record reproduces. Only ids are replaced (the same id the same way), never what the report shows.
+    """
+    seen: dict[str, str] = {}
+    text = path.read_text(encoding="utf-8")
+    path.write_text(
+        _RANDOM_ID.sub(lambda match: seen.setdefault(match.group(0), f"{len(seen):032x}"), text),
+        encoding="utf-8",
+    )
+
+
 def _evidently_scores(snapshot: Any) -> dict[str, dict[str, Any]]:
     """Per-feature scores from Evidently's report (for methods other than the two computed natively)."""
     scores: dict[str, dict[str, Any]] = {}
@@ -182,12 +256,33 @@ def assess_drift(
     policy: MonitoringPolicy,
     html_path: str | None = None,
 ) -> DriftAssessment:
-    """Classify one window. Writes Evidently's HTML report to ``html_path`` when given and rows suffice."""
-    full_reference = reference[spec.features]
-    reference = full_reference
-    if len(reference) > policy.reference_sample_rows:
-        # Fixed seed: the same window against the same training data always gives the same verdict.
-        reference = reference.sample(policy.reference_sample_rows, random_state=0).sort_index()
+    """Classify one window against a reference DataFrame (profiled here; the stage reuses a stored
+    profile instead). Writes Evidently's HTML report to ``html_path`` when given and rows suffice."""
+    from modelops.monitoring_reference import build_profile
+
+    profile = build_profile(
+        reference,
+        spec,
+        sample_rows=policy.reference_sample_rows,
+        source="training_data",
+        source_sha256="",
+    )
+    return assess_against(current=current, profile=profile, spec=spec, policy=policy, html_path=html_path)
+
+
+def assess_against(
+    *,
+    current: pd.DataFrame,
+    profile: ReferenceProfile,
+    spec: ModelSpec,
+    policy: MonitoringPolicy,
+    html_path: str | None = None,
+    predictions: Any = None,
+) -> DriftAssessment:
+    """Classify one window against a reference profile: per-feature drift against its sample, values
+    outside its ranges, and (``predictions`` given, and the profile has the model's outputs) prediction
+    drift. Writes Evidently's HTML report to ``html_path`` when given and rows suffice."""
+    reference = profile.sample_frame(spec)
     if len(current) < policy.min_rows:
         return DriftAssessment(
             verdict="insufficient_data",
@@ -197,17 +292,23 @@ def assess_drift(
         )
     current = current[spec.features].reset_index(drop=True)
     native = (policy.numerical_method, policy.categorical_method) == ("wasserstein", "jensenshannon")
-    if native:
-        scores = _drift_scores(current, reference, spec, policy)
     snapshot = None
     if html_path is not None or not native:
-        snapshot = _evidently_report(current, reference, spec, policy)
+        # Evidently renders (pure Python, ~2 s) in a thread while the statistics run: their sorts and
+        # hashing release the GIL, so the two overlap on a second core.
+        with ThreadPoolExecutor(max_workers=1) as renderer:
+            rendering = renderer.submit(_evidently_report, current, reference, spec, policy)
+            if native:
+                scores = _drift_scores(current, reference, spec, policy)
+            snapshot = rendering.result()
+    else:
+        scores = _drift_scores(current, reference, spec, policy)
     if not native:
         scores = _evidently_scores(snapshot)
     drifted = sorted(column for column, score in scores.items() if score["drifted"])
     drift_share = len(drifted) / len(spec.features)
-    # Against the whole training data's range, not the sample's: a value the sample missed is not outside.
-    oor_share, oor_features = out_of_range(current, full_reference, spec.numeric_features)
+    # Against the whole reference's range, not the sample's: a value the sample missed is not outside.
+    oor_share, oor_features = out_of_ranges(current, profile.ranges)
 
     reasons = []
     if drift_share >= policy.drift_share_critical:
@@ -226,8 +327,22 @@ def assess_drift(
         verdict = "warning"
     else:
         verdict = "ok"
+    prediction_drift: dict[str, Any] = {}
+    reference_predictions = profile.prediction_array()
+    if predictions is not None and reference_predictions is not None:
+        prediction_drift = (
+            numeric_score(reference_predictions, predictions, policy, policy.prediction_threshold) or {}
+        )
+        if prediction_drift.get("drifted"):
+            reasons.append(
+                f"the model's outputs drifted from its outputs on the reference (normed Wasserstein "
+                f"{prediction_drift['value']:.3f} >= {policy.prediction_threshold})"
+            )
+            if verdict == "ok":
+                verdict = "warning"
     if html_path is not None and snapshot is not None:
         snapshot.save_html(html_path)
+        stable_html(Path(html_path))
     return DriftAssessment(
         verdict=verdict,
         rows=len(current),
@@ -238,7 +353,41 @@ def assess_drift(
         out_of_range_share=round(oor_share, 6),
         out_of_range_features=oor_features,
         reasons=reasons or ["no feature drifted beyond the thresholds"],
+        prediction_drift=prediction_drift,
     )
+
+
+CALLER_DRIFT_ROWS = 20_000
+"""Rows of one caller that :func:`caller_drift` compares (a fixed-seed sample of a caller with more)."""
+
+
+def caller_drift(
+    window: pd.DataFrame, profile: ReferenceProfile, spec: ModelSpec, policy: MonitoringPolicy
+) -> dict[str, dict[str, Any]]:
+    """Drift per caller, for the callers with at least ``min_rows`` rows (the 10 with most): which
+    features drifted in that caller's rows alone. Shows whether a shift is everyone's or one caller's."""
+    if window.empty:
+        return {}
+    import numpy as np
+
+    reference = profile.sample_frame(spec)
+    counts = window["caller_id"].value_counts()
+    positions = window.groupby("caller_id", sort=False).indices
+    result: dict[str, dict[str, Any]] = {}
+    for caller, rows in counts.head(10).items():
+        if rows < policy.min_rows:
+            continue
+        taken = positions[caller]
+        if len(taken) > CALLER_DRIFT_ROWS:  # a diagnostic: a fixed-seed sample is as telling
+            taken = np.sort(np.random.default_rng(0).choice(taken, CALLER_DRIFT_ROWS, replace=False))
+        scores = _drift_scores(window.iloc[taken][spec.features], reference, spec, policy)
+        drifted = sorted(column for column, score in scores.items() if score["drifted"])
+        result[str(caller)] = {
+            "rows": int(rows),
+            "drift_share": round(len(drifted) / len(spec.features), 6),
+            "drifted_features": drifted,
+        }
+    return result
 
 
 # --- the business metric, data quality, callers, and the correlated verdict ------------------------------
@@ -345,9 +494,12 @@ def _metric_value(metric: str, labelled: pd.DataFrame) -> float | None:
     return value
 
 
-def pd_numeric(values: pd.Series) -> Any:
+def pd_numeric(values: Any) -> Any:
+    """``values`` (a Series or an array) as float64 numpy, anything not a number as NaN."""
     import pandas as pd
 
+    if not isinstance(values, pd.Series):
+        values = pd.Series(values, copy=False)
     return pd.to_numeric(values, errors="coerce").astype(float).to_numpy()
 
 
@@ -364,33 +516,29 @@ def cap_callers(window: pd.DataFrame, max_share: float | None) -> tuple[pd.DataF
     counts = window["caller_id"].value_counts()
     capped: dict[str, int] = {}
     if max_share is not None and max_share < 1 and len(counts) > 1:
-        keep = []
         total = int(counts.sum())
+        limits = {}
         for caller, rows in counts.items():
-            others = total - int(rows)
-            limit = max(1, int(max_share / (1 - max_share) * others))
-            group = window[window["caller_id"] == caller]
+            limit = max(1, int(max_share / (1 - max_share) * (total - int(rows))))
             if rows > limit:
                 capped[str(caller)] = int(rows) - limit
-                group = group.head(limit)
-            keep.append(group)
-        window = pd_concat(keep).sort_values(["received_at", "request_id", "row_index"], kind="stable")
+                limits[caller] = limit
+        if limits:
+            # Each capped caller's first ``limit`` rows in window order (the window is in request order).
+            rank = window.groupby("caller_id", sort=False).cumcount().to_numpy()
+            allowed = window["caller_id"].map(limits).to_numpy(dtype="float64", na_value=float("inf"))
+            window = window[rank < allowed]
     top = {str(caller): int(rows) for caller, rows in counts.head(10).items()}
     return window, {"callers": int(len(counts)), "rows_by_caller": top, "capped": capped}
 
 
-def pd_concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    import pandas as pd
-
-    return pd.concat(frames)
-
-
-def data_quality(window: pd.DataFrame, reference: pd.DataFrame, spec: ModelSpec) -> dict[str, Any]:
-    """Null rates per feature, and categories the training data never had (counted, values not quoted)."""
+def data_quality(window: pd.DataFrame, categories: dict[str, list[str]], spec: ModelSpec) -> dict[str, Any]:
+    """Null rates per feature, and categories the reference never had (``categories``: a profile's; counted,
+    values not quoted)."""
     nulls = {column: round(float(window[column].isna().mean()), 6) for column in spec.features if len(window)}
     unseen: dict[str, int] = {}
     for column in spec.categorical_features:
-        known = set(reference[column].dropna().astype(str))
+        known = set(categories.get(column, []))
         present = window[column].dropna().astype(str)
         count = int((~present.isin(known)).sum())
         if count:
@@ -574,6 +722,333 @@ def _baseline_metrics(audit: AuditStore | None, name: str, version: str) -> dict
     return {str(k): float(v) for k, v in record.details.get("metrics", {}).items()}
 
 
+# --- the reference ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReferenceChoice:
+    """The profile a window is compared with, where it is kept, and the audit record to write when this is
+    the first time the version's reference was set (``records``)."""
+
+    profile: ReferenceProfile
+    requested: str
+    profile_uri: str | None
+    records: tuple[AuditEntry, ...] = ()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "source": self.profile.source,
+            "requested": self.requested,
+            "source_sha256": self.profile.source_sha256,
+            "profile_sha256": self.profile.sha256,
+            "rows": self.profile.rows,
+            "sample_rows": self.profile.sample_rows,
+            "window": self.profile.details.get("window"),
+            "predictions": "model outputs"
+            if self.profile.predictions is not None
+            else self.profile.predictions_note,
+        }
+
+
+def _promoted_at(audit: AuditStore, model: str, version: str) -> datetime | None:
+    from modelops.evidence import newest_authentic
+
+    promoted, _ = newest_authentic(
+        audit, AuditAction.MODEL_DEPLOYED, model_subject(model, version), {Decision.PROMOTED}
+    )
+    return None if promoted is None else datetime.fromisoformat(promoted.recorded_at)
+
+
+def _profile_path(storage: ObjectStoragePath, model: str, version: str, source: str) -> ObjectStoragePath:
+    return storage / "monitoring" / model / "reference" / f"v{version}-{source}.json"
+
+
+def reference_for_window(
+    *,
+    spec: ModelSpec,
+    policy: MonitoringPolicy,
+    version: str,
+    start: datetime,
+    registry: ModelRegistry,
+    prediction_log: PredictionLog,
+    storage: ObjectStoragePath,
+    audit: AuditStore | None,
+    history: MonitoringHistory | None,
+    train_uri: str,
+    train_sha: str,
+) -> ReferenceChoice:
+    """What the window starting at ``start`` is compared with.
+
+    During the version's cold start (``cold_start_days`` from its promotion record) and whenever the policy
+    says ``training_data``: its training data. After the cold start, with ``production_window``: the
+    version's own traffic of the last ``production_window_hours`` of its cold start, if that traffic is
+    usable (enough rows and callers, no window of it judged critical), else the training data. Which one
+    is decided once per version and recorded (``monitoring.reference_set``); the profile is built once,
+    kept under ``<storage>/monitoring/<model>/reference/``, and reused while its sha256 matches the record;
+    a missing or altered profile is rebuilt from its source and must come out byte-identical, or the window
+    stops with an error naming the record. Which reference a window gets depends only on its start and
+    the version's promotion time, so a backfill gets the reference its hour had.
+    """
+    from datetime import timedelta
+
+    requested = str(Decision.TRAINING_DATA)
+    cold_end = None
+    if audit is not None and policy.reference.after_cold_start == Decision.PRODUCTION_WINDOW:
+        promoted_at = _promoted_at(audit, spec.name, version)
+        if promoted_at is not None:
+            cold_end = promoted_at + timedelta(days=policy.cold_start_days)
+            if start >= cold_end:
+                requested = str(Decision.PRODUCTION_WINDOW)
+
+    def training() -> ReferenceProfile:
+        return _training_profile(spec, policy, version, registry, audit, train_uri, train_sha)
+
+    if audit is None:  # nothing to record a choice in: the training data, profiled for this window only
+        return ReferenceChoice(training(), requested, None)
+    subject = model_subject(spec.name, version)
+    recorded = None
+    for record in reversed(audit.records(action=AuditAction.MONITORING_REFERENCE_SET, subject=subject)):
+        if record.details.get("requested") == requested and audit.authentic(record):
+            recorded = record
+            break
+    if recorded is not None:
+        if recorded.decision == Decision.TRAINING_DATA and recorded.details.get("source_sha256") != train_sha:
+            raise MonitoringError(
+                f"the reference of {spec.name} v{version} on record (audit seq={recorded.seq}) was built from "
+                f"training data with sha256 {str(recorded.details.get('source_sha256'))[:12]}..., but the "
+                f"version's {Tag.TRAIN_DATA_SHA256} tag now says {train_sha[:12]}...: the lineage tag was "
+                "changed; restore it from the registration record"
+            )
+        return ReferenceChoice(
+            _recorded_profile(recorded, spec, policy, version, prediction_log, storage, training),
+            requested,
+            str(recorded.details.get("profile_uri")),
+        )
+
+    reason = (
+        "the policy compares with the training data"
+        if policy.reference.after_cold_start == Decision.TRAINING_DATA
+        else "the version's cold start: its first windows are compared with its training data"
+    )
+    profile = None
+    if requested == Decision.PRODUCTION_WINDOW and cold_end is not None:
+        promoted_at = cold_end - timedelta(days=policy.cold_start_days)
+        window_start = max(promoted_at, cold_end - timedelta(hours=policy.reference.production_window_hours))
+        profile, problem = _production_profile(
+            spec, policy, version, window_start, cold_end, prediction_log, history, check_usable=True
+        )
+        if profile is None:
+            reason = (
+                f"the production window is not usable, so the training data stays the reference: {problem}"
+            )
+        else:
+            reason = (
+                f"cold start over ({policy.cold_start_days:g} days since promotion): the version's own traffic "
+                f"of {window_start.isoformat()} to {cold_end.isoformat()} is the reference"
+            )
+    if profile is None:
+        profile = training()
+    location = _profile_path(storage, spec.name, version, profile.source)
+    location.parent.mkdir(parents=True, exist_ok=True)
+    location.write_bytes(profile.to_json())
+    # The assessment names the profile by its sha256 only (where it is kept is no part of a verdict); the
+    # record says where.
+    details = {
+        "requested": requested,
+        "reason": reason,
+        "profile_uri": str(location),
+        **ReferenceChoice(profile, requested, str(location)).summary(),
+    }
+    record = AuditEntry(
+        AuditAction.MONITORING_REFERENCE_SET,
+        subject,
+        Decision(profile.source),
+        details=details,
+        evidence={"profile": profile.sha256, "source": profile.source_sha256},
+    )
+    return ReferenceChoice(profile, requested, str(location), (record,))
+
+
+def _recorded_profile(
+    record: AuditRecord,
+    spec: ModelSpec,
+    policy: MonitoringPolicy,
+    version: str,
+    prediction_log: PredictionLog,
+    storage: ObjectStoragePath,
+    training: Any,
+) -> ReferenceProfile:
+    """The profile an authentic record names: read back if its bytes match, else rebuilt from its source
+    and required to match."""
+    from modelops.monitoring_reference import ReferenceProfile
+
+    expected = str(record.details.get("profile_sha256"))
+    location = as_storage_path(str(record.details.get("profile_uri")))
+    data = location.read_bytes() if location.exists() else None
+    if data is not None and hashlib.sha256(data).hexdigest() == expected:
+        profile = ReferenceProfile.from_json(data)
+        object.__setattr__(profile, "_sha256", expected)  # the bytes just hashed are its canonical JSON
+        return profile
+    if record.decision == Decision.PRODUCTION_WINDOW:
+        window = record.details.get("window") or {}
+        profile, _problem = _production_profile(
+            spec,
+            policy,
+            version,
+            datetime.fromisoformat(window["start"]),
+            datetime.fromisoformat(window["end"]),
+            prediction_log,
+            None,
+            check_usable=False,
+        )
+    else:
+        profile = training()
+    if profile is None or profile.sha256 != expected:
+        raise MonitoringError(
+            f"the reference profile of {spec.name} v{version} at {location} "
+            f"{'was altered' if data is not None else 'is missing'}, and rebuilding it from its source "
+            f"({record.decision}) does not give the profile audit record seq={record.seq} names: its source "
+            "changed since. Restore the source, or retire the version; monitoring will not compare with a "
+            "reference nobody recorded"
+        )
+    location.parent.mkdir(parents=True, exist_ok=True)
+    location.write_bytes(profile.to_json())
+    return profile
+
+
+def _training_profile(
+    spec: ModelSpec,
+    policy: MonitoringPolicy,
+    version: str,
+    registry: ModelRegistry,
+    audit: AuditStore | None,
+    train_uri: str,
+    train_sha: str,
+) -> ReferenceProfile:
+    from modelops.monitoring_reference import build_profile, sample_of
+
+    # The reference must be the bytes the version was trained on: a file changed since is not evidence.
+    # Checked when the profile is built; afterwards the profile's own record is what is checked.
+    found_sha = sha256_of(as_storage_path(train_uri))[0]
+    if found_sha != train_sha:
+        raise MonitoringError(
+            f"the training data of {spec.name} v{version} at {train_uri} has sha256 {found_sha[:12]}..., not "
+            f"the {train_sha[:12]}... the version was trained on: it changed since; restore the validated "
+            "snapshot (or retrain) before this window can be assessed"
+        )
+    reference = read_dataset(train_uri, columns=spec.features)
+    sample = sample_of(reference[spec.features], policy.reference_sample_rows)
+    predictions, note = _model_outputs(spec, version, registry, audit, sample)
+    return build_profile(
+        reference,
+        spec,
+        sample_rows=policy.reference_sample_rows,
+        source=str(Decision.TRAINING_DATA),
+        source_sha256=train_sha,
+        predictions=predictions,
+        predictions_note=note,
+        details={"uri": train_uri},
+    )
+
+
+def _model_outputs(
+    spec: ModelSpec, version: str, registry: ModelRegistry, audit: AuditStore | None, sample: pd.DataFrame
+) -> tuple[list[float] | None, str]:
+    """The version's outputs on the reference sample (p1 of a probability pair), for prediction drift.
+
+    Loading a model runs its code, so only files its promotion record names are loaded (as the gateway
+    does); a version with no promotion record has no outputs here, and the note says so.
+    """
+    import numpy as np
+    from mlflow.exceptions import MlflowException
+
+    from modelops.evidence import EvidenceMismatch, check_files, hash_tree, newest_authentic, recorded_files
+
+    if audit is None:
+        return None, "no audit log to find the version's promotion record in"
+    promoted, _ = newest_authentic(
+        audit, AuditAction.MODEL_DEPLOYED, model_subject(spec.name, version), {Decision.PROMOTED}
+    )
+    if promoted is None:
+        return (
+            None,
+            f"v{version} has no promotion record, so its files were not loaded to score the reference",
+        )
+    with tempfile.TemporaryDirectory(prefix="modelops-reference-") as folder:
+        model_dir = registry.download_version(spec.name, version, Path(folder))
+        try:
+            check_files(
+                recorded_files(promoted),
+                hash_tree(model_dir),
+                what=f"v{version}'s files differ from those its promotion record names",
+            )
+        except EvidenceMismatch as exc:
+            raise MonitoringError(f"{exc}; the model serving traffic is not the one approved") from exc
+        import mlflow.pyfunc
+
+        try:
+            outputs = np.asarray(mlflow.pyfunc.load_model(str(model_dir)).predict(sample))
+        except (MlflowException, ValueError, TypeError, KeyError) as exc:
+            return None, f"v{version} could not score the reference sample ({type(exc).__name__})"
+    if outputs.ndim == 2 and outputs.shape[1] in (1, 2):
+        outputs = outputs[:, -1]
+    if outputs.ndim != 1 or len(outputs) != len(sample):
+        return None, f"v{version}'s outputs have shape {outputs.shape}, not one number per row"
+    return [float(value) for value in outputs.astype("float64")], ""
+
+
+def _production_profile(
+    spec: ModelSpec,
+    policy: MonitoringPolicy,
+    version: str,
+    start: datetime,
+    end: datetime,
+    prediction_log: PredictionLog,
+    history: MonitoringHistory | None,
+    *,
+    check_usable: bool,
+) -> tuple[ReferenceProfile | None, str]:
+    """A profile of ``version``'s own traffic in ``[start, end)``, as a window would be assessed (smoke tests
+    left out, no caller over its share), or None and why it is not usable."""
+    from modelops.monitoring_reference import build_profile, frame_sha256, sample_of
+
+    if start >= end:
+        return None, f"the cold start ended at {end.isoformat()}, before any traffic of the version"
+    frame = prediction_log.window(spec.name, start, end, features=spec.features)
+    if not frame.empty:
+        frame = frame[(frame["caller_id"] != SMOKE_TEST_CALLER) & (frame["model_version"] == str(version))]
+    frame, callers = cap_callers(frame, policy.max_caller_share)
+    if check_usable:
+        if len(frame) < policy.min_rows:
+            return None, f"{len(frame)} rows of v{version} in it, fewer than min_rows={policy.min_rows}"
+        if callers["callers"] < policy.min_callers_for_action:
+            return None, (
+                f"{callers['callers']} caller(s) in it: a reference needs the traffic of "
+                f"min_callers_for_action={policy.min_callers_for_action}"
+            )
+        critical = [
+            row.window_start.isoformat()
+            for row in (history.rows(spec.name, since=start, until=end) if history is not None else [])
+            if row.model_version == str(version) and row.verdict == "critical"
+        ]
+        if critical:
+            return None, f"windows of it were judged critical (starting {', '.join(critical[:3])})"
+    frame = frame.reset_index(drop=True)
+    sample = sample_of(frame, policy.reference_sample_rows)
+    return (
+        build_profile(
+            frame,
+            spec,
+            sample_rows=policy.reference_sample_rows,
+            source=str(Decision.PRODUCTION_WINDOW),
+            source_sha256=frame_sha256(frame[[*spec.features, "prediction", "request_id", "row_index"]]),
+            predictions=[float(v) for v in pd_numeric(sample["prediction"])],
+            details={"window": {"start": start.isoformat(), "end": end.isoformat()}, "callers": callers},
+        ),
+        "",
+    )
+
+
 def assess(
     *,
     spec: ModelSpec,
@@ -593,9 +1068,13 @@ def assess(
     rows, and one history row per model, version and window."""
     window = prediction_log.window(spec.name, start, end, features=spec.features)
     # Deployment's smoke test scores rows of the training data itself: not traffic, so never evidence.
-    window = window[window["caller_id"] != SMOKE_TEST_CALLER] if not window.empty else window
+    if not window.empty:
+        traffic = (window["caller_id"] != SMOKE_TEST_CALLER).to_numpy()
+        if not traffic.all():  # a copy of a large window only when there is something to leave out
+            window = window[traffic]
     report_dir = storage / "monitoring" / spec.name / window_label(start, end).replace(":", "")
     version = train_sha = mlflow_run_id = html_uri = html_sha256 = None
+    reference_records: tuple[AuditEntry, ...] = ()
     if window.empty:
         assessment = DriftAssessment(
             verdict="insufficient_data", rows=0, reference_rows=0, reasons=["no predictions in the window"]
@@ -620,28 +1099,37 @@ def assess(
                 "spec lists; callers must send every feature by name"
             )
         capped, callers = cap_callers(window, policy.max_caller_share)
-        # The reference must be the bytes the version was trained on: a file changed since is not evidence.
-        found_sha = sha256_of(as_storage_path(train_uri))[0]
-        if found_sha != train_sha:
-            raise MonitoringError(
-                f"the training data of {spec.name} v{version} at {train_uri} has sha256 {found_sha[:12]}..., not "
-                f"the {train_sha[:12]}... the version was trained on: it changed since; restore the validated "
-                "snapshot (or retrain) before this window can be assessed"
-            )
-        reference = read_dataset(train_uri, columns=spec.features)
+        choice = reference_for_window(
+            spec=spec,
+            policy=policy,
+            version=version,
+            start=start,
+            registry=registry,
+            prediction_log=prediction_log,
+            storage=storage,
+            audit=audit,
+            history=history,
+            train_uri=train_uri,
+            train_sha=train_sha,
+        )
+        reference_records = choice.records
+        profile = choice.profile
         # Evidently writes local files only; render locally, then copy through ObjectStoragePath.
         with tempfile.TemporaryDirectory(prefix="modelops-drift-") as tmp:
             local_html = Path(tmp) / "drift_report.html"
-            assessment = assess_drift(
+            assessment = assess_against(
                 current=capped[spec.features],
-                reference=reference,
+                profile=profile,
                 spec=spec,
                 policy=policy,
-                html_path=str(local_html),
+                html_path=str(local_html) if policy.html_report else None,
+                predictions=pd_numeric(capped["prediction"]),
             )
             assessment.drift_level = assessment.verdict
+            assessment.reference = choice.summary()
+            callers["drift_by_caller"] = caller_drift(capped, profile, spec, policy)
             assessment.callers = callers
-            assessment.quality = data_quality(capped, reference, spec)
+            assessment.quality = data_quality(capped, profile.categories, spec)
             assessment.business = business_metric(
                 capped, spec, policy, _baseline_metrics(audit, spec.name, version)
             )
@@ -677,6 +1165,8 @@ def assess(
         evidence["drift_report_html"] = html_sha256
     if train_sha:
         evidence["reference_dataset"] = train_sha
+    if assessment.reference:
+        evidence["reference_profile"] = assessment.reference["profile_sha256"]
     facts = {
         "window_start": start.isoformat(),
         "window_end": end.isoformat(),
@@ -753,6 +1243,7 @@ def assess(
                 details={**facts, "policy": policy.name, **assessment.to_dict()},
                 evidence=evidence,
             ),
+            *reference_records,
         ),
         effects=effects,
     )
