@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 import pendulum
 import pytest
+import sqlalchemy as sa
 from airflow.sdk.exceptions import AirflowSkipException
 from mlflow import MlflowClient
 
@@ -881,6 +882,37 @@ def test_quality_latency_and_errors_are_part_of_the_assessment(
     latencies = [3.0 + i % 7 for i in range(WINDOW_ROWS // 20)] + [1.0]
     assert quality["latency_ms"]["p95"] == pytest.approx(float(np.percentile(latencies, 95)))
     assert "smart-fridge" not in json.dumps(outcome.records[0].details)  # values never quoted
+
+
+def test_label_deliveries_for_unknown_requests_are_refused_and_counted_in_the_window(
+    tmp_path: Path, served: Served, catalog: Catalog, prediction_log: PredictionLog, audit: AuditStore
+) -> None:
+    from modelops.serving.prediction_log import LabelCountMismatch, UnknownRequestError
+
+    # Refusals are counted in the hour they happen: assess the current hour.
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    log_predictions(prediction_log, CTR, generate_clicks(WINDOW_ROWS, seed=11), version="1", start=hour)
+    for made_up in ("f" * 32, "0" * 32):
+        with pytest.raises(UnknownRequestError):
+            prediction_log.add_labels(made_up, [1, 0])
+    with prediction_log.engine.connect() as conn:
+        known = conn.execute(sa.text("select request_id from modelops_predictions limit 1")).scalar_one()
+    with pytest.raises(LabelCountMismatch):
+        prediction_log.add_labels(known, [1])
+    spec = catalog.model(CTR)
+    outcome = assess(
+        spec=spec,
+        policy=catalog.policies_for(spec).monitoring,
+        registry=served.registry,
+        prediction_log=prediction_log,
+        storage=as_storage_path(tmp_path),
+        start=hour,
+        end=hour + timedelta(hours=1),
+        audit=audit,
+    )
+    counted = outcome.records[0].details["quality"]["label_deliveries_all_models"]
+    assert counted == {"label_count_mismatch": 1, "unknown_request_id": 2}
+    assert "f" * 32 not in json.dumps(outcome.records[0].details)  # the made-up ids are not kept
 
 
 def test_every_window_is_a_history_row_and_a_backfill_reproduces_it(

@@ -1155,6 +1155,9 @@ def assess(
         "failed_requests": stats.failed,
         "error_rate": stats.error_rate,
         "latency_ms": {"p50": stats.p50_ms, "p95": stats.p95_ms, "p99": stats.p99_ms},
+        # Refused label deliveries name no model (an unknown request id has none): the gateway's count for
+        # every model in the window's hours, so labels sent for made-up requests show up somewhere.
+        "label_deliveries_all_models": prediction_log.label_rejections(start, end),
     }
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "assessment.json").write_text(json.dumps(assessment.to_dict(), indent=2, sort_keys=True))
