@@ -8,19 +8,34 @@ sends sequential requests with httpx: 500 of 1 row, then 100 of 100 rows (after 
 call is also written to the prediction log (SQLite), so the latency includes that write.
 
     .venv/bin/python benchmarks/bench_gateway.py
+
+``--log-writer`` measures the prediction log's write path alone instead (no model, no HTTP):
+``PredictionLog.record`` (one synchronous commit per call, what the gateway does today) against
+``BatchedPredictionWriter.submit`` (queued, committed in batches by one thread), sequentially and from
+8 threads, with 1-row and 100-row records, on a fresh SQLite file per case. Latency is the time the
+caller spends in ``record``/``submit``; throughput counts calls until the last one is durable (the
+writer's ``close()`` is inside the clock).
+
+    .venv/bin/python benchmarks/bench_gateway.py --log-writer [--calls 2000]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import secrets
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
 import warnings
+from datetime import UTC, datetime
 from pathlib import Path
 
 from _common import header  # benchmarks/ is on sys.path when a script runs
@@ -130,7 +145,115 @@ def report(label: str, rows: int, latencies: list[float], wall: float) -> None:
     )
 
 
-def main() -> int:
+LOG_WRITER_THREADS = 8
+
+
+def log_records(count: int, rows: int) -> list:
+    """``count`` prediction records of ``rows`` clicks rows each, as the gateway logs them."""
+    from modelops.data.synthetic import generate_clicks
+    from modelops.serving.prediction_log import PredictionRecord
+
+    inputs = generate_clicks(rows, seed=5).to_dict(orient="records")
+    outputs = [[0.75, 0.25]] * rows
+    now = datetime.now(UTC)
+    return [
+        PredictionRecord(
+            request_id=uuid.uuid4().hex,
+            received_at=now,
+            caller_id="bench",
+            model_name="ctr_clicks",
+            model_version="1",
+            status_code=200,
+            latency_ms=1.0,
+            n_rows=rows,
+            inputs=inputs,
+            outputs=outputs,
+        )
+        for _ in range(count)
+    ]
+
+
+def timed_calls(call, records: list, threads: int) -> tuple[list[float], float]:
+    """Per-call latency of ``call(record)`` over ``records`` split across ``threads``; and wall time."""
+    latencies: list[list[float]] = [[] for _ in range(threads)]
+    start = threading.Barrier(threads + 1)
+
+    def worker(index: int) -> None:
+        mine, out = records[index::threads], latencies[index]
+        start.wait()
+        for record in mine:
+            t0 = time.perf_counter()
+            call(record)
+            out.append(time.perf_counter() - t0)
+
+    workers = [threading.Thread(target=worker, args=(index,)) for index in range(threads)]
+    for thread in workers:
+        thread.start()
+    start.wait()
+    t_start = time.perf_counter()
+    for thread in workers:
+        thread.join()
+    return [value for out in latencies for value in out], t_start
+
+
+def bench_log_writer(calls: int) -> int:
+    header("prediction log write path: PredictionLog.record per call vs BatchedPredictionWriter (SQLite)")
+    sys.path.insert(0, str(PROJECT_ROOT / "plugins"))
+    from modelops.serving.log_writer import BatchedPredictionWriter
+    from modelops.serving.prediction_log import PredictionLog
+
+    settings = {"max_queue": 10_000, "max_batch": 500, "flush_interval_s": 0.05}
+    print(f"# {calls} calls per case; writer {settings}; latency = time in record()/submit()")
+    print(
+        f"{'path':<10} {'threads':>7} {'rows':>5} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'max ms':>8} {'logged':>7}"
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-log-writer-") as tmp_name:
+        case = 0
+        for rows in (1, 100):
+            for threads in (1, LOG_WRITER_THREADS):
+                for path in ("record", "batched"):
+                    case += 1
+                    log = PredictionLog(f"sqlite:///{tmp_name}/case-{case}.db")
+                    records = log_records(calls, rows)
+                    log.record(log_records(1, rows)[0])  # warm: connection, statement cache
+                    if path == "record":
+                        latencies, t_start = timed_calls(log.record, records, threads)
+                    else:
+                        writer = BatchedPredictionWriter(log, **settings)
+                        latencies, t_start = timed_calls(writer.submit, records, threads)
+                        writer.close()  # durable: the queue drained
+                    wall = time.perf_counter() - t_start
+                    with log.engine.connect() as conn:
+                        logged = conn.exec_driver_sql(
+                            "SELECT count(*) FROM modelops_predictions"
+                        ).scalar_one()
+                    log.dispose()
+                    ms = [value * 1000 for value in latencies]
+                    print(
+                        f"{path:<10} {threads:>7} {rows:>5} {calls / wall:>9.0f} {percentile(ms, 50):>8.3f} "
+                        f"{percentile(ms, 99):>8.3f} {max(ms):>8.2f} {logged - 1:>7}"
+                    )
+                    if logged - 1 != calls:
+                        raise SystemExit(f"{path}: {logged - 1} of {calls} calls logged")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--log-writer",
+        action="store_true",
+        help="measure the prediction log write path alone (record per call vs the batched writer)",
+    )
+    parser.add_argument("--calls", type=int, default=2_000, help="calls per case with --log-writer")
+    args = parser.parse_args(argv)
+    if args.log_writer:
+        return bench_log_writer(args.calls)
+    return bench_gateway()
+
+
+def bench_gateway() -> int:
     header("scoring gateway: sequential HTTP latency (loopback, 1 uvicorn worker, SQLite registry and log)")
     # HistGradientBoosting predicts with OpenMP threads; on a busy machine they dominate the tail.
     print(f"# OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset (all cores)')} for the gateway")
@@ -168,7 +291,16 @@ def main() -> int:
             "NO_PROXY": "127.0.0.1,localhost",
             "no_proxy": "127.0.0.1,localhost",
         }
-        env.pop("MODELOPS_GATEWAY_ADMIN_TOKEN", None)
+        # The gateway refuses to start without team keys and an admin token; the bench calls as the
+        # model's own team, so authentication is part of what is measured.
+        from modelops.serving.access import key_entry, new_key
+        from modelops.settings import load_catalog
+
+        api_key = new_key()
+        env["MODELOPS_GATEWAY_KEYS"] = json.dumps(
+            {"bench": key_entry(load_catalog().model(name).team, api_key)}
+        )
+        env["MODELOPS_GATEWAY_ADMIN_TOKEN"] = secrets.token_urlsafe(32)
         log = tmp / "gateway.log"
         command = [sys.executable, "-m", "modelops.serving", "--host", "127.0.0.1", "--port", str(port)]
         with log.open("wb") as log_file:
@@ -183,7 +315,10 @@ def main() -> int:
             )
         try:
             with httpx.Client(
-                base_url=f"http://127.0.0.1:{port}", timeout=REQUEST_TIMEOUT_SECONDS, trust_env=False
+                base_url=f"http://127.0.0.1:{port}",
+                timeout=REQUEST_TIMEOUT_SECONDS,
+                trust_env=False,
+                headers={"Authorization": f"Bearer {api_key}"},
             ) as client:
                 ready = wait_until_serving(client, process, log)
                 print(

@@ -717,7 +717,7 @@ def drive(
         for spec in specs:
             model = reports[spec.name]
             model.example = example_row(spec, drops[spec.dataset])
-            model.prediction = predict(gateway_url, spec.name, model.example, client)
+            model.prediction = predict(gateway_url, spec.name, model.example, client, team=spec.team)
             model.facts = mlflow.model(spec.name)
     return report
 

@@ -155,6 +155,11 @@ class Layout:
         return self.modelops_home / "gateway_admin_token"
 
     @property
+    def gateway_keys_file(self) -> Path:
+        """The demo callers' API keys (owner-only): what the traffic simulator and the driver send."""
+        return self.modelops_home / "gateway_keys.json"
+
+    @property
     def audit_key_file(self) -> Path:
         return self.modelops_home / "audit_key"
 
@@ -216,6 +221,61 @@ def ensure_gateway_token(token_file: Path) -> str:
     it as the ``modelops_gateway`` connection's password.
     """
     return _ensure_secret(token_file, 24)
+
+
+CLICK_MODEL = "ctr_recommender"
+"""The model the traffic simulator (modelops.data.traffic) speaks for: its team's keys are named after the
+simulator's default callers, so ``python -m modelops.data.traffic`` works with the demo's keys file."""
+
+
+def spec_teams(models_dir: Path = PROJECT_ROOT / "include" / "models") -> dict[str, str]:
+    """model name -> team, read from the model specs' YAML (no catalog load: stack_env runs before the
+    environment the catalog expands exists)."""
+    import yaml
+
+    teams = {}
+    for path in sorted(models_dir.glob("*.yaml")):
+        spec = yaml.safe_load(path.read_text()) or {}
+        if isinstance(spec, dict) and spec.get("name") and spec.get("team"):
+            teams[str(spec["name"])] = str(spec["team"])
+    return teams
+
+
+def demo_key_ids(team: str, click_team: str | None) -> list[str]:
+    """The demo's three callers of ``team``: the simulator's callers for the click model's team, the same
+    names prefixed by the team for every other team (key ids are unique across teams)."""
+    from modelops.data.traffic import DEFAULT_CALLERS
+
+    return list(DEFAULT_CALLERS) if team == click_team else [f"{team}-{caller}" for caller in DEFAULT_CALLERS]
+
+
+def ensure_gateway_keys(keys_file: Path, teams: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """API keys for three callers of every team the model specs name, created once per ``.demo/`` in an
+    owner-only file ``{key_id: {"team": ..., "key": ...}}``; a team new since then gets its keys added."""
+    from modelops.serving.access import new_key
+
+    keys: dict[str, dict[str, str]] = {}
+    if keys_file.is_file() and keys_file.read_text().strip():
+        keys = json.loads(keys_file.read_text())
+    click_team = teams.get(CLICK_MODEL)
+    wanted = {
+        key_id: team for team in sorted(set(teams.values())) for key_id in demo_key_ids(team, click_team)
+    }
+    missing = {key_id: team for key_id, team in wanted.items() if key_id not in keys}
+    if missing:
+        keys.update({key_id: {"team": team, "key": new_key()} for key_id, team in missing.items()})
+        keys_file.parent.mkdir(parents=True, exist_ok=True)
+        keys_file.touch(mode=0o600)
+        keys_file.chmod(0o600)  # an older file keeps its mode on write: narrow it before the keys go in
+        keys_file.write_text(json.dumps(keys, indent=2) + "\n")
+    return keys
+
+
+def gateway_keys_env(keys: Mapping[str, Mapping[str, str]]) -> str:
+    """``MODELOPS_GATEWAY_KEYS`` for ``keys``: each key id's team and digest, never a key."""
+    from modelops.serving.access import key_entry
+
+    return json.dumps({key_id: key_entry(entry["team"], entry["key"]) for key_id, entry in keys.items()})
 
 
 def ensure_audit_key(key_file: Path) -> str:
@@ -290,6 +350,11 @@ def stack_env(layout: Layout, ports: Ports, base: Mapping[str, str]) -> dict[str
             "MODELOPS_COLD_START_DAYS": "0",
             **{name: str(number) for name, number in ports.by_variable().items()},
             "MODELOPS_GATEWAY_ADMIN_TOKEN": ensure_gateway_token(layout.gateway_token_file),
+            # The gateway gets the digests; the demo's own clients (driver, traffic simulator) the keys file.
+            "MODELOPS_GATEWAY_KEYS": gateway_keys_env(
+                ensure_gateway_keys(layout.gateway_keys_file, spec_teams())
+            ),
+            "MODELOPS_GATEWAY_CLIENT_KEYS_FILE": str(layout.gateway_keys_file),
             # Airflow reads it through the connection modelops_audit_key (airflow_settings.yaml), processes
             # outside Airflow (the gateway, the CLI, the driver) as a keyring.
             "MODELOPS_AUDIT_KEY": audit_key,

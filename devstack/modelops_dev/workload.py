@@ -2,8 +2,9 @@
 
 Each dataset gets one CSV in its incoming folder (written aside, then renamed into place, so the
 validation DAG never sees half a file); every CSV there is a new version. Traffic goes to each model's
-own gateway path, ``POST /models/<name>/invocations``, in MLflow's ``dataframe_split`` JSON with an
-``X-Caller-Id`` header: the click-through model gets the traffic simulator's synthetic rows, every other
+own gateway path, ``POST /models/<name>/invocations``, in MLflow's ``dataframe_split`` JSON, rotating over
+three callers of the model's team, each with its own API key (``make demo`` writes them to an owner-only
+keys file, ``$MODELOPS_GATEWAY_CLIENT_KEYS_FILE``): the click-through model gets the traffic simulator's synthetic rows, every other
 model rows sampled from the file the demo dropped for its dataset. The incident sends the click-through
 model drifted traffic whose users click far less, then delivers its labels (``POST /labels``): what the
 business metric of monitoring is measured on.
@@ -46,7 +47,27 @@ INCIDENT_SHIFT: dict[str, Any] = {
 range), a fashion-heavy mix at 1.5 times the prices, and clicks far fewer (the click-through drop)."""
 PREDICTION_SEED = 2024
 CALLERS = ("web-shop", "mobile-app", "email-campaign")
-CALLER_HEADER = "X-Caller-Id"
+"""The click model's team's key ids (the traffic simulator's default callers)."""
+CALLER_HEADER = "X-Caller-Id"  # sent as a label only: the gateway takes the caller id from the key
+
+
+def team_keys(team: str) -> dict[str, str]:
+    """``{key_id: key}`` of ``team`` in the demo's keys file (``$MODELOPS_GATEWAY_CLIENT_KEYS_FILE``); empty
+    when no keys file is set (then no key is sent, and a real gateway answers 401, which the counts show)."""
+    import os
+
+    from modelops.serving.access import CLIENT_KEYS_ENV, read_client_keys
+
+    path = os.environ.get(CLIENT_KEYS_ENV, "").strip()
+    if not path:
+        return {}
+    keys = {key_id: entry["key"] for key_id, entry in read_client_keys(path).items() if entry["team"] == team}
+    if not keys:
+        raise ConfigurationError(
+            f"the keys file {path} holds no key of team {team!r}; run `make down` and `make demo` again "
+            "(it adds keys for every team the model specs name)"
+        )
+    return keys
 
 
 # --- datasets ------------------------------------------------------------------------------------
@@ -163,18 +184,24 @@ def send_rows(
     *,
     rows_per_request: int = ROWS_PER_REQUEST,
     callers: Sequence[str] = CALLERS,
+    keys: Mapping[str, str] | None = None,
 ) -> TrafficCount:
-    """Score ``rows`` with ``model``, ``rows_per_request`` at a time, rotating over ``callers``."""
+    """Score ``rows`` with ``model``, ``rows_per_request`` at a time, rotating over ``callers``; with
+    ``keys`` (key id -> key) over its key ids instead, each call with its key."""
     count = TrafficCount(model)
+    if keys:
+        callers = list(keys)
     endpoint = f"{model_base_url(gateway_url, model)}/invocations"
     for index, start in enumerate(range(0, len(rows), rows_per_request)):
         chunk = [list(row) for row in rows[start : start + rows_per_request]]
         payload = {"dataframe_split": {"columns": list(columns), "data": chunk}}
         count.requests += 1
         try:
-            answer = client.post(
-                endpoint, json=payload, headers={CALLER_HEADER: callers[index % len(callers)]}
-            )
+            caller = callers[index % len(callers)]
+            headers = {CALLER_HEADER: caller}
+            if keys:
+                headers["Authorization"] = f"Bearer {keys[caller]}"
+            answer = client.post(endpoint, json=payload, headers=headers)
             problem = _rows_answered(answer, len(chunk))
         except httpx.TransportError as exc:
             problem = f"{type(exc).__name__}: {exc}"
@@ -222,6 +249,7 @@ def send_traffic(
             seed=TRAFFIC_SEED,
             callers=CALLERS,
             client=client,
+            keys=team_keys(spec.team),
         )
         return TrafficCount(
             model=spec.name,
@@ -232,7 +260,7 @@ def send_traffic(
             errors=list(report.errors),
         )
     rows = sampled_rows(drop.path, spec.features, sampled_requests * ROWS_PER_REQUEST)
-    return send_rows(gateway_url, spec.name, spec.features, rows, client)
+    return send_rows(gateway_url, spec.name, spec.features, rows, client, keys=team_keys(spec.team))
 
 
 def send_incident_traffic(
@@ -248,6 +276,7 @@ def send_incident_traffic(
     from modelops.data.synthetic import DriftShift
     from modelops.data.traffic import deliver_labels, simulate_traffic
 
+    keys = team_keys(spec.team)
     report = simulate_traffic(
         model_base_url(gateway_url, spec.name),
         requests=requests,
@@ -256,8 +285,10 @@ def send_incident_traffic(
         callers=CALLERS,
         shift=DriftShift(**INCIDENT_SHIFT),
         client=client,
+        keys=keys,
     )
-    labels = deliver_labels(gateway_url, report.pending_labels, client=client)
+    # Labels come from the model's own team (the gateway refuses another team's).
+    labels = deliver_labels(gateway_url, report.pending_labels, client=client, api_key=keys.get(CALLERS[0]))
     return TrafficCount(
         model=spec.name,
         requests=report.requests_sent,
@@ -285,14 +316,14 @@ def example_row(spec: ModelSpec, drop: DatasetDrop) -> dict[str, Any]:
     return {column: frame[column].tolist()[0] for column in spec.features}
 
 
-def predict(gateway_url: str, model: str, row: Mapping[str, Any], client: httpx.Client) -> Any:
-    """Score one row through the gateway; returns its first prediction."""
+def predict(gateway_url: str, model: str, row: Mapping[str, Any], client: httpx.Client, *, team: str) -> Any:
+    """Score one row through the gateway as one of ``team``'s callers; returns its first prediction."""
     payload = {"dataframe_split": {"columns": list(row), "data": [list(row.values())]}}
-    answer = client.post(
-        f"{model_base_url(gateway_url, model)}/invocations",
-        json=payload,
-        headers={CALLER_HEADER: "make-demo"},
-    )
+    keys = team_keys(team)
+    headers = {CALLER_HEADER: "make-demo"}
+    if keys:
+        headers["Authorization"] = f"Bearer {keys[sorted(keys)[0]]}"
+    answer = client.post(f"{model_base_url(gateway_url, model)}/invocations", json=payload, headers=headers)
     if answer.status_code != 200:
         raise ConfigurationError(
             f"the gateway did not score one row with {model} (HTTP {answer.status_code}: "

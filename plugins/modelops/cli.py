@@ -230,6 +230,33 @@ def _cmd_dataset_quarantine(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_gateway_create_key(args: argparse.Namespace) -> int:
+    """A new API key for a team: the key once on stdout, and the entry (its digest) for the gateway."""
+    import json
+    import secrets
+
+    from modelops.serving.access import KEY_ID_PATTERN, KEYS_ENV, TEAM_PATTERN, key_entry, new_key
+
+    if not TEAM_PATTERN.match(args.team):
+        raise ConfigurationError(
+            f"--team {args.team!r} is not a team name: use letters, digits, '.', '_', '-'"
+        )
+    key_id = args.key_id or f"{args.team}-{secrets.token_hex(3)}"
+    if not KEY_ID_PATTERN.match(key_id):
+        raise ConfigurationError(
+            f"--key-id {key_id!r} is not a key id: 1-64 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit"
+        )
+    key = new_key()
+    print(f"key id   {key_id}")
+    print(f"team     {args.team}  (the prediction log will name this caller {args.team}:{key_id})")
+    print(f"API key  {key}")
+    print("         shown once: hand it to the team (Authorization: Bearer <key>); it is stored nowhere")
+    print(f"add this entry to the JSON object in {KEYS_ENV} (the gateway keeps only the digest):")
+    print(json.dumps({key_id: key_entry(args.team, key)}))
+    return EXIT_OK
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -317,6 +344,20 @@ def build_parser() -> argparse.ArgumentParser:
     quarantine.add_argument("--by", help="who (default: $USER)")
     _add_url_option(quarantine)
     quarantine.set_defaults(handler=_cmd_dataset_quarantine)
+
+    gateway = commands.add_parser("gateway", help="the scoring gateway's callers")
+    gateway_commands = gateway.add_subparsers(
+        dest="gateway_command", required=True, metavar="GATEWAY_COMMAND"
+    )
+    create_key = gateway_commands.add_parser(
+        "create-key",
+        help="make a team API key: prints the key once and the MODELOPS_GATEWAY_KEYS entry (its SHA-256)",
+    )
+    create_key.add_argument("--team", required=True, help="the team the key calls as (a model spec's team)")
+    create_key.add_argument(
+        "--key-id", help="a name for the key, unique in the gateway (default: team-<random>)"
+    )
+    create_key.set_defaults(handler=_cmd_gateway_create_key)
 
     return parser
 

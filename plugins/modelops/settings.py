@@ -188,11 +188,40 @@ class PolicyChoice(StrictModel):
     retirement: str | None = None
 
 
+class ScreeningSpec(StrictModel):
+    """What the scoring gateway refuses before the model sees an input (``serving.screening``)."""
+
+    max_body_bytes: int = Field(
+        default=1_048_576, gt=0, le=256 * 1_048_576, description="Larger bodies get 413, unread"
+    )
+    max_rows: int = Field(default=10_000, gt=0, le=1_000_000, description="More rows per call get 413")
+    max_json_depth: int = Field(
+        default=16, ge=3, le=64, description="JSON nested deeper gets 400 (a table is 3 or 4 deep)"
+    )
+    extra_columns: Literal["refuse", "drop"] = Field(
+        default="refuse", description="Columns the model's signature does not name: 400, or dropped"
+    )
+    non_finite: Literal["refuse", "allow"] = Field(
+        default="refuse", description="NaN or Infinity in a numeric column: 422, or passed to the model"
+    )
+    pii: Literal["reject", "mask", "off"] = Field(
+        default="reject",
+        description="Text matching the dataset's PII patterns: 422; or scored with the logged copy "
+        "masked; or not checked",
+    )
+
+
 class ServingSpec(StrictModel):
     enabled: bool = Field(default=True, description="Deploy approved versions to the scoring gateway")
     smoke_rows: int = Field(
         default=20, gt=0, le=1000, description="Rows of training data scored before go-live"
     )
+    allowed_teams: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        default=None,
+        description="Teams whose API keys may score this model and label its predictions; "
+        "default: the spec's own team",
+    )
+    screening: ScreeningSpec = Field(default_factory=ScreeningSpec)
 
 
 class ModelSpec(StrictModel):

@@ -31,6 +31,22 @@ DIABETES = "diabetes_progression"
 GATE_DAG, GATE_TASK = "modelops_compliance_gate", "evaluate_policy"
 # Airflow users of the stack (SimpleAuthManager): the strict policy's approver, and someone who is not one.
 USERS = {"risk_officer": "user", "intern": "user"}
+# The gateway's admin token: the deployment DAG's smoke tests authenticate with it (modelops_gateway).
+GATEWAY_ADMIN_TOKEN = "e2e-gateway-admin-token-0123456789abcdef"
+EXTRA_TEAMS = ("radiology",)  # the README's "Add your own model" adds a model of this team
+
+
+def caller_keys(teams: list[str], click_team: str) -> dict[str, dict[str, str]]:
+    """Three API keys per team, named as ``make demo`` names them: the traffic simulator's default callers
+    for the click model's team (so ``simulate_traffic`` finds them), ``<team>-<caller>`` for the others."""
+    from modelops.data.traffic import DEFAULT_CALLERS
+    from modelops.serving.access import new_key
+
+    return {
+        (caller if team == click_team else f"{team}-{caller}"): {"team": team, "key": new_key()}
+        for team in sorted(set(teams))
+        for caller in DEFAULT_CALLERS
+    }
 
 
 @dataclass
@@ -128,7 +144,13 @@ class Stack:
     dags: dict
     param_defaults: dict
     approvals: Approvals
+    keys: dict = field(default_factory=dict)  # key id -> {"team", "key"}: the callers' API keys
     runs: list = field(default_factory=list)
+
+    def key_headers(self, team: str) -> dict[str, str]:
+        """``Authorization`` for one of ``team``'s keys: what a test scoring through the gateway sends."""
+        key = next(entry["key"] for _, entry in sorted(self.keys.items()) if entry["team"] == team)
+        return {"Authorization": f"Bearer {key}"}
 
     def run(self, dag_id: str, conf: dict | None = None, *, events: list | None = None, **kwargs):
         """Run one DAG with ``dag.test()`` and return the finished DagRun.
@@ -296,16 +318,51 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     _airflow("dags", "reserialize")
     _unpause_all()
 
-    from modelops.serving.gateway import GatewayConfig, create_app
+    from modelops.serving.access import CLIENT_KEYS_ENV, ApiKeyring, key_entry
+    from modelops.serving.gateway import GatewayConfig, ModelPolicy, create_app
     from tests.support import keyring_for_tests
 
+    # The gateway as GatewayConfig.from_env builds it: the teams' keys (digests), each spec's allowed teams
+    # and screening, the admin token; the traffic simulator reads the keys from an owner-only file.
+    catalog = load_catalog()
+    keys = caller_keys(
+        [*(spec.team for spec in catalog.models.values()), *EXTRA_TEAMS], catalog.model(CTR).team
+    )
+    keys_file = root / "gateway_keys.json"
+    keys_file.touch(mode=0o600)
+    keys_file.write_text(json.dumps(keys))
+    saved[CLIENT_KEYS_ENV] = os.environ.get(CLIENT_KEYS_ENV)
+    os.environ[CLIENT_KEYS_ENV] = str(keys_file)
+    base = GatewayConfig.from_env(
+        {
+            "MLFLOW_TRACKING_URI": tracking_uri,
+            "MODELOPS_PREDICTIONS_URL": predictions_url,
+            "MODELOPS_AUDIT_URL": audit_url,
+            "MODELOPS_AUDIT_KEYS": json.dumps(
+                {"current": keyring_for_tests().current, "keys": dict(keyring_for_tests().keys)}
+            ),
+            "MODELOPS_DEFAULT_MODEL": CTR,
+            "MODELOPS_GATEWAY_ADMIN_TOKEN": GATEWAY_ADMIN_TOKEN,
+            "MODELOPS_GATEWAY_KEYS": json.dumps(
+                {key_id: key_entry(entry["team"], entry["key"]) for key_id, entry in keys.items()}
+            ),
+        }
+    )
+    # A model added later (the README's tumour classifier) has no spec yet: its team is allowed up front.
+    policies = {**base.policies, "tumour_classifier": ModelPolicy(allowed_teams=frozenset(EXTRA_TEAMS))}
     app = create_app(
         GatewayConfig(
             tracking_uri=tracking_uri,
             predictions_url=predictions_url,
             default_model=CTR,
+            models=base.models,
             audit_url=audit_url,
             audit_keyring=keyring_for_tests(),
+            admin_token=GATEWAY_ADMIN_TOKEN,
+            api_keys=ApiKeyring.from_json(
+                json.dumps({key_id: key_entry(entry["team"], entry["key"]) for key_id, entry in keys.items()})
+            ),
+            policies=policies,
         )
     )
     from airflow.dag_processing.dagbag import DagBag
@@ -316,7 +373,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         with serve_in_thread(app) as gateway_url, approver(root) as approvals:
             host, port = gateway_url.removeprefix("http://").split(":")
             os.environ["AIRFLOW_CONN_MODELOPS_GATEWAY"] = json.dumps(
-                {"conn_type": "http", "host": host, "port": int(port)}
+                {"conn_type": "http", "host": host, "port": int(port), "password": GATEWAY_ADMIN_TOKEN}
             )
             yield Stack(
                 root=root,
@@ -329,6 +386,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 dags=bag.dags,
                 param_defaults={dag_id: dag.params.dump() for dag_id, dag in bag.dags.items()},
                 approvals=approvals,
+                keys=keys,
             )
     finally:
         os.environ.pop("AIRFLOW_CONN_MODELOPS_GATEWAY", None)

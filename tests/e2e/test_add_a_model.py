@@ -95,7 +95,7 @@ def test_a_third_model_added_by_the_readme_alone_serves(
                 }
             ]
         },
-        headers={"X-Caller-Id": "readme"},
+        headers=stack.key_headers("radiology"),
     )
     assert response.status_code == 200, response.text
     assert response.headers["X-Model-Version"] == champion.version

@@ -185,7 +185,7 @@ def test_both_models_score_through_the_gateway(stack: Stack, chain: Chain) -> No
     default = httpx.post(
         f"{stack.gateway_url}/invocations",
         json={"dataframe_records": row.to_dict(orient="records")},
-        headers={"X-Caller-Id": "e2e"},
+        headers=stack.key_headers("growth-marketing"),
     )
     assert default.status_code == 200, default.text
     assert default.headers["X-Model-Version"] == reg.version_by_alias(CTR, Alias.CHAMPION).version
@@ -207,7 +207,7 @@ def test_both_models_score_through_the_gateway(stack: Stack, chain: Chain) -> No
     scored = httpx.post(
         f"{stack.gateway_url}/models/{DIABETES}/invocations",
         json={"dataframe_records": [patient]},
-        headers={"X-Caller-Id": "e2e"},
+        headers=stack.key_headers("care-management"),
     )
     assert scored.status_code == 200, scored.text
     (progression,) = scored.json()["predictions"]

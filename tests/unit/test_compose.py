@@ -46,6 +46,7 @@ REQUIRED_VARIABLES = {
     "MLFLOW_GATEWAY_PASSWORD",
     "MLFLOW_FLASK_SECRET_KEY",
     "MODELOPS_AUDIT_KEY",
+    "MODELOPS_GATEWAY_KEYS",
 }
 
 AIRFLOW_SERVICES = {
@@ -65,6 +66,10 @@ _REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\
 def required_value(name: str) -> str:
     """The .env value of a required variable in these tests: 40+ characters, distinct per variable, and
     nowhere in docker-compose.yaml (so finding it in a resolved value proves where it came from)."""
+    if name == "MODELOPS_GATEWAY_KEYS":  # JSON: one team's key, by its digest
+        return json.dumps(
+            {"test-key": {"team": "test-team", "sha256": hashlib.sha256(name.encode()).hexdigest()}}
+        )
     return f"test-{name.lower().replace('_', '-')}-{hashlib.sha256(name.encode()).hexdigest()[:24]}"
 
 

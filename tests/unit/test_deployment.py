@@ -321,7 +321,9 @@ def answered_by(stack: Stack, model: str, name: str | None = None, *, path: str 
     """Which version answers unpinned traffic for ``name`` (default: ``model``) at its invocations URL."""
     url = f"{stack.gateway_url}{path or f'/models/{name or model}/invocations'}"
     payload = {"dataframe_split": stack.rows[model].head(2).to_dict(orient="split", index=False)}
-    response = httpx.post(url, json=payload)
+    # Through deployment's own door (this gateway has no admin token and no team keys): the smoke test's
+    # caller id, which monitoring never counts as traffic.
+    response = httpx.post(url, json=payload, headers={"X-Caller-Id": SMOKE_TEST_CALLER})
     assert response.status_code == 200, response.text
     return response.headers["X-Model-Version"]
 

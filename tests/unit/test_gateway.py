@@ -43,7 +43,8 @@ from modelops.audit.chain import canonical_json
 from modelops.errors import ConfigurationError
 from modelops.evidence import CHAMPION_FIELD, evidence_summary, version_file_hashes
 from modelops.registry import ModelRegistry
-from modelops.serving.gateway import GatewayConfig, create_app
+from modelops.serving.access import ApiKeyring, key_entry
+from modelops.serving.gateway import GatewayConfig, ModelPolicy, create_app
 from modelops.serving.prediction_log import PredictionLog
 from modelops.settings import load_catalog
 from modelops.vocabulary import Alias, AuditAction, Decision, Tag, model_subject
@@ -75,6 +76,15 @@ CLICK_FEATURES = [
     "device",
 ]
 SPEND_FEATURES = ["visits", "basket_size", "tenure_years"]
+# The team that owns every test model, its key, and a key of another team. The caller id the log records
+# is the key's team and id; the key itself must never reach the log, a response or an error.
+TEAM = "clicks-team"
+KEY = "mok_test-clicks-team-key-0123456789abcdefghijklmnopqrstuv"
+CALLER_ID = f"{TEAM}:shop"
+OTHER_TEAM = "rival-team"
+OTHER_KEY = "mok_test-rival-team-key-0123456789abcdefghijklmnopqrstuvw"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+TEST_API_KEYS = ApiKeyring({"shop": key_entry(TEAM, KEY), "rival": key_entry(OTHER_TEAM, OTHER_KEY)})
 
 
 @dataclass(frozen=True)
@@ -296,18 +306,29 @@ def make_config(registry: Registry, tmp_path: Path, **overrides: Any) -> Gateway
         "models": (REGRESSOR, UNTRAINED),
         "audit_url": registry.audit_url,
         "audit_keyring": keyring_for_tests(),
+        "api_keys": TEST_API_KEYS,
+        "policies": {
+            name: ModelPolicy(allowed_teams=frozenset({TEAM}))
+            for name in (CLASSIFIER, REGRESSOR, UNDEPLOYED, BROKEN, UNTRAINED, OUTSIDER)
+        },
         **overrides,
     }
     return GatewayConfig(**settings)
 
 
+def keyed(app: FastAPI, headers: dict[str, str] | None = None) -> TestClient:
+    """A test client that calls as ``TEAM`` (its key on every request) unless ``headers`` says otherwise."""
+    return TestClient(app, headers=AUTH if headers is None else headers)
+
+
 @pytest.fixture
 def gateway(registry: Registry, tmp_path: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(make_config(registry, tmp_path))) as client:
+    with keyed(create_app(make_config(registry, tmp_path))) as client:
         yield client
 
 
 def logged_calls(app: FastAPI) -> list[dict]:
+    app.state.prediction_writer.flush()  # calls are logged off the request path
     log: PredictionLog = app.state.prediction_log
     table = sa.table(
         "modelops_predictions",
@@ -356,7 +377,7 @@ def test_every_mlflow_input_format_scores_the_champion(gateway: TestClient, regi
     assert [call["status_code"] for call in calls] == [200] * 5
     assert {(call["model_name"], call["model_version"]) for call in calls} == {(CLASSIFIER, "1")}
     assert {call["n_rows"] for call in calls} == {4}
-    assert {call["caller_id"] for call in calls} == {"anonymous"}
+    assert {call["caller_id"] for call in calls} == {CALLER_ID}
 
 
 def test_each_model_scores_at_its_own_path_and_is_logged_under_its_name(
@@ -385,11 +406,13 @@ def test_each_model_scores_at_its_own_path_and_is_logged_under_its_name(
     assert [c["n_rows"] for c in calls[:3]] == [3, 4, 4]
 
     before = datetime.now(UTC) - timedelta(minutes=1)
+    gateway.app.state.prediction_writer.flush()
     window = gateway.app.state.prediction_log.window(
         REGRESSOR, before, datetime.now(UTC) + timedelta(seconds=1)
     )
     assert window["prediction"].tolist() == expected(registry, REGRESSOR, "1")
-    assert set(window["caller_id"]) == {"crm"}
+    # The key decides the caller id; X-Caller-Id no longer does.
+    assert set(window["caller_id"]) == {CALLER_ID}
 
 
 def test_bad_requests_are_400_naming_the_problem(gateway: TestClient, registry: Registry) -> None:
@@ -417,19 +440,19 @@ def test_bad_requests_are_400_naming_the_problem(gateway: TestClient, registry: 
         json={"dataframe_records": [{k: v for k, v in r.items() if k != "item_price"} for r in records]},
     )
     assert missing.status_code == 400
-    assert missing.json()["error_code"] == "BAD_REQUEST"
+    assert missing.json()["error_code"] == "SCHEMA_MISMATCH"
     assert "item_price" in missing.json()["message"]
     assert missing.headers["X-Model-Version"] == "1"
 
     wrong_type = gateway.post("/invocations", json={"dataframe_records": [{**records[0], "user_age": "old"}]})
-    assert wrong_type.status_code == 400
-    assert "user_age" in wrong_type.json()["message"]
+    assert wrong_type.status_code == 422
+    assert "user_age" in wrong_type.json()["message"] and "old" not in wrong_type.json()["message"]
 
     unsupported = gateway.post("/invocations", content=b"x", headers={"Content-Type": "text/plain"})
     assert unsupported.status_code == 415
 
     calls = logged_calls(gateway.app)
-    assert [call["status_code"] for call in calls] == [400] * 6 + [415]
+    assert [call["status_code"] for call in calls] == [400] * 5 + [422, 415]
     assert all(call["error"] for call in calls)
     missing_call = next(call for call in calls if call["request_id"] == missing.headers["X-Request-Id"])
     assert missing_call["n_rows"] == 4  # parsed rows are kept even when scoring fails
@@ -437,7 +460,7 @@ def test_bad_requests_are_400_naming_the_problem(gateway: TestClient, registry: 
 
 
 def test_model_without_champion_is_503_naming_it(registry: Registry, tmp_path: Path) -> None:
-    with TestClient(create_app(make_config(registry, tmp_path, default_model=UNDEPLOYED))) as client:
+    with keyed(create_app(make_config(registry, tmp_path, default_model=UNDEPLOYED))) as client:
         response = client.post(
             "/invocations", json=registry.records(UNDEPLOYED), headers={"X-Caller-Id": "shop"}
         )
@@ -462,7 +485,7 @@ def test_model_without_champion_is_503_naming_it(registry: Registry, tmp_path: P
         assert client.post(f"/admin/models/{UNTRAINED}/reload").status_code == 503
 
         [call, untrained_call] = logged_calls(client.app)
-        assert (call["status_code"], call["model_version"], call["caller_id"]) == (503, None, "shop")
+        assert (call["status_code"], call["model_version"], call["caller_id"]) == (503, None, CALLER_ID)
         assert call["request_id"] == response.headers["X-Request-Id"]
         assert (untrained_call["model_name"], untrained_call["status_code"]) == (UNTRAINED, 503)
 
@@ -613,14 +636,14 @@ def test_staged_version_serves_only_requests_that_ask_for_it(
 
     calls = [call for call in logged_calls(gateway.app) if call["status_code"] == 200]
     assert [(call["caller_id"], call["model_version"]) for call in calls] == [
-        ("deploy", "2"),
-        ("shop", "1"),
-        ("anonymous", "1"),
+        (CALLER_ID, "2"),
+        (CALLER_ID, "1"),
+        (CALLER_ID, "1"),
     ]
 
 
 def test_first_deployment_can_smoke_test_before_any_champion(registry: Registry, tmp_path: Path) -> None:
-    with TestClient(create_app(make_config(registry, tmp_path, default_model=UNDEPLOYED))) as client:
+    with keyed(create_app(make_config(registry, tmp_path, default_model=UNDEPLOYED))) as client:
         assert client.post(f"/admin/models/{UNDEPLOYED}/stage", json={"version": 1}).status_code == 200
         body = registry.records(UNDEPLOYED)
         assert client.post("/invocations", json=body, headers={"X-Model-Version": "1"}).status_code == 200
@@ -679,7 +702,7 @@ def test_reload_follows_each_recorded_promotion_per_model(
     }
 
     # A restart resumes serving the recorded champions (which the aliases agree with).
-    with TestClient(create_app(gateway.app.state.config)) as restarted:
+    with keyed(create_app(gateway.app.state.config)) as restarted:
         assert restarted.post("/invocations", json=clicks).headers["X-Model-Version"] == "2"
         assert (
             restarted.post(f"/models/{REGRESSOR}/invocations", json=spend).headers["X-Model-Version"] == "2"
@@ -696,7 +719,7 @@ def test_reload_follows_each_recorded_promotion_per_model(
 def test_gateway_leaves_mlflow_process_wide_uris_alone(registry: Registry, tmp_path: Path) -> None:
     before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
     assert registry.tracking_uri not in before
-    with TestClient(create_app(make_config(registry, tmp_path))) as client:
+    with keyed(create_app(make_config(registry, tmp_path))) as client:
         assert client.post("/invocations", json=registry.records(CLASSIFIER)).status_code == 200
         assert client.post(f"/admin/models/{REGRESSOR}/stage", json={"version": "2"}).status_code == 200
         assert client.post(f"/admin/models/{REGRESSOR}/reload").status_code == 200
@@ -704,7 +727,7 @@ def test_gateway_leaves_mlflow_process_wide_uris_alone(registry: Registry, tmp_p
 
 
 def test_admin_routes_need_the_token(registry: Registry, tmp_path: Path) -> None:
-    with TestClient(create_app(make_config(registry, tmp_path, admin_token="s3cret"))) as client:
+    with keyed(create_app(make_config(registry, tmp_path, admin_token="s3cret"))) as client:
         assert client.get("/admin/models").status_code == 401
         assert client.get("/admin/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         denied = client.post(f"/admin/models/{CLASSIFIER}/reload", headers={"Authorization": "Basic s3cret"})
@@ -744,6 +767,7 @@ def test_labels_join_the_logged_rows(gateway: TestClient, registry: Registry) ->
     assert "4 row" in wrong_count.json()["message"]
     assert gateway.post("/labels", json={"request_id": request_id}).status_code == 400
 
+    gateway.app.state.prediction_writer.flush()
     window = gateway.app.state.prediction_log.window(
         CLASSIFIER, before, datetime.now(UTC) + timedelta(seconds=1)
     )
@@ -751,7 +775,7 @@ def test_labels_join_the_logged_rows(gateway: TestClient, registry: Registry) ->
     assert window["label"].tolist() == [1.0, 0.0, 0.0, 1.0]
     assert window["prediction"].tolist() == expected(registry, CLASSIFIER, "1")
     assert window[CLICK_FEATURES].reset_index(drop=True).equals(registry.clicks[CLICK_FEATURES])
-    assert set(window["caller_id"]) == {"shop"} and set(window["model_version"]) == {"1"}
+    assert set(window["caller_id"]) == {CALLER_ID} and set(window["model_version"]) == {"1"}
 
 
 # --- configuration --------------------------------------------------------------------------------
@@ -769,21 +793,28 @@ def test_config_from_env_reads_the_catalog(monkeypatch: pytest.MonkeyPatch) -> N
         "MODELOPS_PREDICTIONS_URL": "sqlite:///x.db",
         "MODELOPS_AUDIT_URL": "sqlite:///audit.db",
         "MODELOPS_AUDIT_KEYS": json.dumps(keys),
+        "MODELOPS_GATEWAY_ADMIN_TOKEN": "t",
+        "MODELOPS_GATEWAY_KEYS": json.dumps({"shop": key_entry("growth-marketing", KEY)}),
     }
     config = GatewayConfig.from_env(env)
     assert config.default_model == catalog.platform.default_model  # include/modelops.yaml's default_model
     assert config.models == enabled and len(enabled) >= 2
-    assert config.admin_token is None
+    assert config.admin_token == "t"
+    assert (
+        config.api_keys is not None and config.api_keys.authenticate(KEY).caller_id == "growth-marketing:shop"
+    )
+    assert KEY not in repr(config.api_keys) and KEY not in repr(config)
+    # Each spec's team may call its model unless serving.allowed_teams says otherwise.
+    for name, spec in catalog.models.items():
+        assert config.policy(name).allowed_teams == frozenset(spec.serving.allowed_teams or [spec.team])
     assert config.audit_url == "sqlite:///audit.db"
     assert config.audit_keyring == keyring_for_tests()
     # A keyring that is not JSON is refused without quoting it (it holds secrets).
     with pytest.raises(ConfigurationError, match="MODELOPS_AUDIT_KEYS is not valid JSON") as bad_keys:
         GatewayConfig.from_env({**env, "MODELOPS_AUDIT_KEYS": "{secret-material"})
     assert "secret-material" not in str(bad_keys.value)
-    config = GatewayConfig.from_env(
-        {**env, "MODELOPS_DEFAULT_MODEL": other, "MODELOPS_GATEWAY_ADMIN_TOKEN": "t"}
-    )
-    assert (config.default_model, config.admin_token) == (other, "t")
+    config = GatewayConfig.from_env({**env, "MODELOPS_DEFAULT_MODEL": other})
+    assert config.default_model == other
     with pytest.raises(ConfigurationError, match=r"MODELOPS_DEFAULT_MODEL='nope' names no model spec"):
         GatewayConfig.from_env({**env, "MODELOPS_DEFAULT_MODEL": "nope"})
     for missing in env:
@@ -844,7 +875,7 @@ def live_server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) ->
 def test_real_uvicorn_server_scores_both_models_over_http(
     live_server: LiveServer, registry: Registry
 ) -> None:
-    with httpx.Client(base_url=live_server.url, timeout=30, trust_env=False) as client:
+    with httpx.Client(base_url=live_server.url, timeout=30, trust_env=False, headers=AUTH) as client:
         assert client.get("/ping").status_code == 200
         response = client.post(
             "/invocations",
@@ -875,7 +906,7 @@ def test_real_uvicorn_server_scores_both_models_over_http(
     logged = {
         (call["model_name"], call["model_version"])
         for call in logged_calls(live_server.app)
-        if call["caller_id"] == "httpx"
+        if call["caller_id"] == CALLER_ID
     }
     assert logged == {(CLASSIFIER, "1"), (REGRESSOR, "1")}
 
@@ -885,8 +916,17 @@ def test_mlflow_scoring_client_works_unchanged(live_server: LiveServer, registry
 
     client = ScoringServerClient(*live_server.host_port)
     client.wait_server_ready(timeout=10)
-    predictions = client.invoke(registry.clicks).get_predictions()
-    assert predictions.iloc[:, 1].tolist() == expected(registry, CLASSIFIER, "1")
+    # MLflow's client sends no credentials, so the gateway refuses it; its payload, with a key, scores.
+    with pytest.raises(Exception, match="error code 401"):
+        client.invoke(registry.clicks)
+    from mlflow.pyfunc.scoring_server.client import dump_input_data
+
+    response = httpx.post(
+        f"{live_server.url}/invocations",
+        content=dump_input_data(registry.clicks),
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
+    assert [row[1] for row in response.json()["predictions"]] == expected(registry, CLASSIFIER, "1")
 
 
 # --- attacks: each must be caught (issue 7, "decisions bound to evidence") --------------------------
@@ -947,7 +987,7 @@ def test_alias_moved_outside_the_pipeline_is_reported_and_never_served(
     loads = spy_on_loads(monkeypatch)
     config = attack_config(attacked, tmp_path)
     body = attacked.records(CLASSIFIER)
-    with TestClient(create_app(config)) as before:
+    with keyed(create_app(config)) as before:
         assert before.post("/invocations", json=body).headers["X-Model-Version"] == "1"
 
     move_alias_by_hand(attacked, CLASSIFIER, "2")  # v2 passed the gate but deployment never promoted it
@@ -959,7 +999,7 @@ def test_alias_moved_outside_the_pipeline_is_reported_and_never_served(
 
     with (
         caplog.at_level(logging.WARNING, logger="modelops.serving.gateway"),
-        TestClient(create_app(config)) as restarted,
+        keyed(create_app(config)) as restarted,
     ):
         response = restarted.post("/invocations", json=body)
         assert response.status_code == 200, response.text
@@ -996,7 +1036,7 @@ def test_alias_moved_outside_the_pipeline_is_reported_and_never_served(
 
     # Through the pipeline's door (promotion record, then the alias), v2 serves and the mismatch clears.
     attacked.promote(CLASSIFIER, "2")
-    with TestClient(create_app(config)) as deployed:
+    with keyed(create_app(config)) as deployed:
         response = deployed.post("/invocations", json=body)
         assert response.headers["X-Model-Version"] == "2"
         assert p1(response) == expected(attacked, CLASSIFIER, "2")
@@ -1012,7 +1052,7 @@ def test_alias_with_no_deployment_record_at_all_serves_nothing(
     )
     move_alias_by_hand(attacked, OUTSIDER, "1")
     loads = spy_on_loads(monkeypatch)
-    with TestClient(create_app(attack_config(attacked, tmp_path))) as client:
+    with keyed(create_app(attack_config(attacked, tmp_path))) as client:
         response = client.post(f"/models/{OUTSIDER}/invocations", json=attacked.records(CLASSIFIER))
         assert response.status_code == 409
         assert response.json()["error_code"] == "UNVERIFIED_MODEL_VERSION"
@@ -1060,7 +1100,7 @@ def test_model_file_overwritten_after_the_decision_is_refused(
 ) -> None:
     body = attacked.records(CLASSIFIER)
     config = attack_config(attacked, tmp_path)
-    with TestClient(create_app(config)) as gateway:
+    with keyed(create_app(config)) as gateway:
         before = gateway.post("/invocations", json=body)
         assert before.headers["X-Model-Version"] == "1"
         genuine_v2 = version_file_hashes(attacked.models, CLASSIFIER, "2")
@@ -1104,7 +1144,7 @@ def test_model_file_overwritten_after_the_decision_is_refused(
         assert served_versions(gateway) == {"1"}
 
     # A restarted gateway has no verified version to fall back on: it serves nothing rather than v2.
-    with TestClient(create_app(config)) as restarted:
+    with keyed(create_app(config)) as restarted:
         refused = restarted.post("/invocations", json=body)
         assert refused.status_code == 409
         assert refused.json()["error_code"] == "UNVERIFIED_MODEL_VERSION"
@@ -1187,7 +1227,7 @@ def test_forged_promotion_record_without_the_key_is_ignored(
 
     loads = spy_on_loads(monkeypatch)
     body = attacked.records(CLASSIFIER)
-    with TestClient(create_app(attack_config(attacked, tmp_path))) as gateway:
+    with keyed(create_app(attack_config(attacked, tmp_path))) as gateway:
         response = gateway.post("/invocations", json=body)
         assert response.status_code == 200
         assert response.headers["X-Model-Version"] == "1"
@@ -1237,7 +1277,7 @@ def test_version_registered_straight_into_mlflow_is_not_staged_and_runs_no_code(
 
     body = attacked.records(CLASSIFIER)
     config = attack_config(attacked, tmp_path)
-    with TestClient(create_app(config)) as gateway:
+    with keyed(create_app(config)) as gateway:
         assert gateway.post("/invocations", json=body).headers["X-Model-Version"] == "1"
         refused = gateway.post(f"/admin/models/{CLASSIFIER}/stage", json={"version": version})
         assert refused.status_code == 409, refused.text
@@ -1269,7 +1309,7 @@ def test_version_registered_straight_into_mlflow_is_not_staged_and_runs_no_code(
 
     # Nor does moving the alias onto it and restarting the gateway.
     move_alias_by_hand(attacked, CLASSIFIER, version)
-    with TestClient(create_app(config)) as restarted:
+    with keyed(create_app(config)) as restarted:
         response = restarted.post("/invocations", json=body)
         assert response.headers["X-Model-Version"] == "1"
         assert p1(response) == expected(attacked, CLASSIFIER, "1")

@@ -1,11 +1,17 @@
 """Simulated scoring traffic for the scoring gateway (MLflow scoring protocol).
 
 ``simulate_traffic`` sends batches of synthetic feature rows to ``POST {url}/invocations`` as
-``dataframe_split`` JSON with an ``X-Caller-Id`` header, and keeps the true labels of every scored
-request so that ``deliver_labels`` can post them later to ``POST {url}/labels`` (delayed ground truth).
+``dataframe_split`` JSON, rotating over callers, each with its own API key (``Authorization: Bearer``: the
+gateway logs the call under the key's ``team:key_id``), and keeps the true labels of every scored request
+so that ``deliver_labels`` can post them later to ``POST {url}/labels`` (delayed ground truth).
+
+The keys come from the ``keys`` argument (caller -> key), else from the JSON file named by
+``MODELOPS_GATEWAY_CLIENT_KEYS_FILE`` (``{"<key_id>": {"team": "...", "key": "..."}}``, written by
+``make demo``): the callers are key ids there.
 
 CLI: ``python -m modelops.data.traffic --url http://127.0.0.1:8008 --requests 600 [--drift]
-[--age-shift 15] [--out-of-range-share 0.2] [--deliver-labels]`` prints a one-line JSON summary.
+[--age-shift 15] [--out-of-range-share 0.2] [--deliver-labels] [--keys-file FILE]`` prints a one-line
+JSON summary.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import httpx
 import numpy as np
 
 from modelops.data.synthetic import STRONG_DRIFT, DriftShift, generate_clicks
-from modelops.errors import ModelOpsError
+from modelops.errors import ConfigurationError, ModelOpsError
+from modelops.serving.access import CLIENT_KEYS_ENV, read_client_keys
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,21 @@ DEFAULT_CALLERS: tuple[str, ...] = ("web-shop", "mobile-app", "email-campaign")
 CALLER_HEADER = "X-Caller-Id"
 REQUEST_ID_HEADER = "X-Request-Id"
 MAX_KEPT_ERRORS = 5
+
+
+def client_keys(path: str | None = None) -> dict[str, str]:
+    """``{key_id: key}`` from the keys file ``path`` (default: ``$MODELOPS_GATEWAY_CLIENT_KEYS_FILE``);
+    empty when neither names one (the gateway will then answer 401)."""
+    import os
+
+    path = path or os.environ.get(CLIENT_KEYS_ENV, "").strip() or None
+    if path is None:
+        return {}
+    return {key_id: entry["key"] for key_id, entry in read_client_keys(path).items()}
+
+
+def _auth(key: str | None) -> dict[str, str]:
+    return {} if key is None else {"Authorization": f"Bearer {key}"}
 
 
 class GatewayUnreachable(ModelOpsError, ConnectionError):
@@ -81,8 +103,10 @@ def simulate_traffic(
     shift: DriftShift | None = None,
     timeout: float = 10.0,
     client: httpx.Client | None = None,
+    keys: Mapping[str, str] | None = None,
 ) -> TrafficReport:
-    """Send ``requests`` scoring requests of ``rows_per_request`` rows each, rotating over ``callers``.
+    """Send ``requests`` scoring requests of ``rows_per_request`` rows each, rotating over ``callers``,
+    each caller with its key from ``keys`` (default: :func:`client_keys`; none there: no key is sent).
 
     A request that fails (an HTTP error status, a malformed answer, a transport error once the gateway
     has answered) is counted and its message kept; the run goes on. Raises ``GatewayUnreachable`` when
@@ -92,6 +116,13 @@ def simulate_traffic(
         raise ValueError(f"requests and rows_per_request must be >= 1, got {requests} and {rows_per_request}")
     if not callers:
         raise ValueError("callers must name at least one caller id")
+    keys = client_keys() if keys is None else keys
+    missing = [caller for caller in callers if keys and caller not in keys]
+    if missing:
+        raise ConfigurationError(
+            f"no API key for callers {missing} (keys are known for {sorted(keys)}); add them to the keys "
+            f"file ({CLIENT_KEYS_ENV}) or pass callers that have one"
+        )
     frame = generate_clicks(requests * rows_per_request, seed=seed, shift=shift)
     features = {column: frame[column].tolist() for column in FEATURE_COLUMNS}
     labels = frame[LABEL_COLUMN].astype(int).tolist()
@@ -113,7 +144,12 @@ def simulate_traffic(
             report.requests_by_caller[caller] = report.requests_by_caller.get(caller, 0) + 1
             began = time.perf_counter()
             try:
-                response = http.post(endpoint, json=payload, headers={CALLER_HEADER: caller}, timeout=timeout)
+                response = http.post(
+                    endpoint,
+                    json=payload,
+                    headers={CALLER_HEADER: caller, **_auth(keys.get(caller))},
+                    timeout=timeout,
+                )
             except httpx.TransportError as exc:
                 if not gateway_answered:
                     raise GatewayUnreachable(
@@ -185,13 +221,20 @@ def deliver_labels(
     *,
     client: httpx.Client | None = None,
     timeout: float = 10.0,
+    api_key: str | None = None,
 ) -> int:
     """Post each request's true labels to ``{url}/labels``; return how many rows the gateway accepted.
+
+    The gateway takes labels only from a team that may call the requests' model: ``api_key``, default the
+    first of :data:`DEFAULT_CALLERS` with a key in :func:`client_keys`.
 
     A rejected delivery (an HTTP error status) is logged and skipped; an unreachable gateway raises
     ``GatewayUnreachable``.
     """
     endpoint = f"{url.rstrip('/')}/labels"
+    if api_key is None:
+        known = client_keys()
+        api_key = next((known[caller] for caller in DEFAULT_CALLERS if caller in known), None)
     accepted = 0
     own_client = client is None
     http = client if client is not None else httpx.Client(timeout=timeout)
@@ -199,7 +242,7 @@ def deliver_labels(
         for request_id, labels in pending_labels.items():
             payload = {"request_id": request_id, "labels": [int(label) for label in labels]}
             try:
-                response = http.post(endpoint, json=payload, timeout=timeout)
+                response = http.post(endpoint, json=payload, headers=_auth(api_key), timeout=timeout)
             except httpx.TransportError as exc:
                 raise GatewayUnreachable(
                     f"the scoring gateway at {url} is unreachable while delivering labels "
@@ -245,6 +288,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out-of-range-share", type=float, default=None, help="share of rows sent with user_age=100"
     )
     parser.add_argument("--deliver-labels", action="store_true", help="post the true labels afterwards")
+    parser.add_argument(
+        "--keys-file",
+        help=f"JSON file of the callers' API keys (default: ${CLIENT_KEYS_ENV}; make demo writes "
+        ".demo/modelops/gateway_keys.json)",
+    )
     args = parser.parse_args(argv)
 
     shift = STRONG_DRIFT if args.drift else None
@@ -257,8 +305,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         shift = dataclasses.replace(shift or DriftShift(), **overrides)
 
     try:
+        keys = client_keys(args.keys_file)
         report = simulate_traffic(
             args.url,
+            keys=keys,
             requests=args.requests,
             rows_per_request=args.rows_per_request,
             seed=args.seed,
@@ -268,9 +318,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = report.summary()
         if args.deliver_labels:
             summary["labels_delivered"] = deliver_labels(
-                args.url, report.pending_labels, timeout=args.timeout
+                args.url,
+                report.pending_labels,
+                timeout=args.timeout,
+                api_key=next((keys[c] for c in DEFAULT_CALLERS if c in keys), None),
             )
-    except GatewayUnreachable as exc:
+    except (GatewayUnreachable, ConfigurationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, sort_keys=True))

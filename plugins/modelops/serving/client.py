@@ -18,13 +18,23 @@ MODEL_VERSION_HEADER = "X-Model-Version"
 class GatewayClient:
     """Stage, reload, inspect and score models on one scoring gateway."""
 
-    def __init__(self, base_url: str, *, admin_token: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        admin_token: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        """``admin_token`` authenticates the admin routes and the deployment's smoke tests (logged under
+        the smoke-test caller id); ``api_key``, when given, is a team's key that scoring calls use instead."""
         self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
         headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
 
     def __repr__(self) -> str:
-        return f"GatewayClient({self.base_url!r})"
+        return f"GatewayClient({self.base_url!r})"  # never the token or the key
 
     def invocations_url(self, model: str) -> str:
         return f"{self.base_url}/models/{model}/invocations"
@@ -67,7 +77,11 @@ class GatewayClient:
     def score(
         self, model: str, payload: dict[str, Any], *, version: str | None = None, caller_id: str
     ) -> httpx.Response:
+        # The caller id the log records is the credential's (the admin token's: the smoke-test caller;
+        # a team key's: team:key_id). X-Caller-Id is still sent for gateways that run without an admin token.
         headers = {CALLER_ID_HEADER: caller_id}
+        if self._api_key is not None:
+            headers["Authorization"] = f"Bearer {self._api_key}"
         if version is not None:
             headers[MODEL_VERSION_HEADER] = str(version)
         return self._call("POST", f"/models/{model}/invocations", json=payload, headers=headers)

@@ -2,7 +2,7 @@
 
 Every registered model answers at ``POST /models/{name}/invocations``; the platform's default model (env
 ``MODELOPS_DEFAULT_MODEL``, else ``default_model`` of include/modelops.yaml) also answers at MLflow's own
-``POST /invocations``, ``GET /ping``, ``/health`` and ``/version``, so MLflow clients work unchanged.
+``POST /invocations``, ``GET /ping``, ``/health`` and ``/version``, so MLflow's payloads work unchanged.
 ``GET /models/{name}/health`` and ``/models/{name}/version`` speak for one model; ``GET /health`` also
 summarises every model the gateway knows (the model specs with serving enabled, and whatever it loaded).
 
@@ -17,6 +17,13 @@ a version the compliance gate approved (``POST /admin/models/{name}/stage``; its
 gate's record), smoke-tests it over HTTP with ``X-Model-Version`` while the previous champion keeps
 serving everyone else, records the promotion, moves the alias, then calls
 ``POST /admin/models/{name}/reload``. Every call to an invocations endpoint lands in the prediction log.
+
+Scoring and ``POST /labels`` need a team's API key (:mod:`modelops.serving.access`): the prediction log
+records the key's ``team:key_id`` as the caller, and a model's spec names the teams that may call it
+(``serving.allowed_teams``). The admin token scores too, as the deployment's smoke test. Before a model
+sees an input, :mod:`modelops.serving.screening` refuses oversized bodies (unread), too many rows,
+malformed or deeply nested JSON, columns and values the model's signature does not allow, and PII; every
+refusal is a logged failed call whose message quotes no value.
 
 Models are read through :class:`~modelops.registry.ModelRegistry` and downloaded into a temporary folder
 the gateway owns (one sub-folder per model version, removed when the version is evicted and the whole
@@ -49,6 +56,7 @@ from urllib.parse import quote
 
 import mlflow
 import pandas as pd
+import sqlalchemy as sa
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -72,21 +80,34 @@ from modelops.evidence import (
     recorded_files,
 )
 from modelops.registry import ModelRegistry
+from modelops.serving.access import KEYS_ENV as API_KEYS_ENV
+from modelops.serving.access import KEYS_EXAMPLE as API_KEYS_EXAMPLE
+from modelops.serving.access import ApiKeyring, Caller, presented_key
+from modelops.serving.log_writer import BatchedPredictionWriter
 from modelops.serving.prediction_log import (
     LabelCountMismatch,
     PredictionLog,
     PredictionRecord,
     UnknownRequestError,
+    predictions_table,
 )
-from modelops.vocabulary import Alias
+from modelops.serving.screening import InputRefused, Screening, drop_columns
+from modelops.serving.telemetry import CHAMPION, GatewayMetrics, trace_context
+from modelops.vocabulary import SMOKE_TEST_CALLER, Alias
 
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-Id"
 MODEL_VERSION_HEADER = "X-Model-Version"
-CALLER_ID_HEADER = "X-Caller-Id"
 ANONYMOUS_CALLER = "anonymous"
+SMOKE_CALLER_HEADER = "X-Caller-Id"
+"""No longer chooses the caller id (the key does); honoured only as described in ``authenticate``."""
+"""The caller id of a call that presented no valid key (it is refused, and logged under this id)."""
 AUDIT_URL_ENV = "MODELOPS_AUDIT_URL"
+ADMIN_TOKEN_ENV = "MODELOPS_GATEWAY_ADMIN_TOKEN"
+PLATFORM_CALLER = Caller(caller_id=SMOKE_TEST_CALLER, team=None, key_id=None, platform=True)
+"""Whoever holds the admin token: the deployment DAG, whose only scoring calls are its smoke tests, logged
+under the smoke-test caller id that monitoring never counts as traffic."""
 
 
 def invocations_path(name: str) -> str:
@@ -95,6 +116,18 @@ def invocations_path(name: str) -> str:
 
 
 # --- configuration --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelPolicy:
+    """Who may call one model, and what its inputs are screened for (from its spec's ``serving``)."""
+
+    allowed_teams: frozenset[str] = frozenset()
+    screening: Screening = field(default_factory=Screening)
+
+
+NO_SPEC_POLICY = ModelPolicy()
+"""A registered model no spec describes: no team may call it (the platform's smoke tests still may)."""
 
 
 @dataclass(frozen=True)
@@ -110,9 +143,15 @@ class GatewayConfig:
     audit_url: str = ""
     """The audit log: a version is served only when an authentic record there authorises its files."""
     audit_keyring: AuditKeyring | None = None
+    api_keys: ApiKeyring | None = None
+    """The teams' API keys (digests only). None: no team key is accepted; only the admin token scores."""
+    policies: Mapping[str, ModelPolicy] = field(default_factory=dict)
+    """Per model: the teams that may call it and its input screening. A model not listed gets
+    :data:`NO_SPEC_POLICY`."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))
+        object.__setattr__(self, "policies", dict(self.policies))
         if not self.audit_url or self.audit_keyring is None:
             raise ConfigurationError(
                 "the scoring gateway serves a model version only when the audit log holds an authentic "
@@ -125,12 +164,19 @@ class GatewayConfig:
     def known_models(self) -> list[str]:
         return sorted({self.default_model, *self.models})
 
+    def policy(self, name: str) -> ModelPolicy:
+        return self.policies.get(name, NO_SPEC_POLICY)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewayConfig:
         """Read ``MLFLOW_TRACKING_URI``, ``MODELOPS_PREDICTIONS_URL``, ``MODELOPS_AUDIT_URL``,
-        ``MODELOPS_AUDIT_KEYS``, ``MODELOPS_GATEWAY_ADMIN_TOKEN`` and
+        ``MODELOPS_AUDIT_KEYS``, ``MODELOPS_GATEWAY_ADMIN_TOKEN``, ``MODELOPS_GATEWAY_KEYS`` and
         ``MODELOPS_DEFAULT_MODEL`` (default: ``default_model`` of include/modelops.yaml); the known models
-        are the model specs of include/models/ with serving enabled."""
+        are the model specs of include/models/ with serving enabled, and each spec's ``serving`` block
+        says which teams may call it and how its inputs are screened.
+
+        The admin token and the API keys are required: without them the gateway would either serve
+        anyone or no one, and neither is a safe thing to start silently."""
         from modelops.settings import load_catalog  # pydantic and YAML only; kept off the import path
 
         env = os.environ if env is None else env
@@ -156,6 +202,23 @@ class GatewayConfig:
             )
         audit_url = required(AUDIT_URL_ENV, "postgresql+psycopg2://user:pass@db/audit")
         keyring = AuditKeyring.from_json(required(KEYS_ENV, KEYRING_EXAMPLE), source=KEYS_ENV)
+        admin_token = required(ADMIN_TOKEN_ENV, "<32+ random characters; the deployment DAG's connection>")
+        api_keys = ApiKeyring.from_json(
+            required(
+                API_KEYS_ENV, f"'{API_KEYS_EXAMPLE}' (`modelops gateway create-key --team TEAM` prints one)"
+            ),
+            source=API_KEYS_ENV,
+        )
+        policies = {
+            name: ModelPolicy(
+                allowed_teams=frozenset(spec.serving.allowed_teams or [spec.team]),
+                screening=Screening.build(
+                    spec.serving.screening,
+                    catalog.datasets[spec.dataset].pii_patterns if spec.dataset in catalog.datasets else (),
+                ),
+            )
+            for name, spec in catalog.models.items()
+        }
         return cls(
             tracking_uri=tracking_uri,
             audit_url=audit_url,
@@ -163,7 +226,9 @@ class GatewayConfig:
             predictions_url=predictions_url,
             default_model=default_model,
             models=tuple(sorted(name for name, spec in catalog.models.items() if spec.serving.enabled)),
-            admin_token=env.get("MODELOPS_GATEWAY_ADMIN_TOKEN", "").strip() or None,
+            admin_token=admin_token,
+            api_keys=api_keys,
+            policies=policies,
         )
 
 
@@ -187,6 +252,18 @@ class BadScoringRequest(GatewayError):
 
 class Unauthorized(GatewayError):
     status, error_code = 401, "UNAUTHENTICATED"
+
+
+class Forbidden(GatewayError):
+    status, error_code = 403, "PERMISSION_DENIED"
+
+
+class RefusedInput(GatewayError):
+    """An input screening refused (:mod:`modelops.serving.screening`): its own status and code."""
+
+    def __init__(self, refusal: InputRefused) -> None:
+        super().__init__(refusal.message)
+        self.status, self.error_code = refusal.status, refusal.error_code
 
 
 class NotFound(GatewayError):
@@ -714,30 +791,82 @@ def _schema_hint(model: PyFuncModel) -> str:
     return f" (the model expects columns {schema.input_names()})"
 
 
-def score(model: PyFuncModel, body: bytes, content_type: str | None, invocation: Invocation) -> None:
-    """Parse ``body`` with MLflow's scoring-server code, predict and format the response like MLflow.
+@dataclass(frozen=True)
+class ScreenedInput:
+    """A body that passed the checks needing no model: its type, decoded JSON and rows as sent."""
+
+    mime_type: str
+    body: bytes
+    payload: dict[str, Any] | None
+    frame: pd.DataFrame | None
+
+
+def screen_input(body: bytes, content_type: str | None, screening: Screening) -> ScreenedInput:
+    """The checks that need no model (format, JSON nesting, row count), run before a model is loaded."""
+    mime_type = _parse_content_type(content_type)
+    payload = None
+    if mime_type == mlflow_scoring.CONTENT_TYPE_JSON:
+        payload = screening.decode_json(body)
+        _require_one_format_key(payload)
+    return ScreenedInput(mime_type, body, payload, screening.raw_frame(payload, body, mime_type))
+
+
+def _without_values(message: str) -> str:
+    # MLflow's parse errors append the input ("Input: ...") and the cast's own error, which quotes the
+    # offending value ("invalid literal for int(): 'old'"); what comes before says what is wrong.
+    for marker in ("\nInput:", " Error: ", "Error: '"):
+        message = message.split(marker, 1)[0]
+    return _bounded(message.strip())
+
+
+def score(model: PyFuncModel, screened: ScreenedInput, screening: Screening, invocation: Invocation) -> None:
+    """Screen the input against the model's signature and PII rules, parse it with MLflow's scoring-server
+    code, predict and format the response like MLflow.
 
     MLflow's ``scoring_server.invocations()`` returns only the serialized response, while the log needs
     the parsed inputs and the predictions, so this composes the same parts it is built from.
     """
-    mime_type = _parse_content_type(content_type)
     input_schema = model.metadata.get_input_schema()
+    mime_type, frame = screened.mime_type, screened.frame
+    dropped: list[str] = []
+    masked_rows: list[Any] | None = None
+    if frame is not None:
+        # The rows as sent are what a refused call logs; PII in them is masked first, whatever the verdict.
+        findings = screening.pii_findings(frame)
+        sent = frame.to_dict(orient="records")
+        invocation.rows = screening.masked_rows(sent, findings) if findings else sent
+        dropped = screening.check_signature(frame, input_schema)
+        findings = {column: names for column, names in findings.items() if column not in dropped}
+        if findings:
+            if screening.rules.pii == "reject":
+                raise screening.refuse_pii(findings)
+            masked_rows = screening.masked_rows(
+                frame.drop(columns=dropped).to_dict(orient="records"), findings
+            )
     params = None
     unwrapped = False
     try:
-        if mime_type == mlflow_scoring.CONTENT_TYPE_JSON:
-            _require_one_format_key(mlflow_scoring._decode_json_input(body))
-            parsed = mlflow_scoring._parse_json_data(body, model.metadata, input_schema)
+        if screened.payload is not None:
+            payload = screened.payload
+            if dropped and frame is not None:
+                payload = drop_columns(payload, frame, dropped)
+            parsed = mlflow_scoring._parse_json_data(payload, model.metadata, input_schema)
             data, params, unwrapped = parsed.data, parsed.params, parsed.is_unified_llm_input
         elif mime_type == mlflow_scoring.CONTENT_TYPE_CSV:
-            data = mlflow_scoring.parse_csv_input(StringIO(body.decode("utf-8")), schema=input_schema)
+            data = mlflow_scoring.parse_csv_input(
+                StringIO(screened.body.decode("utf-8")), schema=input_schema
+            )
         else:
-            data = mlflow_scoring.parse_parquet_input(BytesIO(body))
+            data = mlflow_scoring.parse_parquet_input(BytesIO(screened.body))
     except MlflowException as exc:
-        raise BadScoringRequest(_bounded(exc.message)) from exc
+        raise BadScoringRequest(_without_values(exc.message)) from exc
     except UnicodeDecodeError as exc:
-        raise BadScoringRequest(f"the body is not valid UTF-8 ({exc}); send UTF-8 text") from exc
-    invocation.rows = _logged_rows(data)
+        raise BadScoringRequest("the body is not valid UTF-8; send UTF-8 text") from exc
+    except RecursionError as exc:
+        raise BadScoringRequest("the input is nested too deeply to parse; send a flat table") from exc
+    if dropped and isinstance(data, pd.DataFrame):
+        data = data.drop(columns=[c for c in dropped if c in data.columns])
+    invocation.rows = masked_rows if masked_rows is not None else _logged_rows(data)
 
     try:
         if "params" in inspect.signature(model.predict).parameters:
@@ -745,13 +874,18 @@ def score(model: PyFuncModel, body: bytes, content_type: str | None, invocation:
         else:
             raw_predictions = model.predict(data)
     except MlflowException as exc:
-        # Schema enforcement (missing column, wrong type) lands here with MLflow's own message.
+        # Schema enforcement MLflow does on its own (types screening does not know); its message may
+        # quote values, so only its first part is kept.
         status = exc.get_http_status_code()
         error = BadScoringRequest if status < 500 else GatewayError
-        raise error(_bounded(f"{exc.message}{_schema_hint(model)}")) from exc
+        raise error(_bounded(f"{_without_values(exc.message)}{_schema_hint(model)}")) from exc
+    except RecursionError as exc:
+        raise BadScoringRequest("the input is nested too deeply to evaluate; send a flat table") from exc
     except Exception as exc:  # as MLflow's server does: a model that cannot evaluate the input is a 400
+        # The exception's text is not returned: estimators quote the offending values (unknown categories).
+        logger.info("model could not evaluate an input: %s", type(exc).__name__)
         raise BadScoringRequest(
-            f"the model could not evaluate the input: {type(exc).__name__}: {exc}; verify that the "
+            f"the model could not evaluate the input ({type(exc).__name__}); verify that the "
             f"input matches the model signature{_schema_hint(model)}"
         ) from exc
 
@@ -793,12 +927,17 @@ def create_app(config: GatewayConfig) -> FastAPI:
     evidence = DeploymentEvidence(config.audit_url, config.audit_keyring)
     served = ServedModels(registry, evidence, config.known_models)
     prediction_log = PredictionLog(config.predictions_url)
+    # Calls are logged off the request path, in batches: a commit per call cost 1.5-5 ms of every answer.
+    # The queue is bounded and never drops (a full queue makes callers wait); shutdown drains it.
+    prediction_writer = BatchedPredictionWriter(prediction_log)
+    metrics = GatewayMetrics()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         try:
             yield
         finally:
+            await run_in_threadpool(prediction_writer.close)
             served.close()
             evidence.close()
             prediction_log.dispose()
@@ -807,6 +946,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
     app.state.config = config
     app.state.models = served
     app.state.prediction_log = prediction_log
+    app.state.prediction_writer = prediction_writer
+    app.state.metrics = metrics
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(_request: Request, exc: GatewayError) -> JSONResponse:
@@ -876,35 +1017,92 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     # scoring
 
+    def authenticate(request: Request) -> Caller:
+        """The caller a request's key (or the admin token) names; 401 without a known one."""
+        key = presented_key(request.headers)
+        if key is not None:
+            if config.admin_token is not None and hmac.compare_digest(key, config.admin_token):
+                return PLATFORM_CALLER
+            caller = config.api_keys.authenticate(key) if config.api_keys is not None else None
+            if caller is not None:
+                return caller
+        elif config.admin_token is None and request.headers.get(SMOKE_CALLER_HEADER) == SMOKE_TEST_CALLER:
+            # No admin token configured (a test set-up: from_env refuses to start that way): the admin
+            # routes are open, so the deployment's smoke test is too, as before.
+            return PLATFORM_CALLER
+        raise Unauthorized(
+            "this call needs a team API key: send 'Authorization: Bearer <key>' or 'X-Api-Key: <key>' "
+            "(missing, or not a key this gateway knows). Keys are made with "
+            "`modelops gateway create-key --team TEAM` and configured in " + API_KEYS_ENV
+        )
+
+    def authorize(caller: Caller, name: str, what: str) -> None:
+        allowed = config.policy(name).allowed_teams
+        if caller.may_call(allowed):
+            return
+        if name not in config.policies:
+            served.require_known(name)  # a name nobody registered is 404 naming the known models
+        teams = sorted(allowed) or "no team (it has no model spec in this gateway's catalog)"
+        raise Forbidden(
+            f"team {caller.team!r} may not {what} model {name!r}; it may be called by {teams}. Ask the "
+            "model's owner to add your team to serving.allowed_teams in its spec"
+        )
+
     async def invoke(name: str, request: Request) -> Response:
         received_at = datetime.now(UTC)
         started = time.perf_counter()
         request_id = uuid.uuid4().hex
-        caller_id = request.headers.get(CALLER_ID_HEADER) or ANONYMOUS_CALLER
         requested_version = request.headers.get(MODEL_VERSION_HEADER) or None
         invocation = Invocation(model_name=name)
-        body = await request.body()
+        caller_id = ANONYMOUS_CALLER
+        screening = config.policy(name).screening
+        trace = trace_context(request.headers)
 
-        def run() -> None:
-            version, model = served.for_request(name, requested_version)
-            invocation.model_version = version
-            score(model, body, request.headers.get("content-type"), invocation)
+        def run(body: bytes) -> None:
+            try:
+                screened = screen_input(body, request.headers.get("content-type"), screening)
+                version, model = served.for_request(name, requested_version)
+                invocation.model_version = version
+                score(model, screened, screening, invocation)
+            except InputRefused as refusal:
+                raise RefusedInput(refusal) from refusal
 
         error: GatewayError | None = None
         try:
-            await run_in_threadpool(run)
+            # Who calls, and may they, before a byte of the body is read or a model loaded.
+            caller = authenticate(request)
+            caller_id = caller.caller_id
+            await run_in_threadpool(authorize, caller, name, "score with")
+            try:
+                body = await screening.read_body(request.headers, request.stream)
+            except InputRefused as refusal:
+                raise RefusedInput(refusal) from refusal
+            await run_in_threadpool(run, body)
         except GatewayError as exc:
             error = exc
         except Exception as exc:  # a bug must still be logged and answered, not drop the connection
             logger.exception("scoring request %s failed", request_id)
-            error = GatewayError(f"internal error while scoring: {type(exc).__name__}: {exc}")
+            error = GatewayError(f"internal error while scoring ({type(exc).__name__}); see the gateway log")
 
-        headers = {REQUEST_ID_HEADER: request_id}
+        headers = {REQUEST_ID_HEADER: request_id, **trace.response_headers()}
         if invocation.model_version is not None:
             headers[MODEL_VERSION_HEADER] = invocation.model_version
+        if isinstance(error, Unauthorized):
+            headers["WWW-Authenticate"] = "Bearer"
         status = error.status if error else 200
+        seconds = time.perf_counter() - started
+        metrics.observe(name, invocation.model_version, CHAMPION, status, seconds)
+        if error is not None:
+            logger.info(
+                "request %s to %s refused %d %s (traceparent %s)",
+                request_id,
+                name,
+                status,
+                error.error_code,
+                trace.traceparent,
+            )
         await run_in_threadpool(
-            prediction_log.record,
+            prediction_writer.submit,
             PredictionRecord(
                 request_id=request_id,
                 received_at=received_at,
@@ -912,11 +1110,12 @@ def create_app(config: GatewayConfig) -> FastAPI:
                 model_name=name,
                 model_version=invocation.model_version,
                 status_code=status,
-                latency_ms=(time.perf_counter() - started) * 1000,
+                latency_ms=seconds * 1000,
                 n_rows=len(invocation.rows),
                 inputs=invocation.rows,
                 outputs=invocation.outputs if error is None else None,
                 error=None if error is None else f"{error.error_code}: {error.message}",
+                traceparent=trace.traceparent,
             ),
         )
         if error is not None:
@@ -933,8 +1132,23 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     # labels
 
+    def model_of(request_id: str) -> str | None:
+        with prediction_log.engine.connect() as conn:
+            return conn.execute(
+                sa.select(predictions_table.c.model_name).where(predictions_table.c.request_id == request_id)
+            ).scalar_one_or_none()
+
+    # A dependency, so that a call without a key is 401 before its body is even validated.
     @app.post("/labels")
-    async def labels(body: LabelsRequest) -> dict[str, Any]:
+    async def labels(
+        body: LabelsRequest,
+        caller: Caller = Depends(authenticate),  # noqa: B008 (FastAPI's dependency idiom)
+    ) -> dict[str, Any]:
+        if prediction_writer.pending(body.request_id):  # scored a moment ago, still in the write queue
+            await run_in_threadpool(prediction_writer.flush)
+        model = await run_in_threadpool(model_of, body.request_id)
+        if model is not None:  # an unknown id is refused (and counted) by the log itself, below
+            await run_in_threadpool(authorize, caller, model, "label the predictions of")
         try:
             accepted = await run_in_threadpool(prediction_log.add_labels, body.request_id, body.labels)
         except UnknownRequestError as exc:
@@ -942,6 +1156,13 @@ def create_app(config: GatewayConfig) -> FastAPI:
         except LabelCountMismatch as exc:
             raise BadScoringRequest(str(exc)) from exc
         return {"request_id": body.request_id, "accepted": accepted}
+
+    # metrics: Prometheus text format, for a scraper; model names and versions, never inputs or keys
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     # administration
 

@@ -102,6 +102,9 @@ predictions_table = sa.Table(
     sa.Column("inputs", sa.Text, nullable=False),
     sa.Column("outputs", sa.Text, nullable=True),
     sa.Column("error", sa.Text, nullable=True),
+    # W3C trace context of the call (55 characters: version-traceid-spanid-flags), so a log line, a trace
+    # and a prediction can be joined.
+    sa.Column("traceparent", sa.String(55), nullable=True),
     sa.Index("ix_modelops_predictions_model_received", "model_name", "received_at"),
 )
 
@@ -147,6 +150,7 @@ class PredictionRecord:
     inputs: list[Any]
     outputs: list[Any] | None = None
     error: str | None = None
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,7 @@ class PredictionLog:
         # during a write) and a busy timeout (a second writer waits instead of failing).
         self.engine: Engine = db.create_engine(url, what="the prediction log")
         metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
 
     def __repr__(self) -> str:
         return f"PredictionLog({db.safe_url(self.url)!r})"
@@ -231,6 +236,7 @@ class PredictionLog:
                     inputs=_to_json(entry.inputs),
                     outputs=None if entry.outputs is None else _to_json(entry.outputs),
                     error=entry.error,
+                    traceparent=entry.traceparent,
                 )
             )
 
@@ -487,6 +493,29 @@ class PredictionLog:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+# Columns added to the table after it first shipped: create_all() makes new tables only, so a log created
+# by an earlier release gets them here (nullable, so existing rows stay valid).
+_ADDED_COLUMNS = {PREDICTIONS_TABLE: ("traceparent",)}
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    inspector = sa.inspect(engine)
+    for table_name, names in _ADDED_COLUMNS.items():
+        present = {column["name"] for column in inspector.get_columns(table_name)}
+        table = metadata.tables[table_name]
+        for name in names:
+            if name in present:
+                continue
+            column_type = table.c[name].type.compile(dialect=engine.dialect)
+            # Two processes may migrate at once: the loser's ALTER fails on the existing column.
+            try:
+                with engine.begin() as conn:
+                    conn.execute(sa.text(f"ALTER TABLE {table_name} ADD COLUMN {name} {column_type}"))
+            except (sa.exc.OperationalError, sa.exc.ProgrammingError):
+                if name not in {c["name"] for c in sa.inspect(engine).get_columns(table_name)}:
+                    raise
 
 
 def _dialect_insert(dialect_name: str, *, what: str = "the prediction log", hint: str | None = None) -> Any:
