@@ -253,3 +253,13 @@ def test_metrics_and_trace_context_follow_every_call(gateway: TestClient, regist
     unauthorised = (("arm", "champion"), ("model", CLASSIFIER), ("status", "4xx"), ("version", ""))
     assert samples[("modelops_gateway_errors_total", unauthorised)] == 1
     assert KEY not in scraped.text and UNKNOWN_KEY not in scraped.text
+
+
+def test_made_up_model_names_do_not_grow_the_metrics(gateway: TestClient, registry: Registry) -> None:
+    body = registry.records(CLASSIFIER)
+    for index in range(5):  # without a key (401) and with one (403/404): neither adds a series
+        path = f"/models/no_such_model_{index}/invocations"
+        assert gateway.post(path, json=body).status_code == 401
+        assert gateway.post(path, json=body, headers=AUTH).status_code in (403, 404)
+    scraped = gateway.get("/metrics").text
+    assert "no_such_model" not in scraped and 'model="_unknown"' in scraped

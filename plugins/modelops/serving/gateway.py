@@ -98,6 +98,8 @@ from modelops.vocabulary import SMOKE_TEST_CALLER, Alias
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-Id"
+UNKNOWN_MODEL_LABEL = "_unknown"
+"""The ``model`` label of calls to a model the gateway does not know (see ``invoke``)."""
 MODEL_VERSION_HEADER = "X-Model-Version"
 ANONYMOUS_CALLER = "anonymous"
 SMOKE_CALLER_HEADER = "X-Caller-Id"
@@ -931,6 +933,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     # The queue is bounded and never drops (a full queue makes callers wait); shutdown drains it.
     prediction_writer = BatchedPredictionWriter(prediction_log)
     metrics = GatewayMetrics()
+    known_models = frozenset(config.known_models) | frozenset(config.policies)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -1091,7 +1094,12 @@ def create_app(config: GatewayConfig) -> FastAPI:
             headers["WWW-Authenticate"] = "Bearer"
         status = error.status if error else 200
         seconds = time.perf_counter() - started
-        metrics.observe(name, invocation.model_version, CHAMPION, status, seconds)
+        # A path names the model, so anyone could mint a time series per made-up name and grow the
+        # metrics without bound: only models the gateway knows or serves get their own label.
+        known = name in known_models or invocation.model_version is not None
+        metrics.observe(
+            name if known else UNKNOWN_MODEL_LABEL, invocation.model_version, CHAMPION, status, seconds
+        )
         if error is not None:
             logger.info(
                 "request %s to %s refused %d %s (traceparent %s)",
