@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from modelops.serving import log_writer, prediction_log
+from modelops.serving import prediction_log
 from modelops.serving.log_writer import (
     BatchedPredictionWriter,
     PredictionLogBacklogged,
@@ -138,15 +138,24 @@ def test_rows_are_the_ones_record_writes(any_log: PredictionLog) -> None:
         [T0, "\u2603", 10**30],
     ],
 )
-def test_inputs_are_serialized_exactly_as_record_does(value: Any) -> None:
-    assert log_writer._json(value) == prediction_log._to_json(value)
+def test_inputs_are_serialized_exactly_as_the_walk_first_way(value: Any) -> None:
+    """``_to_json`` dumps directly and walks the value for NaN/inf only when the dump refuses: the bytes
+    are those of walking first, for values with and without NaN/inf."""
+    walked = json.dumps(
+        prediction_log._clean_floats(value), default=prediction_log._json_default, allow_nan=False
+    )
+    assert prediction_log._to_json(value) == walked
 
 
 def test_values_json_refuses_are_refused_alike() -> None:
     with pytest.raises(ValueError):
-        prediction_log._to_json([np.array([np.nan])])
+        json.dumps(
+            prediction_log._clean_floats([np.array([np.nan])]),
+            default=prediction_log._json_default,
+            allow_nan=False,
+        )
     with pytest.raises(ValueError):
-        log_writer._json([np.array([np.nan])])
+        prediction_log._to_json([np.array([np.nan])])
 
 
 def test_flush_makes_queued_records_durable_and_pending_tracks_them(sqlite_log: PredictionLog) -> None:

@@ -33,7 +33,6 @@ cannot make the gateway flush on demand.
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import threading
 import time
@@ -50,20 +49,11 @@ from modelops.serving.prediction_log import (
     PredictionLog,
     PredictionRecord,
     _dialect_insert,
-    _json_default,
-    _to_json,
     predictions_table,
+    record_row,
 )
 
 logger = logging.getLogger(__name__)
-
-# The longest string each column of modelops_predictions holds (PostgreSQL enforces it; SQLite does not).
-_STRING_LIMITS = {
-    column.name: column.type.length
-    for column in predictions_table.columns
-    if isinstance(column.type, sa.String) and column.type.length is not None
-}
-_REQUIRED = ("request_id", "received_at", "caller_id", "model_name")
 
 
 class PredictionLogBacklogged(ModelOpsError):
@@ -160,7 +150,7 @@ class BatchedPredictionWriter:
         :class:`PredictionLogBacklogged` (the record is not queued). Raises :class:`WriterClosed` after
         :meth:`close`.
         """
-        row = _row(record)
+        row = record_row(record)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
@@ -333,54 +323,6 @@ class BatchedPredictionWriter:
             self._written += len(batch)
             self._last_error = None
             self._cond.notify_all()  # room for blocked submitters; flushers check their target
-
-
-def _row(entry: PredictionRecord) -> dict[str, Any]:
-    """The column values ``PredictionLog.record`` writes for ``entry``, checked so the insert cannot
-    refuse them: a refusal in the writer thread would hold the queue up, not fail the request."""
-    for name in _REQUIRED:
-        if getattr(entry, name) is None:
-            raise ValueError(f"prediction record without {name}; every record needs one")
-    if entry.received_at.tzinfo is None:
-        raise ValueError(
-            f"naive datetime {entry.received_at.isoformat()} given to the prediction log; "
-            "pass a timezone-aware datetime (e.g. datetime.now(UTC))"
-        )
-    row = {
-        "request_id": entry.request_id,
-        "received_at": entry.received_at,
-        "caller_id": entry.caller_id,
-        "model_name": entry.model_name,
-        "model_version": entry.model_version,
-        "status_code": int(entry.status_code),
-        "latency_ms": float(entry.latency_ms),
-        "n_rows": int(entry.n_rows),
-        "inputs": _json(entry.inputs),
-        "outputs": None if entry.outputs is None else _json(entry.outputs),
-        "error": entry.error,
-        "traceparent": entry.traceparent,
-    }
-    for name, limit in _STRING_LIMITS.items():
-        value = row[name]
-        if value is not None and len(value) > limit:
-            raise ValueError(
-                f"prediction record {name} is {len(value)} characters, more than the {limit} the prediction "
-                f"log stores; shorten it before logging (starts {value[:40]!r})"
-            )
-    return row
-
-
-def _json(value: Any) -> str:
-    """``prediction_log._to_json(value)``, byte for byte, at about half the cost on the caller's thread.
-
-    ``_to_json`` first walks the value to turn NaN/inf into null, then dumps it. The walk changes nothing
-    when the value holds no NaN/inf (tuples and lists dump alike), and ``allow_nan=False`` refuses exactly
-    those: so dump directly, and take ``_to_json``'s way only when that refuses (a ValueError).
-    """
-    try:
-        return json.dumps(value, default=_json_default, allow_nan=False)
-    except ValueError:
-        return _to_json(value)
 
 
 # Writers still open at interpreter exit are drained (daemon threads would otherwise just stop). Weak:

@@ -179,7 +179,12 @@ def _json_default(value: Any) -> Any:
 
 
 def _to_json(value: Any) -> str:
-    return json.dumps(_clean_floats(value), default=_json_default, allow_nan=False)
+    # Dump directly; only a value holding NaN/inf (which allow_nan=False refuses) is walked first to
+    # turn those into null: the walk changes nothing otherwise, and costs as much as the dump.
+    try:
+        return json.dumps(value, default=_json_default, allow_nan=False)
+    except ValueError:
+        return json.dumps(_clean_floats(value), default=_json_default, allow_nan=False)
 
 
 def _clean_floats(value: Any) -> Any:
@@ -205,6 +210,51 @@ def _prediction_value(output: Any) -> Any:
     return output
 
 
+# The longest string each column holds (PostgreSQL enforces it; SQLite does not).
+_STRING_LIMITS = {
+    column.name: column.type.length
+    for column in predictions_table.columns
+    if isinstance(column.type, sa.String) and column.type.length is not None
+}
+_REQUIRED = ("request_id", "received_at", "caller_id", "model_name")
+
+
+def record_row(entry: PredictionRecord) -> dict[str, Any]:
+    """The column values of ``entry`` in ``modelops_predictions`` (what :meth:`PredictionLog.record` and the
+    batched writer insert), checked so that the insert cannot refuse them: a refusal in a writer thread
+    would hold its queue up rather than fail the call that caused it."""
+    for name in _REQUIRED:
+        if getattr(entry, name) is None:
+            raise ValueError(f"prediction record without {name}; every record needs one")
+    if entry.received_at.tzinfo is None:
+        raise ValueError(
+            f"naive datetime {entry.received_at.isoformat()} given to the prediction log; "
+            "pass a timezone-aware datetime (e.g. datetime.now(UTC))"
+        )
+    row = {
+        "request_id": entry.request_id,
+        "received_at": entry.received_at,
+        "caller_id": entry.caller_id,
+        "model_name": entry.model_name,
+        "model_version": entry.model_version,
+        "status_code": int(entry.status_code),
+        "latency_ms": float(entry.latency_ms),
+        "n_rows": int(entry.n_rows),
+        "inputs": _to_json(entry.inputs),
+        "outputs": None if entry.outputs is None else _to_json(entry.outputs),
+        "error": entry.error,
+        "traceparent": entry.traceparent,
+    }
+    for name, limit in _STRING_LIMITS.items():
+        value = row[name]
+        if value is not None and len(value) > limit:
+            raise ValueError(
+                f"prediction record {name} is {len(value)} characters, more than the {limit} the prediction "
+                f"log stores; shorten it before logging (starts {value[:40]!r})"
+            )
+    return row
+
+
 class PredictionLog:
     """Read and write the prediction log at a SQLAlchemy URL; creates its tables if absent."""
 
@@ -223,22 +273,7 @@ class PredictionLog:
 
     def record(self, entry: PredictionRecord) -> None:
         with self.engine.begin() as conn:
-            conn.execute(
-                predictions_table.insert().values(
-                    request_id=entry.request_id,
-                    received_at=entry.received_at,
-                    caller_id=entry.caller_id,
-                    model_name=entry.model_name,
-                    model_version=entry.model_version,
-                    status_code=entry.status_code,
-                    latency_ms=float(entry.latency_ms),
-                    n_rows=int(entry.n_rows),
-                    inputs=_to_json(entry.inputs),
-                    outputs=None if entry.outputs is None else _to_json(entry.outputs),
-                    error=entry.error,
-                    traceparent=entry.traceparent,
-                )
-            )
+            conn.execute(predictions_table.insert().values(**record_row(entry)))
 
     def add_labels(self, request_id: str, labels: Sequence[int]) -> int:
         """Store ground truth for every row of a request; redelivery overwrites, never duplicates.
@@ -389,8 +424,18 @@ class PredictionLog:
         for the fast path. Holds the columns being built, never every call's JSON text nor a dict per row.
         """
         builder = _WindowBuilder(features)
+        requests = self._calls(model_name, start, end)
+        with self.engine.connect() as conn:
+            for batch in conn.execute(requests).partitions():
+                for request in batch:
+                    builder.add_request(request)
+            builder.calls.add_labels(self._labels(conn, model_name, start, end))
+        return builder.frame()
+
+    def _calls(self, model_name: str, start: datetime, end: datetime) -> sa.Select:
+        """The successful calls of a window, in the order they were received, with their JSON texts."""
         table = predictions_table
-        requests = (
+        return (
             sa.select(
                 table.c.request_id,
                 table.c.received_at,
@@ -404,12 +449,6 @@ class PredictionLog:
             # A server-side cursor on PostgreSQL; fetched in batches: the JSON texts are never all held.
             .execution_options(yield_per=_FETCH_BATCH)
         )
-        with self.engine.connect() as conn:
-            for batch in conn.execute(requests).partitions():
-                for request in batch:
-                    builder.add_request(request)
-            builder.calls.add_labels(self._labels(conn, model_name, start, end))
-        return builder.frame()
 
     def _labels(self, conn: sa.Connection, model_name: str, start: datetime, end: datetime) -> Iterable[Any]:
         table = predictions_table
@@ -426,24 +465,9 @@ class PredictionLog:
     ) -> pd.DataFrame | None:
         """:meth:`window` parsed by pyarrow; None when the window must be read by
         :meth:`_window_python` (see :meth:`window`), or holds no row (that one is cheap)."""
-        try:
-            import pyarrow as pa  # installed with pandas' parquet support; the Python reader does without
-        except ImportError:
-            return None
-        table = predictions_table
-        query = (
-            sa.select(
-                table.c.request_id,
-                table.c.received_at,
-                table.c.caller_id,
-                table.c.model_version,
-                table.c.inputs,
-                table.c.outputs,
-            )
-            .where(self._successful_in_window(model_name, start, end))
-            .order_by(table.c.received_at, table.c.request_id)
-            .execution_options(yield_per=_FETCH_BATCH)
-        )
+        import pyarrow as pa
+
+        query = self._calls(model_name, start, end)
         reader = _ArrowReader(features)
         # Any batch that cannot be read exactly sends the whole window to the Python reader rather than
         # mixing readers batch by batch: columns, their order and dtypes are then decided in one place,

@@ -752,12 +752,17 @@ class ReferenceChoice:
         }
 
 
-def _promoted_at(audit: AuditStore, model: str, version: str) -> datetime | None:
+def _promotion(audit: AuditStore, model: str, version: str) -> tuple[AuditRecord | None, list[int]]:
+    """The version's newest authentic promotion record (and the seqs of forged ones skipped)."""
     from modelops.evidence import newest_authentic
 
-    promoted, _ = newest_authentic(
+    return newest_authentic(
         audit, AuditAction.MODEL_DEPLOYED, model_subject(model, version), {Decision.PROMOTED}
     )
+
+
+def _promoted_at(audit: AuditStore, model: str, version: str) -> datetime | None:
+    promoted, _ = _promotion(audit, model, version)
     return None if promoted is None else datetime.fromisoformat(promoted.recorded_at)
 
 
@@ -794,7 +799,7 @@ def reference_for_window(
     from datetime import timedelta
 
     requested = str(Decision.TRAINING_DATA)
-    cold_end = None
+    promoted_at = cold_end = None
     if audit is not None and policy.reference.after_cold_start == Decision.PRODUCTION_WINDOW:
         promoted_at = _promoted_at(audit, spec.name, version)
         if promoted_at is not None:
@@ -833,8 +838,7 @@ def reference_for_window(
         else "the version's cold start: its first windows are compared with its training data"
     )
     profile = None
-    if requested == Decision.PRODUCTION_WINDOW and cold_end is not None:
-        promoted_at = cold_end - timedelta(days=policy.cold_start_days)
+    if requested == Decision.PRODUCTION_WINDOW and promoted_at is not None and cold_end is not None:
         window_start = max(promoted_at, cold_end - timedelta(hours=policy.reference.production_window_hours))
         profile, problem = _production_profile(
             spec, policy, version, window_start, cold_end, prediction_log, history, check_usable=True
@@ -964,13 +968,11 @@ def _model_outputs(
     import numpy as np
     from mlflow.exceptions import MlflowException
 
-    from modelops.evidence import EvidenceMismatch, check_files, hash_tree, newest_authentic, recorded_files
+    from modelops.evidence import EvidenceMismatch, check_files, hash_tree, recorded_files
 
     if audit is None:
         return None, "no audit log to find the version's promotion record in"
-    promoted, _ = newest_authentic(
-        audit, AuditAction.MODEL_DEPLOYED, model_subject(spec.name, version), {Decision.PROMOTED}
-    )
+    promoted, _ = _promotion(audit, spec.name, version)
     if promoted is None:
         return (
             None,
@@ -1340,13 +1342,9 @@ def _cold_start(
     audit: AuditStore, model: str, version: Any, policy: MonitoringPolicy, now: datetime
 ) -> str | None:
     """Why alerts about ``version`` are recorded but not sent yet (its first ``cold_start_days``), or None."""
-    from modelops.evidence import newest_authentic
-
     if not version or policy.cold_start_days <= 0:
         return None
-    promoted, _ = newest_authentic(
-        audit, AuditAction.MODEL_DEPLOYED, model_subject(model, str(version)), {Decision.PROMOTED}
-    )
+    promoted, _ = _promotion(audit, model, str(version))
     if promoted is None:
         return None
     since = datetime.fromisoformat(promoted.recorded_at)
