@@ -43,6 +43,7 @@ from modelops.stages.training import (
     split_frame,
     train_and_register,
     training_data,
+    untrained_datasets,
     untrusted_types,
 )
 from modelops.vocabulary import (
@@ -715,3 +716,41 @@ def test_operator_retraining_trains_on_its_own_dataset_when_another_was_validate
         assert record.evidence["dataset"] == diabetes.sha256
     finally:
         store.dispose()
+
+
+def test_an_event_triggered_run_catches_up_on_validated_data_no_run_trained_on(
+    trained: Trained, audit: AuditStore
+) -> None:
+    """A regression test: the demo's validation run emitted two events 0.14 s apart, Airflow 3.3 started
+    the training run between them and queued no run for the second, so one model never trained."""
+    clicks, diabetes = trained.data[CTR].sha256, "e" * 64
+    validated(audit, clicks, "ctr_clicks")  # trained on, by the fixture
+    validated(audit, diabetes, "diabetes")  # validated, its event never consumed
+    untrained = untrained_datasets(trained.catalog, audit, trained.registry)
+    assert untrained == {DIABETES: diabetes}
+
+    new_data = Trigger.NEW_DATA.value
+    assert plan(
+        trained.catalog, dataset_events=[dataset_event("ctr_clicks", clicks)], untrained=untrained
+    ) == [
+        {"model": CTR, "dataset_sha256": clicks, "trigger": new_data},
+        {"model": DIABETES, "dataset_sha256": diabetes, "trigger": new_data},
+    ]
+    # A retraining request wakes the catch-up too; a manual run trains only the form's model.
+    assert plan(trained.catalog, retraining_events=[retraining_event(CTR)], untrained=untrained)[1] == {
+        "model": DIABETES,
+        "dataset_sha256": diabetes,
+        "trigger": new_data,
+    }
+    assert plan(trained.catalog, model=CTR, untrained=untrained) == [
+        {"model": CTR, "dataset_sha256": None, "trigger": Trigger.MANUAL.value}
+    ]
+    # Data someone withdrew is not caught up on.
+    audit.append(
+        actor="test",
+        action=AuditAction.DATASET_QUARANTINED,
+        subject=dataset_subject(diabetes),
+        decision=Decision.QUARANTINED,
+        details={"reason": "consent withdrawn"},
+    )
+    assert untrained_datasets(trained.catalog, audit, trained.registry) == {}

@@ -64,17 +64,27 @@ def validation_plan(*, datasets: list[str] | None, dataset_uri: str | None) -> l
 
 def training_plan(context: Context, *, model: str | None, dataset_sha256: str | None) -> list[dict[str, Any]]:
     from modelops.assets import RETRAINING_REQUEST, VALIDATED_DATASET
-    from modelops.stages.training import plan_training
+    from modelops.stages.training import plan_training, untrained_datasets
 
-    return _planned(
-        lambda: plan_training(
-            catalog=_catalog(),
-            dataset_events=triggering_extras(context, VALIDATED_DATASET),
-            retraining_events=triggering_extras(context, RETRAINING_REQUEST),
+    def make() -> list[dict[str, Any]]:
+        catalog = _catalog()
+        dataset_events = triggering_extras(context, VALIDATED_DATASET)
+        retraining_events = triggering_extras(context, RETRAINING_REQUEST)
+        untrained = (
+            untrained_datasets(catalog, AuditHook().get_conn(), MlflowRegistryHook().get_conn())
+            if dataset_events or retraining_events
+            else {}
+        )
+        return plan_training(
+            catalog=catalog,
+            dataset_events=dataset_events,
+            retraining_events=retraining_events,
             model=model or None,
             dataset_sha256=dataset_sha256 or None,
+            untrained=untrained,
         )
-    )
+
+    return _planned(make)
 
 
 def version_plan(

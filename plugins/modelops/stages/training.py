@@ -16,6 +16,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -297,6 +298,7 @@ def plan_training(
     retraining_events: list[dict[str, Any]],
     model: str | None,
     dataset_sha256: str | None,
+    untrained: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """One entry per model to train: ``{"model", "dataset_sha256", "trigger"}``.
 
@@ -305,6 +307,11 @@ def plan_training(
     dataset (resolved when the task runs). Events for unknown models are ignored, so a stage acts only on
     its own models. With no event (a manual run), the form's model, on ``dataset_sha256`` or the newest
     validated version of its dataset.
+
+    ``untrained`` (model -> dataset sha256, from :func:`untrained_datasets`) catches up, in an event-triggered
+    run, on validated data that no run has trained on: Airflow 3.3 can start this run between two events of
+    one validation run and then queue no run for the later one (apache/airflow#54659, #56050), so an event
+    is a wake-up call, and the audit log and the registry say what is still to train.
     """
     plan: dict[str, dict[str, Any]] = {}
     for event in dataset_events:
@@ -317,12 +324,36 @@ def plan_training(
         name = event.get(EventField.MODEL_NAME)
         if name in catalog.models and name not in plan:
             plan[name] = {"model": name, "dataset_sha256": None, "trigger": Trigger.RETRAINING_REQUEST.value}
-    if not dataset_events and not retraining_events:
+    if dataset_events or retraining_events:
+        for name, sha in (untrained or {}).items():
+            if name in catalog.models and name not in plan:
+                plan[name] = {"model": name, "dataset_sha256": sha, "trigger": Trigger.NEW_DATA.value}
+    else:
         if not model:
             raise TrainingError("a manual training run needs a model: pick one in the trigger form")
         catalog.model(model)
         plan[model] = {"model": model, "dataset_sha256": dataset_sha256, "trigger": Trigger.MANUAL.value}
     return [plan[name] for name in sorted(plan)]
+
+
+def untrained_datasets(catalog: Catalog, audit: AuditStore, registry: ModelRegistry) -> dict[str, str]:
+    """Model -> the newest validated version of its dataset, for each model with no version trained on it.
+
+    A version someone quarantined is left alone: catching up must not train on withdrawn data.
+    """
+    from modelops.checks import quarantine_record
+
+    untrained: dict[str, str] = {}
+    for spec in catalog.models.values():
+        record = latest_passed_validation(audit, dataset=spec.dataset)
+        if record is None:
+            continue
+        sha = sha256_from_subject(record.subject)
+        if quarantine_record(audit, sha) is not None:
+            continue
+        if not registry.find_versions(spec.name, **{Tag.TRAIN_DATA_SHA256: sha}):
+            untrained[spec.name] = sha
+    return untrained
 
 
 def training_data(
