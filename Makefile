@@ -12,12 +12,13 @@ export UV_PYTHON_DOWNLOADS := never
 # neither the wheel nor the Docker image ships it, so it is put on PYTHONPATH here.
 DEMO_ENV := AIRFLOW_HOME=$(CURDIR)/.demo/airflow PYTHONPATH=$(CURDIR)/devstack$${PYTHONPATH:+:$$PYTHONPATH}
 
-.PHONY: help install demo down status test lint unit e2e bench clean
+.PHONY: help install demo down status restart test lint unit e2e bench clean
 
 help:
 	@echo "make demo   run two models through the six-stage lifecycle on this machine (leaves services running)"
 	@echo "make down   stop every process make demo started"
-	@echo "make status show what make demo started and where it listens"
+	@echo "make status show what make demo started, where it listens, and its restarts"
+	@echo "make restart SERVICE=gateway   stop one service of make demo and start it again"
 	@echo "make test   ruff + the whole test suite"
 	@echo "make bench  print speed and memory figures (benchmarks/)"
 
@@ -39,6 +40,11 @@ down:
 
 status: install
 	$(DEMO_ENV) $(VENV)/bin/python -m modelops_dev status
+
+# A service that exits unasked is restarted by the demo's supervisor (make status: restarts, FAILED).
+restart: install
+	@if [ -z "$(SERVICE)" ]; then echo "usage: make restart SERVICE=<name>, a name make status shows"; exit 2; fi
+	$(DEMO_ENV) $(VENV)/bin/python -m modelops_dev restart $(SERVICE)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -5,6 +5,8 @@ and ``modelops`` never imports it. It imports ``modelops`` for settings, data an
 job each:
 
 - :mod:`modelops_dev.processes`: process groups: start, health, stop, status, pid files, port checks
+- :mod:`modelops_dev.supervision`: the detached supervisor that restarts a service that exits unasked,
+  ``restart <service>`` and the restart counts ``status`` shows
 - :mod:`modelops_dev.stack`: what the stack is: ports, the ``.demo/`` layout, environment, services
 - (the ``airflow_settings.yaml`` loader is :mod:`modelops.airflow_settings`: production compose uses it too)
 - :mod:`modelops_dev.airflow_api`: the Airflow REST client, run waiting, XComs and log excerpts
@@ -13,8 +15,8 @@ job each:
 - :mod:`modelops_dev.workload`: what the demo feeds the stack: dataset files, scoring traffic, predictions
 - :mod:`modelops_dev.driver`: the lifecycle: ``up`` / ``down`` / ``status`` and the summary
 
-Run it as ``python -m modelops_dev up|down|status`` with ``devstack/`` on ``PYTHONPATH`` (the Makefile
-does).
+Run it as ``python -m modelops_dev up|down|status|restart <service>`` with ``devstack/`` on
+``PYTHONPATH`` (the Makefile does).
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ moves each task runner into a process group of its own (same session): killing o
 stopping ``airflow standalone`` does, leaves the scheduler, api-server and task runners behind as
 orphans. Pid files live in ``.demo/run/<name>.pid``; a pid file whose processes are gone is stale and
 just removed.
+
+A service with a :class:`RestartPolicy` is started by the supervisor (:mod:`modelops_dev.supervision`),
+which restarts it when it exits unasked; :func:`stop` tells the supervisor to let it go first.
 """
 
 from __future__ import annotations
@@ -52,6 +55,21 @@ def default_run_dir() -> Path:
 
 
 @dataclass(frozen=True)
+class RestartPolicy:
+    """How the supervisor restarts a service that exits unasked: after ``initial_delay`` seconds, doubled
+    for every restart within the last ``window`` seconds (at most ``max_delay``); once ``max_restarts``
+    restarts fall within ``window``, the next exit leaves the service failed."""
+
+    initial_delay: float = 1.0
+    max_delay: float = 30.0
+    max_restarts: int = 5
+    window: float = 60.0
+
+    def delay(self, recent_restarts: int) -> float:
+        return min(self.initial_delay * 2**recent_restarts, self.max_delay)
+
+
+@dataclass(frozen=True)
 class Service:
     """One background process of the stack and how to tell it is ready."""
 
@@ -65,6 +83,8 @@ class Service:
     any_http_answer_is_up: bool = False  # e.g. the gateway answers 503 until a champion exists
     cwd: Path | None = None
     url: str | None = None  # what a person opens; shown by `status`
+    # Set: the supervisor starts it and restarts it when it exits unasked. None: started directly, once.
+    restart: RestartPolicy | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -231,11 +251,27 @@ def start(service: Service, run_dir: Path | None = None) -> int:
         pid_file(service.name, run_dir).unlink(missing_ok=True)
     check_port(service)
     run_dir.mkdir(parents=True, exist_ok=True)
-    service.log_file.parent.mkdir(parents=True, exist_ok=True)
+    if service.restart is not None:
+        from modelops_dev import supervision  # it builds on this module
+
+        return supervision.start(service, run_dir)
+    process = launch(service, run_dir)
+    _children[process.pid] = process
+    return process.pid
+
+
+def log_line(log_file: Path, text: str) -> None:
+    """Append ``=== <UTC time> <text>`` to a service's log, as a line of its own."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    with log_file.open("ab") as log:
+        log.write(f"\n=== {stamp} {text}\n".encode())
+
+
+def launch(service: Service, run_dir: Path, note: str = "") -> subprocess.Popen[bytes]:
+    """Run ``service`` in a session of its own, its output appended to its log; write its pid file."""
+    log_line(service.log_file, f"start {service.name}{note}: {' '.join(service.argv)}")
     with service.log_file.open("ab") as log:
-        stamp = datetime.now(UTC).isoformat(timespec="seconds")
-        log.write(f"\n=== {stamp} start {service.name}: {' '.join(service.argv)}\n".encode())
-        log.flush()
         try:
             process = subprocess.Popen(
                 list(service.argv),
@@ -248,10 +284,17 @@ def start(service: Service, run_dir: Path | None = None) -> int:
             )
         except OSError as exc:
             raise ConfigurationError(f"{service.name}: cannot run {service.argv[0]!r}: {exc}") from exc
-    _children[process.pid] = process
     # start_new_session makes the child a session and group leader: pid == pgid == sid.
-    pid_file(service.name, run_dir).write_text(f"{process.pid}\n")
-    return process.pid
+    write_pid(pid_file(service.name, run_dir), process.pid)
+    return process
+
+
+def write_pid(path: Path, pid: int) -> None:
+    """Write a pid file in one step: a reader never sees it half written (and removes it as torn)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(f"{pid}\n")
+    partial.replace(path)
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -309,8 +352,12 @@ def stop(name: str, run_dir: Path | None = None, grace_seconds: float = STOP_GRA
     """SIGTERM the service's process group, wait up to ``grace_seconds``, then SIGKILL what is left.
 
     Returns "stopped" (exited on SIGTERM), "killed" (needed SIGKILL), "stale" (pid file of a process
-    that was already gone, removed) or "not_running" (no pid file).
+    that was already gone, removed) or "not_running" (no pid file). A supervised service is let go by the
+    supervisor first, so this stop is not taken for a crash and restarted.
     """
+    from modelops_dev import supervision  # it builds on this module
+
+    supervision.release(name, run_dir or default_run_dir())
     path = pid_file(name, run_dir)
     pid = read_pid(name, run_dir)
     if pid is None:

@@ -21,7 +21,7 @@ from typing import Any
 from modelops.errors import ConfigurationError
 from modelops.settings import PROJECT_ROOT
 from modelops_dev import LOOPBACK
-from modelops_dev.processes import Service
+from modelops_dev.processes import RestartPolicy, Service
 
 ADMIN_USER = "admin"
 APPROVER_USERS = ("risk_officer",)
@@ -36,6 +36,10 @@ DEV_ROOT = Path(__file__).resolve().parents[1]
 # Airflow's log server as an ASGI app factory (what `airflow scheduler` and `airflow triggerer` run in a
 # subprocess, there bound to every interface).
 LOG_SERVER_APP = "airflow.utils.serve_logs.log_server:create_app"
+
+RESTART = RestartPolicy()
+"""Every service of the stack is supervised: restarted after 1, 2, 4 ... 30 s when it exits unasked, given
+up (``make status``: FAILED) after 5 restarts within a minute (modelops_dev.supervision)."""
 
 # Started in this order, stopped in reverse.
 SERVICE_NAMES = (
@@ -383,7 +387,7 @@ def services(
     variable = {field: name for field, (name, _) in PORT_VARIABLES.items()}
 
     def airflow_component(name: str, *args: str, **extra: Any) -> Service:
-        settings: dict[str, Any] = {"health_url": None, "cwd": layout.root, **extra}
+        settings: dict[str, Any] = {"health_url": None, "cwd": layout.root, "restart": RESTART, **extra}
         return Service(
             name=f"airflow-{name}",
             argv=[airflow, *args],
@@ -416,6 +420,7 @@ def services(
             port_env=port_env,
             any_http_answer_is_up=True,  # it serves /log/<path> only: "/" answers 404 once it listens
             cwd=layout.root,
+            restart=RESTART,
         )
 
     other_env = {**env, **conn_env}
@@ -443,6 +448,7 @@ def services(
             port_env=variable["mlflow"],
             cwd=layout.mlflow_dir,
             url=ports.mlflow_url,
+            restart=RESTART,
         ),
         airflow_component(
             "api-server",
@@ -487,5 +493,6 @@ def services(
             any_http_answer_is_up=True,  # 503 until a champion is deployed
             cwd=layout.root,
             url=f"{ports.gateway_url}/invocations",
+            restart=RESTART,
         ),
     ]

@@ -230,6 +230,10 @@ def test_dependencies_have_no_cycle(services: dict[str, dict[str, Any]]) -> None
 def test_long_running_services_have_healthchecks_and_restart(services: dict[str, dict[str, Any]]) -> None:
     one_shots = one_shot_services(services)
     assert one_shots == {"airflow-init", "minio-init", "mlflow-init"}
+    # Every long-running service, the gateway first, is restarted by the stack when it crashes, as
+    # `make demo`'s supervisor restarts its own (devstack/modelops_dev/supervision.py).
+    assert {"gateway", "mlflow", *AIRFLOW_SERVICES} <= set(services)
+    assert services["gateway"].get("restart") in ("always", "unless-stopped")
     for name, service in services.items():
         if name in one_shots:
             continue
