@@ -9,6 +9,13 @@ champion, smoke-tests it through HTTP with rows of its own training data, then m
 `/models/<model>/invocations`. A failed smoke test leaves the previous champion serving and fails the
 task; a failed switch rolls the alias back.
 
+When a champion already serves, the new version goes live as a **canary** instead (the model spec's
+`serving.canary`): it answers `initial_share` of the callers (sticky per caller id), task `canary` soaks
+without holding a worker slot (deferred to the triggerer), then compares the two arms on server errors,
+p95 latency and, once labels have arrived, the business metric and ROC AUC (RMSE for a regressor): as
+good or better promotes it (`champion` moves, 100 %), worse rolls it back (0 %). Every share change is an
+audit record. To roll a canary or a champion back by hand, trigger `modelops_rollback`.
+
 **Trigger form** (a manual run): `model`, `model_version` (empty = the model's alias `challenger`).
 """
 
@@ -20,7 +27,7 @@ import pendulum
 from airflow.sdk import dag
 
 from modelops.assets import MODEL_APPROVED, MODEL_DEPLOYED
-from modelops.operators.deployment import DeployModelOperator
+from modelops.operators.deployment import CanaryOperator, DeployModelOperator
 from modelops.operators.planning import StagePlanOperator
 from modelops.params import model_param, version_param
 
@@ -43,9 +50,18 @@ from modelops.params import model_param, version_param
 def modelops_deployment() -> None:
     plan = StagePlanOperator(task_id="plan_deployment", stage="deployment")
 
-    DeployModelOperator.partial(
+    deploy = DeployModelOperator.partial(
         task_id="deploy_to_gateway",
         outlets=[MODEL_DEPLOYED],
+        map_index_template="{{ task.model }}",
+    ).expand_kwargs(plan.output)
+
+    # all_done: one model's failed deployment must not leave another model's canary unwatched; each
+    # canary task reads its model's running canary from the audit log (none: nothing to do).
+    deploy >> CanaryOperator.partial(
+        task_id="canary",
+        trigger_rule="all_done",
+        retries=3,
         map_index_template="{{ task.model }}",
     ).expand_kwargs(plan.output)
 

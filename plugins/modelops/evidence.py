@@ -208,6 +208,41 @@ def champion_record(store: AuditStore, name: str) -> AuditRecord | None:
     return newest
 
 
+CHALLENGER_FIELD = "challenger_version"
+"""Details key of a traffic record: the version on trial (None when no canary runs)."""
+SHARE_FIELD = "challenger_share"
+"""Details key of a traffic record: the share of callers the challenger answers (0 to 1)."""
+
+
+def traffic_record(store: AuditStore, name: str) -> AuditRecord | None:
+    """The newest authentic traffic record (``traffic.share_set``) of any version of ``name``, or None."""
+    for record in reversed(
+        store.records(action=AuditAction.TRAFFIC_SHARE_SET, subject_prefix=model_subject(name, ""))
+    ):
+        if store.authentic(record):
+            return record
+    return None
+
+
+def active_canary(store: AuditStore, name: str) -> AuditRecord | None:
+    """The traffic record of ``name``'s running canary, or None.
+
+    A canary runs while its record is the newest traffic record, gives the challenger a share, and is newer
+    than the champion record it names: a later promotion or rollback of the champion ends it.
+    """
+    record = traffic_record(store, name)
+    if record is None or not record.details.get(CHALLENGER_FIELD):
+        return None
+    if float(record.details.get(SHARE_FIELD) or 0) <= 0:
+        return None
+    champion = champion_record(store, name)
+    if champion is None or champion.seq > record.seq:
+        return None
+    if str(champion.details.get(CHAMPION_FIELD)) != str(record.details.get(CHAMPION_FIELD)):
+        return None
+    return record
+
+
 def check_files(expected: Mapping[str, str], actual: Mapping[str, str], *, what: str) -> None:
     problems = file_differences(expected, actual)
     if problems:

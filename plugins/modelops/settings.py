@@ -211,6 +211,53 @@ class ScreeningSpec(StrictModel):
     )
 
 
+class CanarySpec(StrictModel):
+    """How a new version goes live next to a champion (``serving.canary``): a share of the callers first,
+    then promoted or rolled back by comparing the two arms."""
+
+    enabled: bool = Field(
+        default=True, description="false: an approved version replaces the champion after its smoke test"
+    )
+    initial_share: float = Field(
+        default=0.1, gt=0, lt=1, description="Share of callers (sticky per caller id) the challenger answers"
+    )
+    soak_minutes: float = Field(default=60, gt=0, description="How long both arms serve before comparing")
+    max_soak_minutes: float = Field(
+        default=240,
+        gt=0,
+        description="Arms with too few calls soak on until this; then the canary rolls back",
+    )
+    min_calls: int = Field(default=200, gt=0, description="Calls each arm needs before they are compared")
+    max_error_rate_increase: float = Field(
+        default=0.01, ge=0, le=1, description="Failed-call rate the challenger may have above the champion's"
+    )
+    max_latency_ratio: float = Field(
+        default=1.5, ge=1, description="Challenger p95 latency over the champion's that still passes"
+    )
+    max_metric_drop: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="Relative drop of a label metric (business metric, ROC AUC) against the champion's",
+    )
+    min_labelled_rows: int = Field(
+        default=100, gt=0, description="Labelled rows each arm needs before its label metrics count"
+    )
+    min_z: float = Field(
+        default=2.0,
+        ge=0,
+        description="A label metric counts as worse only this many standard errors below the champion's",
+    )
+
+    @model_validator(mode="after")
+    def _soak_fits(self) -> CanarySpec:
+        if self.max_soak_minutes < self.soak_minutes:
+            raise ValueError(
+                f"max_soak_minutes ({self.max_soak_minutes}) is shorter than soak_minutes ({self.soak_minutes})"
+            )
+        return self
+
+
 class ServingSpec(StrictModel):
     enabled: bool = Field(default=True, description="Deploy approved versions to the scoring gateway")
     smoke_rows: int = Field(
@@ -222,6 +269,7 @@ class ServingSpec(StrictModel):
         "default: the spec's own team",
     )
     screening: ScreeningSpec = Field(default_factory=ScreeningSpec)
+    canary: CanarySpec = Field(default_factory=CanarySpec)
 
 
 class ModelSpec(StrictModel):

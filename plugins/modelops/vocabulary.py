@@ -20,7 +20,7 @@ class Alias(StrEnum):
     CANDIDATE = "candidate"
     """Registered by training, not yet through the compliance gate."""
     CHALLENGER = "challenger"
-    """Approved by the compliance gate, waiting for deployment."""
+    """Approved by the compliance gate, waiting for deployment; during a canary, the version on trial."""
     CHAMPION = "champion"
     """The version that serves."""
     PREVIOUS_CHAMPION = "previous_champion"
@@ -98,6 +98,18 @@ class DeploymentStatus(StrEnum):
     LIVE = "live"
     SMOKE_TEST_FAILED = "smoke_test_failed"
     ROLLED_BACK = "rolled_back"
+    CANARY = "canary"
+    """Serving a share of the model's traffic beside the champion, on trial."""
+
+
+class Arm(StrEnum):
+    """Which version of a model answered a call: the prediction log's ``arm`` and the metrics' label."""
+
+    CHAMPION = "champion"
+    CHALLENGER = "challenger"
+    """The canary: the share of callers the traffic record sends to the version on trial."""
+    STAGED = "staged"
+    """A version asked for by ``X-Model-Version`` that is staged only (the deployment's smoke test)."""
 
 
 RETIRED_TRUE = "true"
@@ -139,9 +151,15 @@ class AuditAction(StrEnum):
     """A monitoring alert: sent (with each channel's delivery), suppressed within its cool-down, or failed."""
     DATASET_QUARANTINED = "dataset.quarantined"
     """A person withdrew a dataset version (``modelops dataset quarantine``): no model trained on it passes."""
+    TRAFFIC_SHARE_SET = "traffic.share_set"
+    """Who serves which share of a model's calls: a canary started (the challenger's share), promoted or rolled
+    back (share 0). The gateway splits traffic only as the newest authentic such record says."""
     MONITORING_REFERENCE_SET = "monitoring.reference_set"
     """What a version's monitoring windows are compared with: its training data, or (after its cold start, when
     the policy says so) a window of its own production traffic; the decision names which."""
+    BATCH_SCORED = "batch.scored"
+    """A batch of files scored on Spark with the recorded champion (``modelops_batch_scoring``): the details
+    name the version, the champion record's seq, the sha256 of every input file and of the output, and rows."""
 
 
 class Decision(StrEnum):
@@ -169,6 +187,12 @@ class Decision(StrEnum):
     QUARANTINED = "quarantined"
     SENT = "sent"
     SUPPRESSED = "suppressed"
+    SCORED = "scored"
+    """A batch scoring wrote its scores (``batch.scored``)."""
+    CANARY_STARTED = "canary_started"
+    """A challenger serves its initial share beside the champion; the canary's soak has begun."""
+    CANARY_PENDING = "canary_pending"
+    """The soak is over but the arms have too few calls to compare: the canary soaks on (up to its limit)."""
     TRAINING_DATA = "training_data"
     """Monitoring compares with the version's training data."""
     PRODUCTION_WINDOW = "production_window"

@@ -23,6 +23,7 @@ EXPECTED_DAGS = {
     "modelops_drift_monitoring",
     "modelops_retirement",
     "modelops_audit_anchor",
+    "modelops_rollback",
 }
 
 _PROBE = """

@@ -33,13 +33,15 @@ from modelops.evidence import evidence_summary, version_file_hashes
 from modelops.operators.deployment import DeployModelOperator
 from modelops.registry import ModelRegistry
 from modelops.serving.client import GatewayClient
-from modelops.settings import Catalog, ModelSpec, ServingSpec, load_catalog
+from modelops.serving.prediction_log import PredictionLog
+from modelops.settings import CanarySpec, Catalog, ModelSpec, ServingSpec, load_catalog
 from modelops.stages import deployment
 from modelops.stages.deployment import SMOKE_TEST_CALLER, deploy, deploy_version, rollback, smoke_test
 from modelops.stages.outcome import AuditEntry
 from modelops.storage import read_dataset
 from modelops.vocabulary import (
     Alias,
+    Arm,
     AuditAction,
     ComplianceStatus,
     Decision,
@@ -93,10 +95,22 @@ class Misbehaving(mlflow.pyfunc.PythonModel):
             return [[0.6, 0.6] for _ in range(rows)]
         if self.mode == "nan":  # a regressor answering NaN
             return [math.nan] * rows
+        if self.mode == "single_row_fails":  # passes the 20-row smoke test, fails every 1-row call
+            if rows == 1:
+                raise RuntimeError("cannot score a single row")
+            return [[0.5, 0.5] for _ in range(rows)]
         return ["high"] * rows  # "text": a regressor answering words
 
 
-BAD_KINDS = {"large": CLASSIFIER, "short": CLASSIFIER, "sum": CLASSIFIER, "nan": REGRESSOR, "text": REGRESSOR}
+BAD_KINDS = {
+    "large": CLASSIFIER,
+    "short": CLASSIFIER,
+    "sum": CLASSIFIER,
+    "nan": REGRESSOR,
+    "text": REGRESSOR,
+    "single_row_fails": CLASSIFIER,
+    "shuffled": CLASSIFIER,  # a real classifier trained on shuffled labels: valid answers, no skill
+}
 
 
 @dataclass(frozen=True)
@@ -113,6 +127,8 @@ class Stack:
     runs: dict[str, str]  # kind of model (a model name, or a BAD_KINDS key) -> run that logged it at "model"
     audit: AuditStore  # the audit log the gateway reads its authority from
     audit_url: str
+    app: Any  # the gateway's ASGI app: its prediction writer is flushed before a test reads the log
+    predictions: PredictionLog
 
     def record(self, entry: AuditEntry) -> dict[str, Any]:
         """What the operator's recorder does, outside a task."""
@@ -125,10 +141,16 @@ class Stack:
             evidence=entry.evidence,
         ).to_dict()
 
-    def spec(self, model: str, name: str | None = None) -> ModelSpec:
-        """The shipped spec of ``model``, under another registered ``name`` if given (an isolated test)."""
+    def spec(self, model: str, name: str | None = None, **canary: Any) -> ModelSpec:
+        """The shipped spec of ``model``, under another registered ``name`` if given (an isolated test).
+
+        Without ``canary`` settings a new version replaces the champion after its smoke test (the canary
+        is off); with them, the spec's ``serving.canary`` is those settings.
+        """
         spec = self.catalog.model(model)
-        return spec if name is None else spec.model_copy(update={"name": name})
+        settings = {"enabled": False} if not canary else {"enabled": True, **canary}
+        serving = spec.serving.model_copy(update={"canary": CanarySpec(**settings)})
+        return spec.model_copy(update={"serving": serving, **({"name": name} if name else {})})
 
 
 def _fit(spec: ModelSpec, frame: pd.DataFrame) -> Any:
@@ -188,6 +210,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             )
         for kind, model in BAD_KINDS.items():
             folder = root / f"saved-{kind}"
+            if kind == "shuffled":
+                spec, frame = catalog.model(model), pd.read_csv(csv[model])
+                frame[spec.target] = frame[spec.target].sample(frac=1.0, random_state=3).to_numpy()
+                _save_sklearn(_fit(spec, frame), spec, frame, folder)
+                runs[kind] = registry.log_run(
+                    experiment=spec.experiment_name, run_name=kind, tags={}, artifact_dirs={"model": folder}
+                )
+                continue
             mlflow.pyfunc.save_model(str(folder), python_model=Misbehaving(kind), pip_requirements=["mlflow"])
             runs[kind] = registry.log_run(
                 experiment=catalog.model(model).experiment_name,
@@ -207,10 +237,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 decision=Decision.PASSED,
                 details={"dataset": catalog.model(model).dataset, "snapshot_uri": path.as_uri()},
             )
+        predictions_url = f"sqlite:///{root / 'predictions.db'}"
         app = create_app(
             GatewayConfig(
                 tracking_uri=tracking_uri,
-                predictions_url=f"sqlite:///{root / 'predictions.db'}",
+                predictions_url=predictions_url,
                 default_model=CLASSIFIER,
                 models=(REGRESSOR,),
                 audit_url=audit_url,
@@ -244,9 +275,35 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 runs=runs,
                 audit=audit,
                 audit_url=audit_url,
+                app=app,
+                predictions=PredictionLog(predictions_url),
             )
             gateway.close()
         audit.dispose()
+
+
+@pytest.fixture(autouse=True)
+def operators_deploy_without_canary(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operators read the shipped specs, whose canary is on: off for the tests written before it
+    (a second version replaces the champion), on for the tests with ``canary`` in their name."""
+    if "canary" in request.node.name:
+        return
+    import modelops.settings as settings
+
+    load = settings.load_catalog
+
+    def without_canary(*args: Any, **kwargs: Any) -> Catalog:
+        catalog = load(*args, **kwargs)
+        off = CanarySpec(enabled=False)
+        return dataclasses.replace(
+            catalog,
+            models={
+                name: spec.model_copy(update={"serving": spec.serving.model_copy(update={"canary": off})})
+                for name, spec in catalog.models.items()
+            },
+        )
+
+    monkeypatch.setattr(settings, "load_catalog", without_canary)
 
 
 def task_of(kind: str) -> str:
@@ -774,6 +831,7 @@ def test_the_smoke_test_is_logged_as_its_own_caller(stack: Stack) -> None:
     spec = stack.spec(CLASSIFIER, unique("smoke_logged"))
     version = register(stack, spec.name, CLASSIFIER)
     ship(stack, spec, version)
+    stack.app.state.prediction_writer.flush()
     log = PredictionLog(f"sqlite:///{stack.root / 'predictions.db'}")
     try:
         frame = log.window(spec.name, datetime(2000, 1, 1, tzinfo=UTC), datetime.now(UTC) + timedelta(days=1))
@@ -1031,3 +1089,285 @@ def test_a_rollback_target_whose_files_changed_is_refused(stack: Stack) -> None:
         and "differ from those its promotion record names" in outcome.summary
     )
     assert aliases(stack, spec.name)[Alias.CHAMPION] == second
+
+
+# --- the canary --------------------------------------------------------------------------------------
+
+
+def call(stack: Stack, name: str, rows: pd.DataFrame, routing_key: str) -> httpx.Response:
+    """One unpinned call for ``name``, from the smoke-test door with ``routing_key`` as its end user."""
+    payload = {"dataframe_split": rows.to_dict(orient="split", index=False)}
+    headers = {"X-Caller-Id": SMOKE_TEST_CALLER, "X-Routing-Key": routing_key}
+    return httpx.post(f"{stack.gateway_url}/models/{name}/invocations", json=payload, headers=headers)
+
+
+def canary_look(stack: Stack, spec: ModelSpec, *, later_by_minutes: float = 0.0) -> Any:
+    """canary_step as the canary task calls it, ``later_by_minutes`` from now."""
+    from modelops.stages.canary import canary_step
+
+    stack.app.state.prediction_writer.flush()
+    return canary_step(
+        spec=spec,
+        policy=stack.catalog.policies_for(spec).monitoring,
+        registry=stack.registry,
+        gateway=stack.gateway,
+        audit=stack.audit,
+        record=stack.record,
+        prediction_log=stack.predictions,
+        now=datetime.now(UTC) + timedelta(minutes=later_by_minutes),
+    )
+
+
+def canary_of(stack: Stack, model: str, champion_kind: str, challenger_kind: str, **canary: Any) -> Any:
+    """A fresh model whose champion is ``champion_kind`` and whose canary is ``challenger_kind``."""
+    spec = stack.spec(CLASSIFIER, unique("canary"), **{"enabled": True, **canary})
+    first = register(stack, spec.name, champion_kind)
+    assert ship(stack, spec, first).canary is None  # nothing to compare with: promoted after its smoke test
+    second = register(stack, spec.name, challenger_kind)
+    result = ship(stack, spec, second)
+    assert result.smoke_test.passed and result.canary is not None
+    return spec, first, second, result
+
+
+def test_a_second_version_is_a_canary_sticky_per_caller_then_promoted(stack: Stack) -> None:
+    spec, first, second, result = canary_of(
+        stack, CLASSIFIER, CLASSIFIER, CLASSIFIER, initial_share=0.3, soak_minutes=5, min_calls=20
+    )
+    name = spec.name
+    assert result.canary["challenger_share"] == 0.3 and result.canary["champion_version"] == first
+    assert aliases(stack, name) == {Alias.CHAMPION: first, Alias.CHALLENGER: second}
+    status = served(stack, name)
+    assert status["live_version"] == first and status["challenger_version"] == second
+    assert status["challenger_share"] == 0.3
+    assert stack.client.get_model_version(name, second).tags[Tag.DEPLOYMENT_STATUS] == DeploymentStatus.CANARY
+    started = stack.audit.last(action=AuditAction.TRAFFIC_SHARE_SET, subject=model_subject(name, second))
+    assert started.decision == Decision.CANARY_STARTED and started.details["challenger_share"] == 0.3
+
+    # Sticky: each end user always gets the same arm; about the share of them get the challenger.
+    rows = stack.rows[CLASSIFIER].head(1)
+    arms = {}
+    for user in range(120):
+        answers = {call(stack, name, rows, f"user-{user}").headers["X-Model-Arm"] for _ in range(2)}
+        assert len(answers) == 1, f"user-{user} answered by {answers}"
+        arms[user] = answers.pop()
+    share = sum(arm == Arm.CHALLENGER for arm in arms.values()) / len(arms)
+    assert 0.15 <= share <= 0.45, share
+    pinned = call(stack, name, rows, "user-0")
+    assert pinned.headers["X-Model-Version"] == (second if arms[0] == Arm.CHALLENGER else first)
+    stack.app.state.prediction_writer.flush()
+    frame = pd.read_sql(
+        f"SELECT model_version, arm FROM modelops_predictions WHERE model_name = '{name}'",
+        stack.predictions.engine,
+    )
+    by_arm = frame.groupby("arm")["model_version"].agg(set).to_dict()
+    assert by_arm[Arm.CHAMPION] == {first} and by_arm[Arm.CHALLENGER] == {second}
+    assert by_arm[Arm.STAGED] == {first, second}  # the smoke tests, pinned to the staged versions
+
+    # Before the soak ends: wait, without a record; after it: promoted, on record, aliases moved.
+    waiting = canary_look(stack, spec)
+    assert waiting.decision == "soaking" and waiting.details["next_check"] == result.canary["soak_until"]
+    assert not waiting.records
+    done = canary_look(stack, spec, later_by_minutes=6)
+    assert done.decision == Decision.PROMOTED, done.summary
+    assert aliases(stack, name) == {Alias.CHAMPION: second, Alias.PREVIOUS_CHAMPION: first}
+    status = served(stack, name)
+    assert status["live_version"] == second and status["challenger_version"] is None
+    assert answered_by(stack, CLASSIFIER, name) == second
+    promoted = promotion(stack, name, second)
+    assert promoted.decision == Decision.PROMOTED and promoted.details["previous_version"] == first
+    history = done.details["traffic"]
+    assert [(p["version"], p["arm"], p["share"]) for p in history] == [
+        (first, "champion", 1.0),
+        (first, "champion", 0.7),
+        (second, "challenger", 0.3),
+        (second, "champion", 1.0),
+    ]
+    assert all(p["to"] for p in history[:-1]) and history[-1]["to"] is None
+    # The canary task of a later run finds nothing to do.
+    assert canary_look(stack, spec).decision == "no_canary"
+
+
+def test_a_canary_whose_challenger_fails_every_call_is_rolled_back_before_its_soak_ends(stack: Stack) -> None:
+    spec, first, second, _ = canary_of(
+        stack, CLASSIFIER, CLASSIFIER, "single_row_fails", initial_share=0.5, soak_minutes=60
+    )
+    rows = stack.rows[CLASSIFIER].head(1)
+    answers = [call(stack, spec.name, rows, f"user-{user}") for user in range(40)]
+    failed = [r for r in answers if r.status_code != 200]
+    assert failed and all(r.headers["X-Model-Version"] == second for r in failed)
+    outcome = canary_look(stack, spec)
+    assert outcome.decision == Decision.ROLLED_BACK, outcome.summary
+    assert f"v{second} failed" in outcome.summary
+    assert aliases(stack, spec.name) == {Alias.CHAMPION: first}
+    assert served(stack, spec.name)["challenger_version"] is None
+    assert stack.client.get_model_version(spec.name, second).tags[Tag.DEPLOYMENT_STATUS] == "rolled_back"
+    ended = stack.audit.last(action=AuditAction.TRAFFIC_SHARE_SET, subject=model_subject(spec.name, second))
+    assert ended.decision == Decision.ROLLED_BACK and ended.details["challenger_share"] == 0.0
+    assert all(call(stack, spec.name, rows, f"user-{u}").status_code == 200 for u in range(10))
+
+
+def test_a_canary_worse_on_the_labels_is_rolled_back(stack: Stack) -> None:
+    """The challenger answers validly and fast, but was trained on shuffled labels: the labels that
+    arrive for its calls show it has no skill, so it goes."""
+    spec, first, second, _ = canary_of(
+        stack,
+        CLASSIFIER,
+        CLASSIFIER,
+        "shuffled",
+        initial_share=0.5,
+        soak_minutes=1,
+        min_calls=10,
+        min_labelled_rows=100,
+    )
+    frame = pd.read_csv(stack.csv[CLASSIFIER])
+    for user, start in enumerate(range(0, len(frame), 10)):
+        chunk = frame.iloc[start : start + 10]
+        response = call(stack, spec.name, chunk[spec.features], f"user-{user}")
+        assert response.status_code == 200, response.text
+        stack.app.state.prediction_writer.flush()
+        stack.predictions.add_labels(response.headers["X-Request-Id"], chunk[spec.target].tolist())
+    outcome = canary_look(stack, spec, later_by_minutes=2)
+    assert outcome.decision == Decision.ROLLED_BACK, outcome.summary
+    compared = outcome.details["evaluation"]["compared"]
+    assert compared["roc_auc"]["drop"] > 0.05 and compared["roc_auc"]["z"] >= 2, compared
+    assert "roc_auc" in outcome.details["reason"]
+    assert aliases(stack, spec.name) == {Alias.CHAMPION: first}
+
+
+def test_a_canary_with_too_few_calls_soaks_on_then_rolls_back_at_its_limit(stack: Stack) -> None:
+    spec, first, second, result = canary_of(
+        stack, CLASSIFIER, CLASSIFIER, CLASSIFIER, soak_minutes=10, max_soak_minutes=30, min_calls=50
+    )
+    pending = canary_look(stack, spec, later_by_minutes=11)
+    assert pending.decision == Decision.CANARY_PENDING and "too few calls" in pending.summary
+    assert pending.records and pending.records[0].decision == Decision.CANARY_PENDING
+    assert served(stack, spec.name)["challenger_version"] == second
+    expired = canary_look(stack, spec, later_by_minutes=31)
+    assert expired.decision == Decision.ROLLED_BACK and "too few calls" in expired.summary
+    assert aliases(stack, spec.name) == {Alias.CHAMPION: first}
+
+
+def test_a_canary_retry_reverifies_and_a_second_canary_waits_for_the_first(stack: Stack) -> None:
+    from modelops.stages.canary import CanaryError
+
+    spec, first, second, result = canary_of(stack, CLASSIFIER, CLASSIFIER, CLASSIFIER)
+    again = ship(stack, spec, second)  # a retried deployment task
+    assert again.canary["started_at"] == result.canary["started_at"]
+    starts = stack.audit.records(
+        action=AuditAction.TRAFFIC_SHARE_SET, subject=model_subject(spec.name, second)
+    )
+    assert [r.decision for r in starts] == [Decision.CANARY_STARTED]
+    third = register(stack, spec.name, CLASSIFIER)
+    with pytest.raises(CanaryError, match=rf"canary of v{second} .* is still running"):
+        ship(stack, spec, third)
+    assert served(stack, spec.name)["challenger_version"] == second
+
+
+def test_a_forged_or_altered_canary_record_is_not_served(stack: Stack) -> None:
+    from modelops.audit import AuditStore as Store
+
+    spec, first, second, _ = canary_of(stack, CLASSIFIER, CLASSIFIER, CLASSIFIER, initial_share=0.5)
+    stack.gateway.reload(spec.name)
+    assert served(stack, spec.name)["challenger_version"] == second
+    # Someone with database access but not the audit key writes a canary for an unapproved version.
+    rogue = register(stack, spec.name, "shuffled", status=None)
+    forger = Store(stack.audit_url)  # no keyring: its records do not authenticate
+    try:
+        forger.append(
+            actor="intruder",
+            action=AuditAction.TRAFFIC_SHARE_SET,
+            subject=model_subject(spec.name, rogue),
+            decision=Decision.CANARY_STARTED,
+            details={
+                "champion_version": first,
+                "challenger_version": rogue,
+                "challenger_share": 0.99,
+                **evidence_summary(version_file_hashes(stack.registry, spec.name, rogue)),
+            },
+        )
+    except Exception as refused:  # the store may refuse an unkeyed append outright: as good
+        assert "key" in str(refused).lower()
+    finally:
+        forger.dispose()
+    stack.gateway.reload(spec.name)
+    status = served(stack, spec.name)
+    assert status["challenger_version"] == second and status["challenger_share"] == 0.5
+
+
+def test_manual_rollback_ends_a_canary_then_puts_the_previous_champion_back(stack: Stack) -> None:
+    from modelops.stages.canary import manual_rollback
+
+    spec, first, second, _ = canary_of(stack, CLASSIFIER, CLASSIFIER, CLASSIFIER)
+
+    def roll_back() -> Any:
+        return manual_rollback(
+            spec=spec,
+            registry=stack.registry,
+            gateway=stack.gateway,
+            audit=stack.audit,
+            record=stack.record,
+            reason="manual rollback by alice: the canary's answers look odd",
+        )
+
+    ended = roll_back()
+    assert ended.decision == Decision.ROLLED_BACK and ended.refusal is None
+    assert served(stack, spec.name)["challenger_version"] is None
+    record = stack.audit.last(action=AuditAction.TRAFFIC_SHARE_SET, subject=model_subject(spec.name, second))
+    assert "by alice" in record.details["reason"]
+    # No canary now, and only one champion ever: nothing to go back to, which fails the run.
+    refused = roll_back()
+    assert refused.decision == Decision.REFUSED and "no earlier approved champion" in refused.refusal
+    assert aliases(stack, spec.name) == {Alias.CHAMPION: first}
+
+
+def test_the_canary_task_defers_while_it_soaks_and_the_rollback_form_ends_the_canary(
+    stack: Stack, operator_audit: AuditStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airflow.providers.standard.triggers.temporal import DateTimeTrigger
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from modelops.operators.deployment import CanaryOperator, RollbackOperator
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MODELOPS_PREDICTIONS",
+        json.dumps({"conn_type": "sqlite", "host": str(stack.root / "predictions.db")}),
+    )
+    spec = stack.catalog.model(REGRESSOR)  # the shipped spec: its canary is on
+    champion = stack.gateway.live_version(REGRESSOR)
+    if champion is None:
+        DeployModelOperator(
+            task_id="deploy", model=REGRESSOR, model_version=register(stack, REGRESSOR, REGRESSOR)
+        ).execute(task_context("manual__first"))
+        champion = stack.gateway.live_version(REGRESSOR)
+    version = register(stack, REGRESSOR, REGRESSOR)
+    started = DeployModelOperator(task_id="deploy", model=REGRESSOR, model_version=version).execute(
+        task_context("manual__canary")
+    )
+    assert (
+        started["decision"] == Decision.CANARY_STARTED and started["canary"]["challenger_version"] == version
+    )
+
+    with pytest.raises(TaskDeferred) as deferred:
+        CanaryOperator(task_id="canary", model=REGRESSOR, model_version=version).execute(
+            task_context("manual__canary")
+        )
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, DateTimeTrigger) and deferred.value.method_name == "execute_complete"
+    soak = timedelta(minutes=spec.serving.canary.soak_minutes)
+    assert trigger.moment == datetime.fromisoformat(started["canary"]["soak_until"])
+    assert timedelta(0) < trigger.moment - datetime.now(UTC) <= soak
+
+    context = {**task_context("manual__rollback"), "params": {"model": REGRESSOR, "reason": "odd answers"}}
+    context["dag_run"].triggering_user_name = "alice"
+    ended = RollbackOperator(task_id="roll_back").execute(context)
+    assert (
+        ended["decision"] == Decision.ROLLED_BACK
+        and "manual rollback by alice: odd answers" in ended["reason"]
+    )
+    assert served(stack, REGRESSOR)["challenger_version"] is None
+    assert stack.gateway.live_version(REGRESSOR) == champion
+    # The canary task of that run then has nothing to watch.
+    idle = CanaryOperator(task_id="canary", model=REGRESSOR, model_version=version).execute(
+        task_context("manual__canary")
+    )
+    assert idle["decision"] == "no_canary"

@@ -600,6 +600,9 @@ def test_staged_version_serves_only_requests_that_ask_for_it(
     assert listing["default_model"] == CLASSIFIER and listing["champion_alias"] == Alias.CHAMPION
     assert listing["models"][CLASSIFIER] == {
         "live_version": "1",
+        "challenger_version": None,
+        "challenger_share": 0.0,
+        "canary_problem": None,
         "staged_version": "2",
         "loaded_versions": ["1", "2"],
         "alias_mismatch": None,
@@ -607,6 +610,9 @@ def test_staged_version_serves_only_requests_that_ask_for_it(
     }
     assert listing["models"][REGRESSOR] == {
         "live_version": None,
+        "challenger_version": None,
+        "challenger_share": 0.0,
+        "canary_problem": None,
         "staged_version": None,
         "loaded_versions": [],
         "alias_mismatch": None,
@@ -674,6 +680,8 @@ def test_reload_follows_each_recorded_promotion_per_model(
         "model": REGRESSOR,
         "live_version": "2",
         "previous_version": "1",
+        "challenger_version": None,
+        "challenger_share": 0.0,
         "alias_mismatch": None,
     }
     after = gateway.post(f"/models/{REGRESSOR}/invocations", json=spend)

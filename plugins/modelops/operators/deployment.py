@@ -43,3 +43,88 @@ class DeployModelOperator(ModelOpsBaseOperator):
             record=lambda entry: self.record_entry(entry, context),
             version=None if self.model_version in (None, "") else str(self.model_version),
         )
+
+
+class CanaryOperator(ModelOpsBaseOperator):
+    """Watch a model's canary to its end: soak without holding a worker slot (deferred to the triggerer),
+    compare the arms, promote or roll back. With no canary running (a first deployment, a refused one) it
+    has nothing to do and says so."""
+
+    template_fields: Sequence[str] = ()
+    ui_color = "#f7efe6"
+    audit_action = AuditAction.TRAFFIC_SHARE_SET
+
+    def __init__(self, *, model: str, model_version: str | int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+        self.model_version = model_version
+
+    def audit_subject(self) -> str:
+        return model_subject(self.model, self.model_version or None)
+
+    def run_stage(self, context: Context) -> StageOutcome:
+        from modelops.stages.canary import canary_step
+
+        spec = self.catalog.model(self.model)
+        return canary_step(
+            spec=spec,
+            policy=self.catalog.policies_for(spec).monitoring,
+            registry=self.registry,
+            gateway=self.gateway,
+            audit=self.audit_hook.store,
+            record=lambda entry: self.record_entry(entry, context),
+            prediction_log=self.prediction_log,
+        )
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        outcome = self.decide(lambda: self.run_stage(context), context)
+        next_check = outcome.details.get("next_check")
+        if next_check:
+            from datetime import datetime
+
+            from airflow.providers.standard.triggers.temporal import DateTimeTrigger
+
+            for entry in outcome.records:  # a soak that runs on past its time is on record each look
+                self.record_entry(entry, context)
+            self.log.info("%s", outcome.summary)
+            self.defer(
+                trigger=DateTimeTrigger(moment=datetime.fromisoformat(next_check)),
+                method_name="execute_complete",
+            )
+        return self.act_on(outcome, context)
+
+    def execute_complete(self, context: Context, event: Any = None) -> dict[str, Any]:
+        return self.execute(context)
+
+
+class RollbackOperator(ModelOpsBaseOperator):
+    """A manual rollback: end the model's running canary, or (none running) put its previous champion back.
+
+    The model and the reason come from the trigger form's params at run time, never rendered as templates.
+    """
+
+    template_fields: Sequence[str] = ()
+    ui_color = "#f7e6e6"
+    audit_action = AuditAction.MODEL_ROLLED_BACK
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model: str | None = None
+
+    def audit_subject(self) -> str:
+        return model_subject(self.model or "unknown", None)
+
+    def run_stage(self, context: Context) -> StageOutcome:
+        from modelops.stages.canary import manual_rollback
+
+        params = context["params"]
+        self.model = str(params["model"])
+        by = getattr(context["dag_run"], "triggering_user_name", None) or "unknown user"
+        return manual_rollback(
+            spec=self.catalog.model(self.model),
+            registry=self.registry,
+            gateway=self.gateway,
+            audit=self.audit_hook.store,
+            record=lambda entry: self.record_entry(entry, context),
+            reason=f"manual rollback by {by}: {str(params['reason']).strip()}",
+        )

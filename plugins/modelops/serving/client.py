@@ -74,6 +74,11 @@ class GatewayClient:
         live = self.status().get("models", {}).get(model, {}).get("live_version")
         return None if live is None else str(live)
 
+    def serving(self, model: str) -> dict[str, Any]:
+        """What the gateway serves of ``model``: ``live_version``, ``challenger_version``, ``challenger_share``
+        and ``canary_problem`` (empty when it does not know the model)."""
+        return dict(self.status().get("models", {}).get(model, {}))
+
     def score(
         self, model: str, payload: dict[str, Any], *, version: str | None = None, caller_id: str
     ) -> httpx.Response:

@@ -35,6 +35,7 @@ MLflow clients work unchanged. Imports nothing of Airflow.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import inspect
 import json
@@ -71,8 +72,11 @@ from modelops.audit import AuditKeyring, AuditRecord, AuditStore
 from modelops.audit.keys import KEYRING_EXAMPLE, KEYS_ENV
 from modelops.errors import ConfigurationError, ModelOpsError, RegistryError
 from modelops.evidence import (
+    CHALLENGER_FIELD,
     CHAMPION_FIELD,
+    SHARE_FIELD,
     EvidenceMismatch,
+    active_canary,
     champion_record,
     check_files,
     gate_record,
@@ -92,8 +96,8 @@ from modelops.serving.prediction_log import (
     predictions_table,
 )
 from modelops.serving.screening import InputRefused, Screening, drop_columns
-from modelops.serving.telemetry import CHAMPION, GatewayMetrics, trace_context
-from modelops.vocabulary import SMOKE_TEST_CALLER, Alias
+from modelops.serving.telemetry import GatewayMetrics, trace_context
+from modelops.vocabulary import SMOKE_TEST_CALLER, Alias, Arm
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +105,11 @@ REQUEST_ID_HEADER = "X-Request-Id"
 UNKNOWN_MODEL_LABEL = "_unknown"
 """The ``model`` label of calls to a model the gateway does not know (see ``invoke``)."""
 MODEL_VERSION_HEADER = "X-Model-Version"
+ARM_HEADER = "X-Model-Arm"
+"""On a response: which arm answered (champion, challenger, staged)."""
+ROUTING_KEY_HEADER = "X-Routing-Key"
+"""Optional: the caller's end user or session. During a canary, calls with the same caller id and routing key
+always land on the same arm; without it the caller id alone decides. Used for the split only, never logged."""
 ANONYMOUS_CALLER = "anonymous"
 SMOKE_CALLER_HEADER = "X-Caller-Id"
 """No longer chooses the caller id (the key does); honoured only as described in ``authenticate``."""
@@ -337,6 +346,11 @@ class DeploymentEvidence:
         store = self._open()
         return None if store is None else champion_record(store, name)
 
+    def canary(self, name: str) -> AuditRecord | None:
+        """The traffic record of ``name``'s running canary (see :func:`modelops.evidence.active_canary`)."""
+        store = self._open()
+        return None if store is None else active_canary(store, name)
+
     def approval(self, name: str, version: str) -> AuditRecord:
         store = self._open()
         if store is None:
@@ -365,12 +379,27 @@ class _Slot:
     loaded: dict[str, PyFuncModel] = field(default_factory=dict)
     problem: str | None = None
     """Why the champion could not be served at the last attempt (None once it serves)."""
+    challenger: str | None = None
+    """The canary's version, answering ``share`` of the callers beside the live champion (None: no canary)."""
+    share: float = 0.0
+    split_problem: str | None = None
+    """Why the recorded canary is not served (its files do not check out, it does not load), else None."""
     mismatch: str | None = None
     """Why the registry's alias is not what serves (an alias moved outside the pipeline), else None."""
 
     @property
     def empty(self) -> bool:
         return self.live is None and self.staged is None and not self.loaded and self.problem is None
+
+
+def in_challenger_share(split_key: str, name: str, challenger: str, share: float) -> bool:
+    """Whether the caller ``split_key`` is one of the ``share`` of callers the challenger answers.
+
+    A hash, not a random draw: the same caller lands on the same arm on every call of one canary (its
+    answers stay consistent), and each canary of a model draws its own callers (the version is hashed too).
+    """
+    digest = hashlib.blake2b(f"{name}\0{challenger}\0{split_key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < share * 2**64
 
 
 class ServedModels:
@@ -548,8 +577,34 @@ class ServedModels:
             )
         return str(recorded), recorded_files(record)
 
+    def _load_split(self, slot: _Slot, name: str) -> None:
+        """Serve the canary the audit log records for the live champion, if any (call with the slot's lock).
+
+        A recorded canary whose files do not check out, or that does not load, is not served: the champion
+        answers every caller, the problem is kept for ``/admin/models`` and raised.
+        """
+        record = self.evidence.canary(name)
+        if record is None or str(record.details.get(CHAMPION_FIELD)) != slot.live:
+            slot.challenger, slot.share, slot.split_problem = None, 0.0, None
+            return
+        version, share = str(record.details[CHALLENGER_FIELD]), float(record.details[SHARE_FIELD])
+        try:
+            try:
+                files = recorded_files(record)
+            except EvidenceMismatch as exc:
+                raise UnverifiedVersion(str(exc)) from exc
+            self._load(slot, name, version, files)
+        except GatewayError as exc:
+            slot.challenger, slot.share = None, 0.0
+            slot.split_problem = (
+                f"the canary v{version} (traffic record seq={record.seq}) is not served: {exc.message}"
+            )
+            logger.warning("model %s: %s", name, slot.split_problem)
+            raise
+        slot.challenger, slot.share, slot.split_problem = version, share, None
+
     def _evict_unused(self, name: str, slot: _Slot) -> None:
-        keep = {slot.live, slot.staged}
+        keep = {slot.live, slot.staged, slot.challenger}
         for version in [version for version in slot.loaded if version not in keep]:
             del slot.loaded[version]
             shutil.rmtree(self._folder(name, version), ignore_errors=True)
@@ -577,7 +632,12 @@ class ServedModels:
                 except GatewayError as exc:
                     slot.problem = exc.message
                     raise
-                slot.live, slot.problem = version, None
+                first_load, slot.live, slot.problem = slot.live is None, version, None
+                if first_load:
+                    try:
+                        self._load_split(slot, name)
+                    except GatewayError:
+                        pass  # the champion serves everyone; the problem is reported (split_problem)
                 return version, model
         except ModelNotServed:
             self._forget_if_empty(name)
@@ -593,24 +653,38 @@ class ServedModels:
             return
         raise self._unknown_model(name)
 
-    def for_request(self, name: str, requested_version: str | None) -> tuple[str, PyFuncModel]:
+    def for_request(
+        self, name: str, requested_version: str | None, split_key: str = ""
+    ) -> tuple[str, PyFuncModel, Arm]:
+        """The version that answers a call, its model and its arm. Without ``X-Model-Version``: the
+        champion, or during a canary the challenger for the callers (``split_key``) in its share."""
         if requested_version is None:
-            return self.live(name)
+            version, model = self.live(name)
+            slot = self._slot(name)
+            challenger, share = slot.challenger, slot.share
+            if challenger is not None and in_challenger_share(split_key, name, challenger, share):
+                challenger_model = slot.loaded.get(challenger)
+                if challenger_model is not None:
+                    return challenger, challenger_model, Arm.CHALLENGER
+            return version, model, Arm.CHAMPION
         slot = self._slot(name)
-        staged = slot.staged
+        staged, challenger = slot.staged, slot.challenger
         staged_model = slot.loaded.get(staged) if staged == requested_version else None
         if staged_model is not None:
-            return requested_version, staged_model
+            return requested_version, staged_model, Arm.STAGED
         try:
             live_version, model = self.live(name)
         except NoDeployedVersion:
             live_version, model = None, None
         if live_version == requested_version and model is not None:
-            return live_version, model
+            return live_version, model, Arm.CHAMPION
+        challenger_model = slot.loaded.get(challenger) if challenger == requested_version else None
+        if challenger_model is not None:
+            return requested_version, challenger_model, Arm.CHALLENGER
         raise VersionNotServed(
-            f"version {requested_version} of model {name!r} is neither live ({live_version or 'none'}) "
-            f"nor staged ({staged or 'none'}); stage it with POST /admin/models/{name}/stage "
-            "or drop the X-Model-Version header",
+            f"version {requested_version} of model {name!r} is neither live ({live_version or 'none'}), "
+            f"the canary ({challenger or 'none'}) nor staged ({staged or 'none'}); stage it with "
+            f"POST /admin/models/{name}/stage or drop the X-Model-Version header",
         )
 
     # administration
@@ -634,11 +708,16 @@ class ServedModels:
                     raise
                 self._load(slot, name, version, files)
                 slot.live, slot.problem = version, None
-                self._evict_unused(name, slot)
+                try:
+                    self._load_split(slot, name)
+                finally:
+                    self._evict_unused(name, slot)
                 return {
                     "model": name,
                     "live_version": version,
                     "previous_version": previous,
+                    "challenger_version": slot.challenger,
+                    "challenger_share": slot.share,
                     "alias_mismatch": slot.mismatch,
                 }
         except ModelNotServed:
@@ -678,6 +757,9 @@ class ServedModels:
             with slot.lock:
                 described[name] = {
                     "live_version": slot.live,
+                    "challenger_version": slot.challenger,
+                    "challenger_share": slot.share,
+                    "canary_problem": slot.split_problem,
                     "staged_version": slot.staged,
                     "loaded_versions": sorted(slot.loaded, key=_version_order),
                     "alias_mismatch": slot.mismatch,
@@ -694,6 +776,8 @@ class ServedModels:
             live, problem = slot.live, slot.problem
             if live is not None:
                 entry: dict[str, Any] = {"status": "ok", "model_version": live}
+                if slot.challenger is not None:
+                    entry["canary"] = {"version": slot.challenger, "share": slot.share}
             elif problem is not None:
                 entry = {"status": "unavailable", "model_version": None, "message": problem}
             else:
@@ -721,6 +805,7 @@ class Invocation:
 
     model_name: str
     model_version: str | None = None
+    arm: Arm = Arm.CHAMPION
     rows: list[Any] = field(default_factory=list)
     outputs: list[Any] | None = None
     response_body: str = ""
@@ -1057,15 +1142,15 @@ def create_app(config: GatewayConfig) -> FastAPI:
         request_id = uuid.uuid4().hex
         requested_version = request.headers.get(MODEL_VERSION_HEADER) or None
         invocation = Invocation(model_name=name)
-        caller_id = ANONYMOUS_CALLER
+        caller_id = split_key = ANONYMOUS_CALLER
         screening = config.policy(name).screening
         trace = trace_context(request.headers)
 
         def run(body: bytes) -> None:
             try:
                 screened = screen_input(body, request.headers.get("content-type"), screening)
-                version, model = served.for_request(name, requested_version)
-                invocation.model_version = version
+                version, model, arm = served.for_request(name, requested_version, split_key)
+                invocation.model_version, invocation.arm = version, arm
                 score(model, screened, screening, invocation)
             except InputRefused as refusal:
                 raise RefusedInput(refusal) from refusal
@@ -1075,6 +1160,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
             # Who calls, and may they, before a byte of the body is read or a model loaded.
             caller = authenticate(request)
             caller_id = caller.caller_id
+            routing_key = request.headers.get(ROUTING_KEY_HEADER)
+            split_key = caller_id if not routing_key else f"{caller_id}/{routing_key}"
             await run_in_threadpool(authorize, caller, name, "score with")
             try:
                 body = await screening.read_body(request.headers, request.stream)
@@ -1090,6 +1177,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         headers = {REQUEST_ID_HEADER: request_id, **trace.response_headers()}
         if invocation.model_version is not None:
             headers[MODEL_VERSION_HEADER] = invocation.model_version
+            headers[ARM_HEADER] = invocation.arm.value
         if isinstance(error, Unauthorized):
             headers["WWW-Authenticate"] = "Bearer"
         status = error.status if error else 200
@@ -1098,7 +1186,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         # metrics without bound: only models the gateway knows or serves get their own label.
         known = name in known_models or invocation.model_version is not None
         metrics.observe(
-            name if known else UNKNOWN_MODEL_LABEL, invocation.model_version, CHAMPION, status, seconds
+            name if known else UNKNOWN_MODEL_LABEL, invocation.model_version, invocation.arm, status, seconds
         )
         if error is not None:
             logger.info(
@@ -1124,6 +1212,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
                 outputs=invocation.outputs if error is None else None,
                 error=None if error is None else f"{error.error_code}: {error.message}",
                 traceparent=trace.traceparent,
+                arm=invocation.arm.value,
             ),
         )
         if error is not None:

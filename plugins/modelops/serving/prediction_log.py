@@ -23,6 +23,7 @@ from sqlalchemy.engine import Dialect, Engine
 
 from modelops import db
 from modelops.errors import ConfigurationError, ModelOpsError
+from modelops.vocabulary import Arm
 
 PREDICTIONS_TABLE = "modelops_predictions"
 LABELS_TABLE = "modelops_labels"
@@ -105,6 +106,8 @@ predictions_table = sa.Table(
     # W3C trace context of the call (55 characters: version-traceid-spanid-flags), so a log line, a trace
     # and a prediction can be joined.
     sa.Column("traceparent", sa.String(55), nullable=True),
+    # Which arm answered (champion, challenger during a canary, staged for a smoke test): modelops.vocabulary.Arm.
+    sa.Column("arm", sa.String(16), nullable=True),
     sa.Index("ix_modelops_predictions_model_received", "model_name", "received_at"),
 )
 
@@ -151,6 +154,7 @@ class PredictionRecord:
     outputs: list[Any] | None = None
     error: str | None = None
     traceparent: str | None = None
+    arm: str = Arm.CHAMPION.value
 
 
 @dataclass(frozen=True)
@@ -244,6 +248,7 @@ def record_row(entry: PredictionRecord) -> dict[str, Any]:
         "outputs": None if entry.outputs is None else _to_json(entry.outputs),
         "error": entry.error,
         "traceparent": entry.traceparent,
+        "arm": entry.arm,
     }
     for name, limit in _STRING_LIMITS.items():
         value = row[name]
@@ -488,9 +493,11 @@ class PredictionLog:
             # here, so its errors are real ones and propagate.
             return None
 
-    def request_stats(self, model_name: str, start: datetime, end: datetime) -> RequestStats:
+    def request_stats(
+        self, model_name: str, start: datetime, end: datetime, *, version: str | None = None
+    ) -> RequestStats:
         """Counts, error rate and latency percentiles of every call (successful or failed) to
-        ``model_name`` with ``start <= received_at < end``.
+        ``model_name`` with ``start <= received_at < end`` (answered by ``version`` only, when given).
 
         A call failed when its status is >= 400 or it has an error. Percentiles are numpy's (method
         ``linear``) over every call's latency. An empty window has zero counts and None elsewhere.
@@ -499,6 +506,8 @@ class PredictionLog:
         query = sa.select(table.c.status_code, table.c.latency_ms, table.c.error.is_not(None)).where(
             self._in_window(model_name, start, end)
         )
+        if version is not None:
+            query = query.where(table.c.model_version == str(version))
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
         if not rows:
@@ -521,7 +530,7 @@ class PredictionLog:
 
 # Columns added to the table after it first shipped: create_all() makes new tables only, so a log created
 # by an earlier release gets them here (nullable, so existing rows stay valid).
-_ADDED_COLUMNS = {PREDICTIONS_TABLE: ("traceparent",)}
+_ADDED_COLUMNS = {PREDICTIONS_TABLE: ("traceparent", "arm")}
 
 
 def _add_missing_columns(engine: Engine) -> None:

@@ -32,12 +32,12 @@ from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
-from modelops.vocabulary import Alias
+from modelops.vocabulary import Arm
 
-# The arms that answer a call are named by the registry aliases of the versions behind them.
-CHAMPION = str(Alias.CHAMPION)
-CHALLENGER = str(Alias.CHALLENGER)
-ARMS = (CHAMPION, CHALLENGER)
+# The arms that answer a call: the champion, the canary's challenger, a staged version (smoke test).
+CHAMPION = Arm.CHAMPION.value
+CHALLENGER = Arm.CHALLENGER.value
+ARMS = tuple(arm.value for arm in Arm)
 
 # Seconds. Scoring is ~1-50 ms on the gateway; the long tail (model reloads, a slow database) up to 10 s.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

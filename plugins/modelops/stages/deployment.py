@@ -26,6 +26,7 @@ from modelops.evidence import (
     check_files,
     evidence_summary,
     gate_record,
+    newest_authentic,
     recorded_files,
     version_file_hashes,
 )
@@ -73,6 +74,8 @@ class DeploymentResult:
     smoke_test: SmokeTest
     deployed_at: str
     already_live: bool = False
+    canary: dict[str, Any] | None = None
+    """The traffic record's details when the version went live as a canary beside the champion."""
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "smoke_test": {**asdict(self.smoke_test), "passed": self.smoke_test.passed}}
@@ -164,6 +167,23 @@ def deploy_version(
             {Tag.DEPLOYMENT_STATUS: DeploymentStatus.SMOKE_TEST_FAILED, Tag.DEPLOYMENT_CHECKED_AT: now},
         )
         return DeploymentResult(model, str(version), previous_version, check, now)
+
+    if current is not None and previous_version is not None and spec.serving.canary.enabled:
+        # A champion serves: the new version earns its place on a share of the traffic first.
+        from modelops.stages.canary import start_canary
+
+        started = start_canary(
+            registry=registry,
+            gateway=gateway,
+            audit=audit,
+            record=record,
+            spec=spec,
+            version=str(version),
+            files=files,
+            champion=current,
+            smoke_test={**asdict(check), "passed": True},
+        )
+        return DeploymentResult(model, str(version), previous_version, check, now, canary=started)
 
     record(
         AuditEntry(
@@ -350,10 +370,13 @@ def deploy(
         smoke_rows=smoke_rows,
     )
     passed = result.smoke_test.passed
+    decided = Decision.SMOKE_TEST_FAILED
+    if passed:
+        decided = Decision.CANARY_STARTED if result.canary else Decision.DEPLOYED
     outcome_record = AuditEntry(
         AuditAction.MODEL_DEPLOYED,
         model_subject(spec.name, version),
-        Decision.DEPLOYED if passed else Decision.SMOKE_TEST_FAILED,
+        decided,
         details={**result.to_dict(), "gate_record_seq": approval.seq},
         evidence={
             "smoke_test": sha256_json(asdict(result.smoke_test)),
@@ -375,6 +398,21 @@ def deploy(
             f"v{result.previous_version} keeps serving:\n{problems}",
         )
     previous = f"v{result.previous_version}" if result.previous_version else "none"
+    if result.canary:
+        share = float(result.canary["challenger_share"])
+        return StageOutcome(
+            decision=Decision.CANARY_STARTED,
+            summary=f"{spec.name} v{version} is the canary: {share:.0%} of callers at {serving_url}, v"
+            f"{result.previous_version} answers the rest; soak until {result.canary['soak_until']}",
+            details=details,
+            records=(outcome_record,),
+            asset_extra={
+                EventField.MODEL_NAME: spec.name,
+                EventField.VERSION: version,
+                "previous_version": result.previous_version,
+                "challenger_share": share,
+            },
+        )
     return StageOutcome(
         decision=Decision.DEPLOYED,
         summary=f"{spec.name} v{version} is champion at {serving_url} (previous: {previous}); "
@@ -385,5 +423,70 @@ def deploy(
             EventField.MODEL_NAME: spec.name,
             EventField.VERSION: version,
             "previous_version": result.previous_version,
+        },
+    )
+
+
+def roll_back_to_previous(
+    *,
+    model: str,
+    registry: ModelRegistry,
+    gateway: GatewayClient,
+    audit: AuditStore,
+    record: Recorder,
+    reason: str,
+) -> StageOutcome:
+    """Put the champion before the recorded one back (monitoring's critical verdict, a manual rollback).
+
+    Through the deployment path's checks: the version going back must have an authentic promotion record
+    and files unchanged since; the rollback is recorded before the alias moves, so the gateway accepts it.
+    Nothing to go back to (or files changed since) is a refusal, on record.
+    """
+    current = champion_record(audit, model)
+    serving = None if current is None else str(current.details.get(CHAMPION_FIELD) or "") or None
+    subject = model_subject(model, serving)
+    previous_version = current.details.get("previous_version") if current is not None else None
+    previous = None
+    if previous_version:
+        previous, _ = newest_authentic(
+            audit, AuditAction.MODEL_DEPLOYED, model_subject(model, previous_version), {Decision.PROMOTED}
+        )
+    problem = None
+    if serving is None:
+        problem = f"{model} has no recorded champion: nothing serves, so there is nothing to roll back"
+    elif previous is None:
+        problem = f"{model} has no earlier approved champion to go back to; retraining is the way out"
+    else:
+        try:
+            check_files(
+                recorded_files(previous),
+                version_file_hashes(registry, model, str(previous_version)),
+                what=f"v{previous_version}'s files differ from those its promotion record names",
+            )
+        except EvidenceMismatch as exc:
+            problem = str(exc)
+    if problem is not None:
+        return StageOutcome(
+            decision=Decision.REFUSED,
+            summary=f"{model}: no rollback: {problem}",
+            details={"model_name": model, "version": serving, "reason": problem},
+            records=(
+                AuditEntry(
+                    AuditAction.MODEL_ROLLED_BACK, subject, Decision.REFUSED, details={"reason": problem}
+                ),
+            ),
+        )
+    rollback(
+        registry, gateway, audit, record, model, failed_version=serving, previous=previous, reason=reason
+    )
+    verify_live(gateway, model, str(previous_version))
+    return StageOutcome(
+        decision=Decision.ROLLED_BACK,
+        summary=f"{model}: rolled back from v{serving} to v{previous_version} ({reason})",
+        details={
+            "model_name": model,
+            "version": serving,
+            CHAMPION_FIELD: str(previous_version),
+            "reason": reason,
         },
     )

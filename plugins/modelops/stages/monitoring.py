@@ -428,7 +428,7 @@ def business_metric(
     result["baseline"] = None if baseline is None else round(float(baseline), 6)
     if len(labelled) < policy.business.min_labelled_rows or coverage < policy.business.min_label_coverage:
         return {**result, "status": "pending_labels"}
-    value = _metric_value(metric, labelled)
+    value = metric_value(metric, labelled)
     if value is None:
         return {**result, "status": "pending_labels", "reason": "one class only among the labels"}
     result["value"] = round(value, 6)
@@ -441,7 +441,7 @@ def business_metric(
     floor = max(10, policy.business.min_labelled_rows // 4)
     by_caller = {}
     for caller, caller_rows in labelled.groupby("caller_id", sort=True):
-        caller_value = _metric_value(metric, caller_rows) if len(caller_rows) >= floor else None
+        caller_value = metric_value(metric, caller_rows) if len(caller_rows) >= floor else None
         if caller_value is not None:
             caller_z = _z_score(metric, caller_value, float(baseline), len(caller_rows))
             by_caller[str(caller)] = {
@@ -474,7 +474,7 @@ def _drop(metric: str, value: float, baseline: float) -> float:
     return float(change / abs(baseline))
 
 
-def _metric_value(metric: str, labelled: pd.DataFrame) -> float | None:
+def metric_value(metric: str, labelled: pd.DataFrame) -> float | None:
     import numpy as np
 
     labels = labelled["label"].astype(float).to_numpy()
@@ -1482,23 +1482,14 @@ def roll_back_on_critical(
     Through the deployment path's checks: the version going back must have an authentic promotion record
     and files unchanged since; the rollback is recorded before the alias moves, so the gateway accepts it.
     """
-    from modelops.evidence import (
-        CHAMPION_FIELD,
-        EvidenceMismatch,
-        champion_record,
-        check_files,
-        newest_authentic,
-        recorded_files,
-        version_file_hashes,
-    )
-    from modelops.stages.deployment import rollback, verify_live
+    from modelops.evidence import CHAMPION_FIELD, champion_record
+    from modelops.stages.deployment import roll_back_to_previous
 
     if assessment.get("verdict") != "critical" or not policy.rollback_on_critical:
         return None
     model, assessed = spec.name, str(assessment.get("version"))
     current = champion_record(audit, model)
     serving = None if current is None else str(current.details.get(CHAMPION_FIELD))
-    subject = model_subject(model, assessed)
     if serving != assessed:
         return StageOutcome(
             decision=Decision.REFUSED,
@@ -1507,38 +1498,9 @@ def roll_back_on_critical(
             records=(
                 AuditEntry(
                     AuditAction.MODEL_ROLLED_BACK,
-                    subject,
+                    model_subject(model, assessed),
                     Decision.REFUSED,
                     details={"reason": f"v{assessed} no longer serves (v{serving} does)"},
-                ),
-            ),
-        )
-    previous_version = current.details.get("previous_version") if current is not None else None
-    previous = None
-    if previous_version:
-        previous, _ = newest_authentic(
-            audit, AuditAction.MODEL_DEPLOYED, model_subject(model, previous_version), {Decision.PROMOTED}
-        )
-    problem = None
-    if previous is None:
-        problem = f"{model} has no earlier approved champion to go back to; retraining is the way out"
-    else:
-        try:
-            check_files(
-                recorded_files(previous),
-                version_file_hashes(registry, model, str(previous_version)),
-                what=f"v{previous_version}'s files differ from those its promotion record names",
-            )
-        except EvidenceMismatch as exc:
-            problem = str(exc)
-    if problem is not None:
-        return StageOutcome(
-            decision=Decision.REFUSED,
-            summary=f"{model}: no rollback: {problem}",
-            details={"model_name": model, "version": assessed, "reason": problem},
-            records=(
-                AuditEntry(
-                    AuditAction.MODEL_ROLLED_BACK, subject, Decision.REFUSED, details={"reason": problem}
                 ),
             ),
         )
@@ -1547,17 +1509,6 @@ def roll_back_on_critical(
         f"drift {assessment.get('drift_level')} with {(assessment.get('business') or {}).get('metric')} down "
         f"{(assessment.get('business') or {}).get('drop')}"
     )
-    rollback(
-        registry, gateway, audit, record, model, failed_version=assessed, previous=previous, reason=reason
-    )
-    verify_live(gateway, model, str(previous_version))
-    return StageOutcome(
-        decision=Decision.ROLLED_BACK,
-        summary=f"{model}: rolled back from v{assessed} to v{previous_version} ({reason})",
-        details={
-            "model_name": model,
-            "version": assessed,
-            CHAMPION_FIELD: str(previous_version),
-            "reason": reason,
-        },
+    return roll_back_to_previous(
+        model=model, registry=registry, gateway=gateway, audit=audit, record=record, reason=reason
     )
