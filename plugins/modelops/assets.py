@@ -24,3 +24,6 @@ MODEL_APPROVED = Asset(name="modelops_model_approved")
 
 MODEL_DEPLOYED = Asset(name="modelops_model_deployed")
 """A version became ``champion`` and serves. extra: model_name, version, previous_version."""
+
+BATCH_SCORES = Asset(name="modelops_batch_scores")
+"""A batch of files was scored with a model's champion. extra: model_name, version, output_uri, sha256, rows."""

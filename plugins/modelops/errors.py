@@ -69,5 +69,14 @@ class RetirementRefused(GateFailed):
     """Every version asked for was refused (e.g. the serving champion); retrying cannot change that."""
 
 
+class BatchScoringRefused(GateFailed):
+    """A batch scoring may not run as asked (no champion, serving disabled, files changed after the decision,
+    input missing or lacking features); retrying cannot change that."""
+
+
+class BatchScoringError(ModelOpsError):
+    """Spark could not score a batch (a worker or the JVM failed); retried as Airflow is configured."""
+
+
 class AuditChainBroken(ModelOpsError):
     """The audit log's hash chain does not verify."""
