@@ -60,6 +60,7 @@ def modelops_deployment() -> None:
     # canary task reads its model's running canary from the audit log (none: nothing to do).
     deploy >> CanaryOperator.partial(
         task_id="canary",
+        deploy_task_id="deploy_to_gateway",
         trigger_rule="all_done",
         retries=3,
         map_index_template="{{ task.model }}",

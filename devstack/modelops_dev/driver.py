@@ -79,6 +79,7 @@ from modelops_dev.workload import (
     ROWS_PER_REQUEST,
     SAMPLED_REQUESTS,
     SIMULATED_REQUESTS,
+    CanaryTraffic,
     DatasetDrop,
     TrafficCount,
     describe_prediction,
@@ -88,10 +89,12 @@ from modelops_dev.workload import (
     predict,
     send_incident_traffic,
     send_traffic,
+    write_diabetes_with_unit_bug,
 )
 
 DEMO_MODELS = ("ctr_recommender", "diabetes_progression")
 INCIDENT_MODEL = "ctr_recommender"  # its traffic can drift (the click simulator), and its clicks can drop
+CANARY_ROLLBACK_MODEL = "diabetes_progression"  # a version trained on data with a unit bug loses its canary
 HEALTH_TIMEOUT_SECONDS = 180
 CHAMPION_TIMEOUT_SECONDS = 15 * 60
 
@@ -208,11 +211,26 @@ class IncidentReport:
 
 
 @dataclass
+class CanaryRollback:
+    """The demo's canary that must not win: a version trained on data with a unit bug, rolled back."""
+
+    model: str
+    champion_before: str | None
+    drop: DatasetDrop
+    since: datetime
+    version: str | None = None
+    status: str | None = None  # the version's deployment status when the canary ended
+    seconds: float | None = None
+
+
+@dataclass
 class LifecycleReport:
     drops: dict[str, DatasetDrop]
     models: dict[str, ModelReport]
     stages: list[StageResult] = field(default_factory=list)
     incident: IncidentReport | None = None
+    canary_rollback: CanaryRollback | None = None
+    canary_traffic: CanaryTraffic | None = None
 
 
 def _version(version: str | None) -> str:
@@ -365,6 +383,67 @@ def start_incident(api: AirflowApi, model: ModelReport, out: Callable[[str], Non
         f"{incident.training_run}), so that a rollback has a version to go back to"
     )
     return incident
+
+
+def start_canary_rollback(
+    api: AirflowApi, mlflow: MlflowApi, catalog: Catalog, model: str, out: Callable[[str], None] = print
+) -> CanaryRollback:
+    """Drop a version of ``model``'s dataset with a unit bug and have validation take it: training, the gate
+    and deployment follow through Assets, and the new version goes live as a canary beside the champion."""
+    spec = catalog.model(model)
+    since = datetime.now(UTC)
+    drop = drop_dataset(catalog.dataset(spec.dataset), since, {spec.dataset: write_diabetes_with_unit_bug})
+    rollback = CanaryRollback(model, mlflow.champion(model), drop, since)
+    api.trigger(VALIDATION_DAG, {})
+    out(
+        f"  canary       {model}: dropped {drop.path.name} ({drop.rows} rows, sha256 {drop.sha256[:12]}), whose "
+        "s5 column arrives in mg/dL instead of its log: it validates, trains and passes the gate, and must "
+        "lose its canary"
+    )
+    return rollback
+
+
+def finish_canary_rollback(
+    mlflow: MlflowApi,
+    rollback: CanaryRollback,
+    *,
+    timeout: float = CHAMPION_TIMEOUT_SECONDS,
+    poll_seconds: float = 2.0,
+    on_poll: Callable[[], int] | None = None,
+    out: Callable[[str], None] = print,
+) -> None:
+    """Wait (sending labelled traffic through ``on_poll``) until the canary of the new version ends."""
+    from modelops.vocabulary import DeploymentStatus, Tag
+
+    started = time.monotonic()
+    while True:
+        if on_poll is not None:
+            on_poll()
+        facts = mlflow.model(rollback.model)
+        latest = facts.latest_version if facts else None
+        if is_newer(latest, rollback.champion_before):
+            rollback.version = latest
+            status = mlflow.version_tags(rollback.model, latest).get(Tag.DEPLOYMENT_STATUS)
+            if status in (DeploymentStatus.ROLLED_BACK, DeploymentStatus.LIVE):
+                rollback.status, rollback.seconds = status, time.monotonic() - started
+                break
+        if time.monotonic() - started > timeout:
+            raise StageFailed(
+                f"canary: {rollback.model}'s version trained on {rollback.drop.path.name} did not finish its "
+                f"canary within {timeout:.0f} s (latest version {_version(latest)}); see the runs of "
+                f"{DEPLOYMENT_DAG} (task canary) in the Airflow UI"
+            )
+        time.sleep(poll_seconds)
+    if rollback.status != DeploymentStatus.ROLLED_BACK:
+        raise StageFailed(
+            f"canary: {rollback.model} {_version(rollback.version)}, trained on data with a unit bug, won its "
+            f"canary and is champion; the comparison should have rolled it back: see task canary of "
+            f"{DEPLOYMENT_DAG}"
+        )
+    out(
+        f"  canary       {rollback.model} {_version(rollback.version)} rolled back after {rollback.seconds:.0f} s; "
+        f"{_version(mlflow.champion(rollback.model))} answers every caller"
+    )
 
 
 def drop_text(business: Mapping[str, Any], policy: MonitoringPolicy) -> str:
@@ -597,6 +676,7 @@ def drive(
     incident_model: str | None = INCIDENT_MODEL,
     incident_requests: int = INCIDENT_REQUESTS,
     outbox: Path | None = None,
+    canary_rollback_model: str | None = CANARY_ROLLBACK_MODEL,
 ) -> LifecycleReport:
     """Run ``models`` through the six stages of a running stack; returns what the summary shows.
 
@@ -656,6 +736,13 @@ def drive(
 
     window_start = datetime.now(UTC)
     with httpx.Client(timeout=30, trust_env=False) as client:
+        # Canaries soak while the driver waits: labelled traffic on every poll gives their arms calls to
+        # compare (the first versions above went live without one: nothing to compare with).
+        pump = report.canary_traffic = CanaryTraffic(gateway_url, specs, drops, client)
+
+        def poll() -> int:
+            return (approver() if approver is not None else 0) + pump()
+
         for spec in specs:
             traffic = reports[spec.name].traffic = send_traffic(
                 gateway_url,
@@ -682,6 +769,8 @@ def drive(
         # the demo would otherwise wait for.
         if incident_model is not None:
             report.incident = start_incident(api, reports[incident_model], out)
+        if canary_rollback_model is not None:
+            report.canary_rollback = start_canary_rollback(api, mlflow, catalog, canary_rollback_model, out)
         record([wait_for_run(api, "monitoring", DRIFT_DAG, drift_run, **timing)])
         retirement_conf = {"models": [], "versions": [], "reason": None, "dry_run": True}
         record(
@@ -711,8 +800,18 @@ def drive(
                 stage_timeout=stage_timeout,
                 poll_seconds=poll_seconds,
                 requests=incident_requests,
-                on_poll=approver,
+                on_poll=poll,
             )
+        if report.canary_rollback is not None:
+            finish_canary_rollback(
+                mlflow,
+                report.canary_rollback,
+                timeout=champion_timeout,
+                poll_seconds=poll_seconds,
+                on_poll=poll,
+                out=out,
+            )
+            record(asset_stage_results(api, report.canary_rollback.since, on_poll=poll, **timing))
 
         for spec in specs:
             model = reports[spec.name]
@@ -767,8 +866,10 @@ def summary_lines(
     audit: Any,
     logs: Path,
     wall_seconds: float,
+    shares: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
 ) -> list[str]:
-    """The summary ``make demo`` ends with (``audit``: a ``ChainVerification``)."""
+    """The summary ``make demo`` ends with (``audit``: a ``ChainVerification``; ``shares``: per model, the
+    share history :func:`modelops.stages.canary.traffic_history` reads from the audit log)."""
     lines = ["", "ModelOps demo: summary"]
     for drop in report.drops.values():
         lines.append(
@@ -802,6 +903,7 @@ def summary_lines(
         ]
     if report.incident is not None:
         lines += incident_lines(report.incident)
+    lines += canary_lines(report, shares or {})
     chain = (
         f"verified, {audit.count} records, HMACs and {audit.anchors_checked} anchors checked"
         if audit.ok
@@ -820,6 +922,39 @@ def summary_lines(
         f"  wall time       {wall_seconds:.0f} s",
         "  services keep running until `make down`",
     ]
+    return lines
+
+
+def canary_lines(report: LifecycleReport, traffic: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
+    """Each canary's outcome and who served which share from when to when, from the audit log."""
+    lines: list[str] = []
+    outcomes = [
+        outcome
+        for result in [*report.stages, *(report.incident.stages if report.incident else [])]
+        for outcome in result.outcomes
+        if outcome.task_id == "canary"
+        and outcome.value.get("decision") in (Decision.PROMOTED, Decision.ROLLED_BACK)
+    ]
+    if not outcomes and not any(traffic.values()):
+        return lines
+    lines.append("  canaries")
+    for outcome in outcomes:
+        lines.append(f"    {outcome.value.get('decision'):<12}{outcome.summary}")
+    if report.canary_traffic is not None:
+        for model, arms in report.canary_traffic.sent.items():
+            sent = ", ".join(f"{count} calls to the {arm}" for arm, count in sorted(arms.items())) or "none"
+            labels = report.canary_traffic.labels.get(model, 0)
+            lines.append(f"    traffic     {model}: {sent}; {labels} labels delivered while canaries soaked")
+    for model, periods in traffic.items():
+        if not periods:
+            continue
+        lines.append(f"    shares      {model}")
+        for period in periods:
+            until = period.get("to") or "now"
+            lines.append(
+                f"      v{period['version']:<4} {period['arm']:<10} {float(period['share']):>4.0%}  "
+                f"{str(period['from'])[:19]} -> {str(until)[:19]}"
+            )
     return lines
 
 
@@ -963,7 +1098,12 @@ def up() -> int:
 
     # The anchors the demo's tasks wrote (connection modelops_audit_anchor in airflow_settings.yaml).
     anchors = LocalFolderAnchorStore(layout.modelops_home / "audit-anchors")
-    audit = AuditStore(audit_url(layout), keyring=keyring).verify(anchors)
+    from modelops.stages.canary import traffic_history
+
+    store = AuditStore(audit_url(layout), keyring=keyring)
+    audit = store.verify(anchors)
+    shares = {name: traffic_history(store, name) for name in DEMO_MODELS}
+    store.dispose()
     for line in summary_lines(
         report,
         ports=ports,
@@ -973,6 +1113,7 @@ def up() -> int:
         audit=audit,
         logs=layout.logs,
         wall_seconds=time.monotonic() - say.start,
+        shares=shares,
     ):
         print(line)
     return 0 if audit.ok else 1

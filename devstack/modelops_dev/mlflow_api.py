@@ -69,3 +69,13 @@ class MlflowApi:
         """The version the ``champion`` alias of ``name`` points at (None: no model or no champion)."""
         facts = self.model(name)
         return facts.champion if facts else None
+
+    def version_tags(self, name: str, version: str) -> dict[str, str]:
+        """The tags of ``name`` v``version`` (empty when the version does not exist yet)."""
+        answer = self._http.get(
+            "/api/2.0/mlflow/model-versions/get", params={"name": name, "version": str(version)}
+        )
+        if answer.status_code >= 400:
+            return {}
+        tags = answer.json().get("model_version", {}).get("tags", [])
+        return {str(tag["key"]): str(tag.get("value", "")) for tag in tags}

@@ -353,3 +353,112 @@ def describe_prediction(task: str, prediction: Any) -> str:
     if isinstance(value, float):
         return f"{value:.1f}"
     return json.dumps(prediction, default=str)
+
+
+# --- canaries ---------------------------------------------------------------------------------------
+
+CANARY_REQUESTS_PER_BURST = 4
+"""Requests per model each time the driver polls while a canary soaks: about two a second, labelled."""
+
+
+def write_diabetes_with_unit_bug(target: Path) -> int:
+    """The diabetes data with one upstream bug: ``s5`` (log of serum triglycerides) delivered as the
+    triglycerides themselves (mg/dL). Every expectation still passes, a model trained on it scores well on
+    its own holdout and passes the gate; on real callers, who send ``s5`` as before, it is far off. What a
+    canary is for: the demo's canary of it is rolled back."""
+    import math
+
+    import pandas as pd
+
+    # Hidden names until the renaming: the validation DAG never reads a half-made file.
+    source = target.with_name(f".{target.name}.source")
+    rows = write_diabetes_csv(source)
+    frame = pd.read_csv(source)
+    source.unlink()
+    frame["s5"] = [round(math.exp(value), 1) for value in frame["s5"]]
+    partial = target.with_name(f".{target.name}.partial")
+    frame.to_csv(partial, index=False)
+    partial.replace(target)
+    return rows
+
+
+class CanaryTraffic:
+    """Labelled traffic for the models whose canaries soak: each call sends a burst of rows sampled from the
+    file the demo dropped for the model's dataset, each request with its own routing key (a session), then
+    posts the rows' true labels. Counts what it sent per model and arm."""
+
+    def __init__(
+        self,
+        gateway_url: str,
+        specs: Sequence[ModelSpec],
+        drops: Mapping[str, DatasetDrop],
+        client: httpx.Client,
+        *,
+        requests_per_burst: int = CANARY_REQUESTS_PER_BURST,
+    ) -> None:
+        import pandas as pd
+
+        self.gateway_url, self.client, self.requests_per_burst = gateway_url, client, requests_per_burst
+        self.specs = list(specs)
+        self.frames = {
+            spec.name: pd.read_csv(drops[spec.dataset].path, usecols=[*spec.features, spec.target])
+            for spec in self.specs
+        }
+        self.sent: dict[str, dict[str, int]] = {spec.name: {} for spec in self.specs}
+        self.labels: dict[str, int] = {spec.name: 0 for spec in self.specs}
+        self._bursts = 0
+
+    def soaking(self) -> set[str]:
+        """The models whose canary the gateway serves now (its open ``GET /health``)."""
+        try:
+            answer = self.client.get(f"{self.gateway_url.rstrip('/')}/health")
+            models = answer.json().get("models", {})  # also on a 503 (the default model not serving)
+        except (httpx.TransportError, ValueError):
+            return set()
+        return {name for name, entry in models.items() if isinstance(entry, dict) and entry.get("canary")}
+
+    def __call__(self) -> int:
+        """One burst for every model with a canary; returns the requests answered (the driver's on_poll)."""
+        from modelops.data.traffic import deliver_labels
+        from modelops.vocabulary import ARM_HEADER, ROUTING_KEY_HEADER
+
+        soaking = self.soaking()
+        answered = 0
+        self._bursts += 1
+        for spec in self.specs:
+            if spec.name not in soaking:
+                continue
+            frame, keys = self.frames[spec.name], team_keys(spec.team)
+            callers = list(keys) or list(CALLERS)
+            sample = frame.sample(
+                n=self.requests_per_burst * ROWS_PER_REQUEST, random_state=self._bursts, replace=True
+            )
+            pending: dict[str, list[int]] = {}
+            for index in range(self.requests_per_burst):
+                chunk = sample.iloc[index * ROWS_PER_REQUEST : (index + 1) * ROWS_PER_REQUEST]
+                caller = callers[index % len(callers)]
+                headers = {CALLER_HEADER: caller, ROUTING_KEY_HEADER: f"canary-{self._bursts}-{index}"}
+                if keys:
+                    headers["Authorization"] = f"Bearer {keys[caller]}"
+                payload = {"dataframe_split": chunk[spec.features].to_dict(orient="split", index=False)}
+                try:
+                    answer = self.client.post(
+                        f"{model_base_url(self.gateway_url, spec.name)}/invocations",
+                        json=payload,
+                        headers=headers,
+                    )
+                except httpx.TransportError:
+                    continue
+                if answer.status_code != 200:
+                    continue
+                answered += 1
+                arm = answer.headers.get(ARM_HEADER, "champion")
+                self.sent[spec.name][arm] = self.sent[spec.name].get(arm, 0) + 1
+                request_id = answer.headers.get("X-Request-Id")
+                if request_id:
+                    pending[request_id] = [int(round(float(v))) for v in chunk[spec.target]]
+            if pending:
+                self.labels[spec.name] += deliver_labels(
+                    self.gateway_url, pending, client=self.client, api_key=next(iter(keys.values()), None)
+                )
+        return answered

@@ -91,6 +91,21 @@ def version_file_hashes(registry: ModelRegistry, name: str, version: str) -> dic
         return hash_tree(download_version_files(registry, name, version, Path(folder)))
 
 
+def version_files_and_mlmodel(
+    registry: ModelRegistry, name: str, version: str
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """A version's ``{path: sha256}`` and its ``MLmodel`` file read as YAML (empty if it has none), from one
+    download; check the hashes against a record before trusting what the ``MLmodel`` says."""
+    import yaml
+
+    with tempfile.TemporaryDirectory(prefix="modelops-hash-") as folder:
+        root = download_version_files(registry, name, version, Path(folder))
+        files = hash_tree(root)
+        mlmodel = root / "MLmodel"
+        content = yaml.safe_load(mlmodel.read_text(encoding="utf-8")) if mlmodel.is_file() else None
+    return files, content if isinstance(content, dict) else {}
+
+
 def file_differences(expected: Mapping[str, str], actual: Mapping[str, str]) -> list[str]:
     """What differs between two ``{path: sha256}`` maps, by path only (hashes of no interest to a reader)."""
     problems = [

@@ -102,6 +102,13 @@ class DeploymentStatus(StrEnum):
     """Serving a share of the model's traffic beside the champion, on trial."""
 
 
+ARM_HEADER = "X-Model-Arm"
+"""On a scoring response: which arm answered (an :class:`Arm` value)."""
+ROUTING_KEY_HEADER = "X-Routing-Key"
+"""Optional on a scoring call: the caller's end user or session. During a canary, calls with the same caller id
+and routing key always land on the same arm; without it the caller id alone decides. Never logged."""
+
+
 class Arm(StrEnum):
     """Which version of a model answered a call: the prediction log's ``arm`` and the metrics' label."""
 

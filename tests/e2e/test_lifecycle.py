@@ -14,12 +14,16 @@ import json
 import os
 import shutil
 import sqlite3
+import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import pandas as pd
 import pytest
 import sqlalchemy as sa
 from airflow.utils.state import DagRunState, TaskInstanceState
@@ -29,6 +33,7 @@ from modelops.data.sklearn_datasets import write_diabetes_csv
 from modelops.data.synthetic import DriftShift, generate_clicks, write_csv
 from modelops.data.traffic import deliver_labels, simulate_traffic
 from modelops.registry import ModelRegistry
+from modelops.settings import load_catalog
 from modelops.vocabulary import Alias, AuditAction, Decision, ModelTag, Tag, model_subject
 from tests.support import keyring_for_tests
 
@@ -291,7 +296,10 @@ def test_drift_on_one_model_retrains_that_model_only(stack: Stack, chain: Chain)
     )
     assert quiet.decision == "insufficient_data"
 
-    retrained = stack.run_queued()
+    # The retrained version goes live as a canary beside v1: callers score while it soaks.
+    rows = generate_clicks(200, seed=13)[load_catalog().model(CTR).features].to_dict(orient="records")
+    with callers_scoring(stack, CTR, load_catalog().model(CTR).team, rows):
+        retrained = stack.run_queued()
     training = [r for r in retrained if r.dag_id == "modelops_training"]
     assert training and all(r.state == DagRunState.SUCCESS for r in retrained)
     assert set(mapped_states(training[0], "train_and_register")) == {CTR}
@@ -348,21 +356,79 @@ def test_backfilled_hour_reproduces_its_verdict(stack: Stack, chain: Chain) -> N
     assert verdicts[0] == verdicts[1] and verdicts[0][1] == 300
 
 
-def _new_champion_by_hand(stack: Stack, model: str) -> tuple[str, str]:
-    """Train, gate and deploy a new version of ``model`` through the trigger forms; (old, new) champion."""
+@contextmanager
+def callers_scoring(stack: Stack, model: str, team: str, rows: list[dict]) -> Iterator[list[int]]:
+    """Callers scoring ``model`` one row at a time from a thread, each end user with its own routing key,
+    while the block runs (a canary needs traffic to compare); yields the status codes seen so far."""
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def score() -> None:
+        with httpx.Client(base_url=stack.gateway_url, headers=stack.key_headers(team), timeout=30) as client:
+            index = 0
+            while not stop.is_set():
+                row = rows[index % len(rows)]
+                response = client.post(
+                    f"/models/{model}/invocations",
+                    json={"dataframe_records": [row]},
+                    headers={"X-Routing-Key": f"user-{index % 50}"},
+                )
+                statuses.append(response.status_code)
+                index += 1
+                stop.wait(0.05)
+
+    thread = threading.Thread(target=score, name="e2e-callers", daemon=True)
+    thread.start()
+    try:
+        yield statuses
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+def _new_champion_by_hand(stack: Stack, model: str, tmp_path: Path) -> tuple[str, str]:
+    """Train, gate and deploy a new version of ``model`` through the trigger forms; (old, new) champion.
+
+    A champion serves, so the new version goes live as a canary: callers score while the deployment run's
+    canary task soaks (deferred: ``dag.test()`` runs its trigger in process), then it is promoted.
+    """
     reg = registry(stack)
     old = reg.version_by_alias(model, Alias.CHAMPION).version
-    for dag_id in STAGES:
+    for dag_id in STAGES[:-1]:
         assert stack.run(dag_id, {"model": model}).state == DagRunState.SUCCESS, dag_id
+    csv = tmp_path / "callers.csv"
+    if model == DIABETES:
+        write_diabetes_csv(csv)
+    else:
+        write_csv(generate_clicks(200, seed=11), csv)
+    spec = load_catalog().model(model)
+    rows = pd.read_csv(csv)[spec.features].head(200).to_dict(orient="records")
+    with callers_scoring(stack, model, spec.team, rows) as statuses:
+        run = stack.run("modelops_deployment", {"model": model})
+    assert run.state == DagRunState.SUCCESS
+    assert statuses and set(statuses) == {200}, sorted(set(statuses))
     stack.clear_queue()
     new = reg.version_by_alias(model, Alias.CHAMPION).version
     assert new != old
+    decided = audit(stack).last(action=AuditAction.TRAFFIC_SHARE_SET, subject=model_subject(model, new))
+    assert decided.decision == Decision.PROMOTED, decided.details
+    started = [
+        r
+        for r in audit(stack).records(action=AuditAction.TRAFFIC_SHARE_SET, subject=model_subject(model, new))
+        if r.decision == Decision.CANARY_STARTED
+    ]
+    assert len(started) == 1 and started[0].details["challenger_share"] == spec.serving.canary.initial_share
+    evaluation = decided.details["evaluation"]
+    assert evaluation["champion"]["calls"] >= spec.serving.canary.min_calls
+    assert evaluation["challenger"]["calls"] >= spec.serving.canary.min_calls
     return old, new
 
 
-def test_retirement_archives_a_superseded_version_and_never_the_champion(stack: Stack, chain: Chain) -> None:
+def test_retirement_archives_a_superseded_version_and_never_the_champion(
+    stack: Stack, chain: Chain, tmp_path: Path
+) -> None:
     reg = registry(stack)
-    old, new = _new_champion_by_hand(stack, DIABETES)
+    old, new = _new_champion_by_hand(stack, DIABETES, tmp_path)
     assert reg.version_by_alias(DIABETES, Alias.PREVIOUS_CHAMPION).version == old
     assert reg.version(DIABETES, old).tags[Tag.SUPERSEDED_BY] == new
 

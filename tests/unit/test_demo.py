@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -27,6 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from modelops.audit import ChainVerification
 from modelops.errors import ConfigurationError, UnknownModel
 from modelops.settings import PROJECT_ROOT, load_catalog
+from modelops.vocabulary import Tag
 from modelops_dev import approvals, driver, processes, stack
 from modelops_dev.airflow_api import (
     AirflowApi,
@@ -52,6 +54,7 @@ from modelops_dev.stack import (
 )
 from modelops_dev.workload import (
     DATASET_WRITERS,
+    DatasetDrop,
     describe_prediction,
     drop_dataset,
     drop_file_name,
@@ -1787,6 +1790,7 @@ def _drive(stack_: Stack, lines: list[str], **overrides: Any) -> driver.Lifecycl
         "sampled_requests": 3,
         "approver_passwords": {APPROVER: APPROVER_PASSWORD},
         "incident_model": None,  # the incident's own tests turn it on
+        "canary_rollback_model": None,  # as is the canary that must lose
         **overrides,
     }
     return driver.drive(stack_.api, stack_.mlflow_api, stack_.gateway_url, load_catalog(), **settings)
@@ -2663,3 +2667,95 @@ def test_the_wheel_and_the_image_leave_the_dev_package_out() -> None:
     }
     assert "devstack" in ignored
     assert "devstack" not in (PROJECT_ROOT / "Dockerfile").read_text()
+
+
+# --- the canary that must lose -------------------------------------------------------------------------
+
+
+class VersionsInMlflow:
+    """What finish_canary_rollback reads of MLflow: the latest version and its deployment status."""
+
+    def __init__(self, statuses: list[str | None]) -> None:
+        self.statuses = statuses
+
+    def model(self, name: str) -> Any:
+        return SimpleNamespace(latest_version="2")
+
+    def champion(self, name: str) -> str:
+        return "1"
+
+    def version_tags(self, name: str, version: str) -> dict[str, str]:
+        status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        return {} if status is None else {Tag.DEPLOYMENT_STATUS: status}
+
+
+def _rollback(tmp_path: Path) -> driver.CanaryRollback:
+    drop = DatasetDrop("diabetes", tmp_path / "d.csv", 442, "a" * 64)
+    return driver.CanaryRollback("diabetes_progression", "1", drop, datetime.now(UTC))
+
+
+def test_the_unit_bug_canary_is_waited_for_with_traffic_until_rolled_back(tmp_path: Path) -> None:
+    polls: list[int] = []
+    lines: list[str] = []
+    rollback = _rollback(tmp_path)
+    driver.finish_canary_rollback(
+        VersionsInMlflow([None, "canary", "canary", "rolled_back"]),
+        rollback,
+        timeout=10,
+        poll_seconds=0.01,
+        on_poll=lambda: polls.append(1) or 1,
+        out=lines.append,
+    )
+    assert rollback.version == "2" and rollback.status == "rolled_back" and len(polls) == 4
+    assert "diabetes_progression v2 rolled back" in lines[-1] and "v1 answers every caller" in lines[-1]
+
+
+def test_a_unit_bug_canary_that_wins_fails_the_demo_naming_the_task(tmp_path: Path) -> None:
+    with pytest.raises(StageFailed, match="won its canary"):
+        driver.finish_canary_rollback(
+            VersionsInMlflow(["live"]), _rollback(tmp_path), timeout=5, poll_seconds=0.01
+        )
+    with pytest.raises(StageFailed, match="did not finish its canary"):
+        driver.finish_canary_rollback(
+            VersionsInMlflow(["canary"]), _rollback(tmp_path), timeout=0.05, poll_seconds=0.01
+        )
+
+
+def test_the_summary_shows_each_canary_and_the_shares(tmp_path: Path) -> None:
+    report = driver.LifecycleReport(drops={}, models={})
+    outcome = TaskOutcome(
+        "canary",
+        0,
+        "diabetes_progression",
+        {"decision": "rolled_back", "summary": "diabetes_progression v2 canary rolled back; v1 serves: rmse"},
+    )
+    report.stages.append(StageResult("deployment", "modelops_deployment", "r", "success", 80.0, [outcome]))
+    periods = [
+        {
+            "version": "1",
+            "arm": "champion",
+            "share": 1.0,
+            "from": "2026-11-27T20:00:00",
+            "to": "2026-11-27T20:05:00",
+        },
+        {
+            "version": "1",
+            "arm": "champion",
+            "share": 0.5,
+            "from": "2026-11-27T20:05:00",
+            "to": "2026-11-27T20:07:00",
+        },
+        {
+            "version": "2",
+            "arm": "challenger",
+            "share": 0.5,
+            "from": "2026-11-27T20:05:00",
+            "to": "2026-11-27T20:07:00",
+        },
+        {"version": "1", "arm": "champion", "share": 1.0, "from": "2026-11-27T20:07:00", "to": None},
+    ]
+    lines = driver.canary_lines(report, {"diabetes_progression": periods})
+    text = "\n".join(lines)
+    assert "rolled_back" in text and "v2 canary rolled back" in text
+    assert "v2    challenger  50%  2026-11-27T20:05:00 -> 2026-11-27T20:07:00" in text
+    assert "v1    champion   100%  2026-11-27T20:07:00 -> now" in text

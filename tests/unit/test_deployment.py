@@ -1371,3 +1371,72 @@ def test_the_canary_task_defers_while_it_soaks_and_the_rollback_form_ends_the_ca
         task_context("manual__canary")
     )
     assert idle["decision"] == "no_canary"
+
+
+# --- the environment ---------------------------------------------------------------------------------
+
+
+def test_a_version_saved_with_another_major_framework_version_is_refused_naming_both(stack: Stack) -> None:
+    import sklearn
+    import yaml
+
+    spec = stack.spec(CLASSIFIER, unique("old_sklearn"))
+    frame = pd.read_csv(stack.csv[CLASSIFIER])
+    folder = stack.root / f"saved-{spec.name}"
+    _save_sklearn(_fit(spec, frame), spec, frame, folder)
+    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+    mlmodel["flavors"]["sklearn"]["sklearn_version"] = "0.24.2"  # as a model saved years ago says
+    (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    stack.runs[spec.name] = stack.registry.log_run(
+        experiment=spec.experiment_name, run_name=spec.name, tags={}, artifact_dirs={"model": folder}
+    )
+    stack.registry.ensure_model(spec.name, {})
+    version = stack.registry.register_version(
+        spec.name, run_id=stack.runs[spec.name], artifact_path="model", tags=lineage_tags(stack, CLASSIFIER)
+    ).version
+    files = authorise(stack.audit, stack.registry, spec.name, version, register=True, approve=False)
+    stack.audit.append(
+        actor="test",
+        action=AuditAction.GATE_DECIDED,
+        subject=model_subject(spec.name, version),
+        decision=Decision.APPROVED,
+        details={
+            Tag.TRAIN_DATA_SHA256: stack.sha256[CLASSIFIER],
+            **evidence_summary(files),
+            **valid_approval(),
+        },
+    )
+    outcome = deploy(
+        spec=spec,
+        registry=stack.registry,
+        gateway=stack.gateway,
+        audit=stack.audit,
+        record=stack.record,
+        version=version,
+    )
+    assert outcome.decision == Decision.REFUSED
+    assert (
+        "scikit-learn 0.24.2" in outcome.refusal and f"scikit-learn {sklearn.__version__}" in outcome.refusal
+    )
+    assert "major versions differ" in outcome.refusal
+    refused = outcome.records[0]
+    assert refused.details["recorded_environment"]["scikit-learn"] == "0.24.2"
+    assert served(stack, spec.name) == {}  # never staged, never loaded
+
+
+def test_a_deployment_records_the_environment_it_checked(stack: Stack) -> None:
+    import sklearn
+
+    spec = stack.spec(REGRESSOR, unique("env_ok"))
+    version = register(stack, spec.name, REGRESSOR)
+    outcome = deploy(
+        spec=spec,
+        registry=stack.registry,
+        gateway=stack.gateway,
+        audit=stack.audit,
+        record=stack.record,
+        version=version,
+    )
+    assert outcome.decision == Decision.DEPLOYED, outcome.summary
+    assert outcome.records[0].details["environment"]["scikit-learn"] == sklearn.__version__
+    assert outcome.details["environment_notes"] == []

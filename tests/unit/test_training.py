@@ -754,3 +754,11 @@ def test_an_event_triggered_run_catches_up_on_validated_data_no_run_trained_on(
         details={"reason": "consent withdrawn"},
     )
     assert untrained_datasets(trained.catalog, audit, trained.registry) == {}
+
+
+def test_an_event_for_data_a_version_was_already_trained_on_trains_nothing_more(catalog: Catalog) -> None:
+    event = dataset_event("diabetes", "d" * 64)
+    assert plan(catalog, dataset_events=[event], trained_on=lambda model, sha: True) == []
+    assert plan(catalog, dataset_events=[event], trained_on=lambda model, sha: False) == [
+        {"model": DIABETES, "dataset_sha256": "d" * 64, "trigger": Trigger.NEW_DATA.value}
+    ]

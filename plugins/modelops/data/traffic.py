@@ -32,6 +32,7 @@ import numpy as np
 from modelops.data.synthetic import STRONG_DRIFT, DriftShift, generate_clicks
 from modelops.errors import ConfigurationError, ModelOpsError
 from modelops.serving.access import CLIENT_KEYS_ENV, read_client_keys
+from modelops.vocabulary import ARM_HEADER, ROUTING_KEY_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ class TrafficReport:
     request_ids: list[str] = field(default_factory=list)
     pending_labels: dict[str, list[int]] = field(default_factory=dict)
     requests_by_caller: dict[str, int] = field(default_factory=dict)
+    requests_by_arm: dict[str, int] = field(default_factory=dict)
+    """Scored requests per arm that answered (champion, challenger during a canary)."""
     latencies_ms: dict[str, float] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
@@ -147,7 +150,12 @@ def simulate_traffic(
                 response = http.post(
                     endpoint,
                     json=payload,
-                    headers={CALLER_HEADER: caller, **_auth(keys.get(caller))},
+                    # A session per request: during a canary, the split then follows the share closely.
+                    headers={
+                        CALLER_HEADER: caller,
+                        ROUTING_KEY_HEADER: f"session-{seed}-{index}",
+                        **_auth(keys.get(caller)),
+                    },
                     timeout=timeout,
                 )
             except httpx.TransportError as exc:
@@ -166,6 +174,9 @@ def simulate_traffic(
                 continue
             report.ok += 1
             report.rows_scored += len(rows)
+            arm = response.headers.get(ARM_HEADER)
+            if arm:
+                report.requests_by_arm[arm] = report.requests_by_arm.get(arm, 0) + 1
             request_id = response.headers.get(REQUEST_ID_HEADER)
             if request_id:
                 report.request_ids.append(request_id)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from airflow.sdk.exceptions import AirflowFailException
+
 from modelops.operators.base import ModelOpsBaseOperator
 from modelops.vocabulary import AuditAction, model_subject
 
@@ -54,10 +56,20 @@ class CanaryOperator(ModelOpsBaseOperator):
     ui_color = "#f7efe6"
     audit_action = AuditAction.TRAFFIC_SHARE_SET
 
-    def __init__(self, *, model: str, model_version: str | int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        model: str,
+        model_version: str | int | None = None,
+        deploy_task_id: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.model = model
         self.model_version = model_version
+        self.deploy_task_id = deploy_task_id
+        """The task that deployed this model in the same run (same map index): when it did not complete and
+        no canary runs, this task fails too, so the run is failed, not carried to success by its last task."""
 
     def audit_subject(self) -> str:
         return model_subject(self.model, self.model_version or None)
@@ -78,6 +90,13 @@ class CanaryOperator(ModelOpsBaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         outcome = self.decide(lambda: self.run_stage(context), context)
+        if outcome.decision == "no_canary" and self.deploy_task_id:
+            ti = context["ti"]
+            if ti.xcom_pull(task_ids=self.deploy_task_id, map_indexes=ti.map_index) is None:
+                raise AirflowFailException(
+                    f"{self.model}: task {self.deploy_task_id} did not complete (refused or failed: its log says "
+                    "why), so there is no canary to watch"
+                )
         next_check = outcome.details.get("next_check")
         if next_check:
             from datetime import datetime

@@ -17,6 +17,7 @@ from modelops.errors import ModelOpsError
 from modelops.hooks.audit import AuditHook
 from modelops.hooks.registry import MlflowRegistryHook
 from modelops.stages.outcome import json_safe
+from modelops.vocabulary import Tag
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -70,11 +71,12 @@ def training_plan(context: Context, *, model: str | None, dataset_sha256: str | 
         catalog = _catalog()
         dataset_events = triggering_extras(context, VALIDATED_DATASET)
         retraining_events = triggering_extras(context, RETRAINING_REQUEST)
-        untrained = (
-            untrained_datasets(catalog, AuditHook().get_conn(), MlflowRegistryHook().get_conn())
-            if dataset_events or retraining_events
-            else {}
-        )
+        registry = MlflowRegistryHook().get_conn() if dataset_events or retraining_events else None
+        untrained = untrained_datasets(catalog, AuditHook().get_conn(), registry) if registry else {}
+
+        def trained_on(model: str, sha256: str) -> bool:
+            return bool(registry and registry.find_versions(model, **{Tag.TRAIN_DATA_SHA256: sha256}))
+
         return plan_training(
             catalog=catalog,
             dataset_events=dataset_events,
@@ -82,6 +84,7 @@ def training_plan(context: Context, *, model: str | None, dataset_sha256: str | 
             model=model or None,
             dataset_sha256=dataset_sha256 or None,
             untrained=untrained,
+            trained_on=trained_on,
         )
 
     return _planned(make)

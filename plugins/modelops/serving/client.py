@@ -74,6 +74,10 @@ class GatewayClient:
         live = self.status().get("models", {}).get(model, {}).get("live_version")
         return None if live is None else str(live)
 
+    def environment(self) -> dict[str, str | None]:
+        """The gateway's Python and framework versions (``modelops.environment.serving_environment``)."""
+        return dict(self._admin("GET", "/admin/environment").get("environment", {}))
+
     def serving(self, model: str) -> dict[str, Any]:
         """What the gateway serves of ``model``: ``live_version``, ``challenger_version``, ``challenger_share``
         and ``canary_problem`` (empty when it does not know the model)."""

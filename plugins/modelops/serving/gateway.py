@@ -70,6 +70,7 @@ from starlette.concurrency import run_in_threadpool
 
 from modelops.audit import AuditKeyring, AuditRecord, AuditStore
 from modelops.audit.keys import KEYRING_EXAMPLE, KEYS_ENV
+from modelops.environment import serving_environment
 from modelops.errors import ConfigurationError, ModelOpsError, RegistryError
 from modelops.evidence import (
     CHALLENGER_FIELD,
@@ -97,7 +98,7 @@ from modelops.serving.prediction_log import (
 )
 from modelops.serving.screening import InputRefused, Screening, drop_columns
 from modelops.serving.telemetry import GatewayMetrics, trace_context
-from modelops.vocabulary import SMOKE_TEST_CALLER, Alias, Arm
+from modelops.vocabulary import ARM_HEADER, ROUTING_KEY_HEADER, SMOKE_TEST_CALLER, Alias, Arm
 
 logger = logging.getLogger(__name__)
 
@@ -105,11 +106,6 @@ REQUEST_ID_HEADER = "X-Request-Id"
 UNKNOWN_MODEL_LABEL = "_unknown"
 """The ``model`` label of calls to a model the gateway does not know (see ``invoke``)."""
 MODEL_VERSION_HEADER = "X-Model-Version"
-ARM_HEADER = "X-Model-Arm"
-"""On a response: which arm answered (champion, challenger, staged)."""
-ROUTING_KEY_HEADER = "X-Routing-Key"
-"""Optional: the caller's end user or session. During a canary, calls with the same caller id and routing key
-always land on the same arm; without it the caller id alone decides. Used for the split only, never logged."""
 ANONYMOUS_CALLER = "anonymous"
 SMOKE_CALLER_HEADER = "X-Caller-Id"
 """No longer chooses the caller id (the key does); honoured only as described in ``authenticate``."""
@@ -1272,6 +1268,11 @@ def create_app(config: GatewayConfig) -> FastAPI:
             "champion_alias": str(Alias.CHAMPION),
             "models": await run_in_threadpool(served.describe),
         }
+
+    @app.get("/admin/environment", dependencies=admin)
+    async def environment() -> dict[str, Any]:
+        # What a deployment compares a version's recorded environment with (modelops.environment).
+        return {"environment": serving_environment()}
 
     @app.post("/admin/models/{name}/reload", dependencies=admin)
     async def reload(name: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from modelops.environment import compare_environments, recorded_environment
 from modelops.errors import DeploymentFailed
 from modelops.evidence import (
     CHAMPION_FIELD,
@@ -29,6 +30,7 @@ from modelops.evidence import (
     newest_authentic,
     recorded_files,
     version_file_hashes,
+    version_files_and_mlmodel,
 )
 from modelops.settings import ModelSpec
 from modelops.stages.common import resolve_version
@@ -337,7 +339,7 @@ def deploy(
         expired = approval_still_valid(approval)
         if expired:
             raise EvidenceMismatch(f"{spec.name} v{version}: {expired}")
-        files = version_file_hashes(registry, spec.name, version)
+        files, mlmodel = version_files_and_mlmodel(registry, spec.name, version)
         check_files(
             recorded_files(approval),
             files,
@@ -346,6 +348,20 @@ def deploy(
         )
     except EvidenceMismatch as exc:
         return _refused(spec, version, str(exc))
+    # The MLmodel file is one of the approved files just checked: what it says of the environment holds.
+    recorded = recorded_environment(mlmodel)
+    serving = gateway.environment()
+    refusals, environment_notes = compare_environments(recorded, serving, where="the scoring gateway")
+    if refusals:
+        return _refused(
+            spec,
+            version,
+            f"{spec.name} v{version} does not match the serving environment: "
+            + "; ".join(refusals)
+            + ". Retrain it in the serving environment, or deploy a gateway image with the version it needs",
+            recorded_environment=recorded,
+            serving_environment=serving,
+        )
     sha = approval.details.get(Tag.TRAIN_DATA_SHA256)
     validation = latest_passed_validation(audit, sha, dataset=spec.dataset) if sha else None
     if validation is None or not validation.details.get("snapshot_uri"):
@@ -377,7 +393,12 @@ def deploy(
         AuditAction.MODEL_DEPLOYED,
         model_subject(spec.name, version),
         decided,
-        details={**result.to_dict(), "gate_record_seq": approval.seq},
+        details={
+            **result.to_dict(),
+            "gate_record_seq": approval.seq,
+            "environment": recorded,
+            "environment_notes": environment_notes,
+        },
         evidence={
             "smoke_test": sha256_json(asdict(result.smoke_test)),
             "artifacts": sha256_json(files),
@@ -385,7 +406,7 @@ def deploy(
         },
     )
     serving_url = gateway.invocations_url(spec.name)
-    details = {**result.to_dict(), "serving_url": serving_url}
+    details = {**result.to_dict(), "serving_url": serving_url, "environment_notes": environment_notes}
     if not passed:
         problems = "\n".join(f"  - {p}" for p in result.smoke_test.problems)
         return StageOutcome(

@@ -16,7 +16,7 @@ import os
 import platform
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -299,6 +299,7 @@ def plan_training(
     model: str | None,
     dataset_sha256: str | None,
     untrained: Mapping[str, str] | None = None,
+    trained_on: Callable[[str, str], bool] | None = None,
 ) -> list[dict[str, Any]]:
     """One entry per model to train: ``{"model", "dataset_sha256", "trigger"}``.
 
@@ -311,7 +312,9 @@ def plan_training(
     ``untrained`` (model -> dataset sha256, from :func:`untrained_datasets`) catches up, in an event-triggered
     run, on validated data that no run has trained on: Airflow 3.3 can start this run between two events of
     one validation run and then queue no run for the later one (apache/airflow#54659, #56050), so an event
-    is a wake-up call, and the audit log and the registry say what is still to train.
+    is a wake-up call, and the audit log and the registry say what is still to train. ``trained_on(model,
+    sha256)`` says a version of the model was already trained on that data (by such a catch-up, or a run an
+    event was delivered to twice): the event then trains nothing more.
     """
     plan: dict[str, dict[str, Any]] = {}
     for event in dataset_events:
@@ -319,6 +322,9 @@ def plan_training(
         if not dataset or not sha:
             continue
         for spec in catalog.models_for_dataset(dataset):
+            if trained_on is not None and trained_on(spec.name, sha):
+                plan.pop(spec.name, None)
+                continue
             plan[spec.name] = {"model": spec.name, "dataset_sha256": sha, "trigger": Trigger.NEW_DATA.value}
     for event in retraining_events:
         name = event.get(EventField.MODEL_NAME)
