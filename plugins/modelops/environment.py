@@ -32,9 +32,11 @@ FLAVOR_DISTRIBUTIONS: dict[str, tuple[str, str]] = {
 
 def recorded_environment(mlmodel: Mapping[str, Any]) -> dict[str, str]:
     """``{distribution or "python": version}`` as a version's ``MLmodel`` records them."""
+    from mlflow.pyfunc import FLAVOR_NAME, PY_VERSION  # MLflow's own names for the keys it writes
+
     found: dict[str, str] = {}
     flavors = mlmodel.get("flavors") or {}
-    python = (flavors.get("python_function") or {}).get("python_version")
+    python = (flavors.get(FLAVOR_NAME) or {}).get(PY_VERSION)
     if python:
         found[PYTHON] = str(python)
     if mlmodel.get("mlflow_version"):

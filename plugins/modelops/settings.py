@@ -198,6 +198,11 @@ class ScreeningSpec(StrictModel):
     max_json_depth: int = Field(
         default=16, ge=3, le=64, description="JSON nested deeper gets 400 (a table is 3 or 4 deep)"
     )
+    out_of_range: Literal["refuse", "flag", "off"] = Field(
+        default="flag",
+        description="Numeric values outside the version's training range: 422, or scored with the columns "
+        "named in X-Out-Of-Training-Range and the prediction log's flags",
+    )
     extra_columns: Literal["refuse", "drop"] = Field(
         default="refuse", description="Columns the model's signature does not name: 400, or dropped"
     )
@@ -260,6 +265,11 @@ class CanarySpec(StrictModel):
 
 class ServingSpec(StrictModel):
     enabled: bool = Field(default=True, description="Deploy approved versions to the scoring gateway")
+    target: Literal["local", "batch"] = Field(
+        default="local",
+        description="local: the scoring gateway, online, with canaries; batch: scored by the "
+        "modelops_batch_scoring DAG on Spark with the recorded champion",
+    )
     smoke_rows: int = Field(
         default=20, gt=0, le=1000, description="Rows of training data scored before go-live"
     )

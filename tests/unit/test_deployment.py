@@ -34,7 +34,7 @@ from modelops.operators.deployment import DeployModelOperator
 from modelops.registry import ModelRegistry
 from modelops.serving.client import GatewayClient
 from modelops.serving.prediction_log import PredictionLog
-from modelops.settings import CanarySpec, Catalog, ModelSpec, ServingSpec, load_catalog
+from modelops.settings import CanarySpec, Catalog, ModelSpec, ScreeningSpec, ServingSpec, load_catalog
 from modelops.stages import deployment
 from modelops.stages.deployment import SMOKE_TEST_CALLER, deploy, deploy_version, rollback, smoke_test
 from modelops.stages.outcome import AuditEntry
@@ -1440,3 +1440,122 @@ def test_a_deployment_records_the_environment_it_checked(stack: Stack) -> None:
     assert outcome.decision == Decision.DEPLOYED, outcome.summary
     assert outcome.records[0].details["environment"]["scikit-learn"] == sklearn.__version__
     assert outcome.details["environment_notes"] == []
+
+
+# --- training ranges -----------------------------------------------------------------------------------
+
+
+def test_training_ranges_are_read_strictly(tmp_path: Path) -> None:
+    from modelops.serving.ranges import RangesUnreadable, outside_ranges, read_ranges, write_ranges
+
+    assert read_ranges(tmp_path) is None  # a version logged without them
+    write_ranges(tmp_path, {"user_age": [18.0, 80.0], "empty": [None, None]})
+    ranges = read_ranges(tmp_path)
+    assert ranges == {"user_age": (18.0, 80.0)}
+    frame = pd.DataFrame({"user_age": [17, 18, 80, 10**12], "other": [1, 2, 3, 4]})
+    assert outside_ranges(frame, ranges) == {"user_age": 2}
+    for bad in ("[1, 2]", '{"user_age": [80, 18]}', '{"user_age": "wide"}', "not json"):
+        (tmp_path / "training_ranges.json").write_text(bad)
+        with pytest.raises(RangesUnreadable):
+            read_ranges(tmp_path)
+
+
+def _version_with_ranges(stack: Stack, name: str) -> str:
+    """A classifier logged as training logs it: with its training ranges beside the model."""
+    from modelops.monitoring_reference import numeric_ranges
+    from modelops.serving.ranges import write_ranges
+
+    spec = stack.spec(CLASSIFIER)
+    frame = pd.read_csv(stack.csv[CLASSIFIER])
+    folder = stack.root / f"saved-{name}"
+    _save_sklearn(_fit(spec, frame), spec, frame, folder)
+    write_ranges(folder, numeric_ranges(frame, spec.numeric_features))
+    stack.runs[name] = stack.registry.log_run(
+        experiment=spec.experiment_name, run_name=name, tags={}, artifact_dirs={"model": folder}
+    )
+    version = register(stack, name, name)
+    assert ship(stack, stack.spec(CLASSIFIER, name), version).smoke_test.passed
+    return version
+
+
+def test_a_value_outside_the_training_range_is_scored_and_flagged_or_refused(stack: Stack) -> None:
+    from modelops.serving.gateway import GatewayConfig, ModelPolicy, create_app
+    from modelops.serving.screening import Screening
+
+    name = unique("ranges")
+    BAD_KINDS[name] = CLASSIFIER  # its smoke rows and lineage are the classifier's
+    version = _version_with_ranges(stack, name)
+    rows = stack.rows[CLASSIFIER].head(2).copy()
+    inside = call(stack, name, rows, "user-1")
+    assert inside.status_code == 200 and "X-Out-Of-Training-Range" not in inside.headers
+    rows.loc[0, "user_age"] = 10**12  # a long, as the signature allows; never seen in training
+    flagged = call(stack, name, rows, "user-1")
+    assert flagged.status_code == 200, flagged.text
+    assert flagged.headers["X-Out-Of-Training-Range"] == "user_age"
+    stack.app.state.prediction_writer.flush()
+    logged = pd.read_sql(
+        f"SELECT flags FROM modelops_predictions WHERE request_id = '{flagged.headers['X-Request-Id']}'",
+        stack.predictions.engine,
+    )
+    assert logged["flags"].tolist() == ["out_of_training_range:user_age"]
+
+    # The same version behind a gateway whose policy for the model refuses such values.
+    refusing = create_app(
+        GatewayConfig(
+            tracking_uri=stack.registry.tracking_uri,
+            predictions_url=f"sqlite:///{stack.root / 'predictions-refuse.db'}",
+            default_model=name,
+            audit_url=stack.audit_url,
+            audit_keyring=keyring_for_tests(),
+            policies={name: ModelPolicy(screening=Screening.build(ScreeningSpec(out_of_range="refuse")))},
+        )
+    )
+    with serve_in_thread(refusing) as url:
+        payload = {"dataframe_split": rows.to_dict(orient="split", index=False)}
+        refused = httpx.post(
+            f"{url}/models/{name}/invocations", json=payload, headers={"X-Caller-Id": SMOKE_TEST_CALLER}
+        )
+    assert refused.status_code == 422 and refused.json()["error_code"] == "OUT_OF_TRAINING_RANGE"
+    assert "user_age (1 rows)" in refused.json()["message"] and "1000000000000" not in refused.text
+    assert version
+
+
+# --- the batch target ----------------------------------------------------------------------------------
+
+
+def test_the_batch_target_smoke_tests_in_process_and_promotes_without_a_canary(stack: Stack) -> None:
+    from modelops.serving.targets import BatchTarget
+
+    spec = stack.spec(REGRESSOR, unique("batch_target"), enabled=True)
+    spec = spec.model_copy(update={"serving": spec.serving.model_copy(update={"target": "batch"})})
+    target = BatchTarget(stack.registry, stack.audit)
+    first, second = register(stack, spec.name, REGRESSOR), register(stack, spec.name, REGRESSOR)
+    try:
+        for version, before in ((first, None), (second, first)):
+            outcome = deploy(
+                spec=spec,
+                registry=stack.registry,
+                gateway=target,
+                audit=stack.audit,
+                record=stack.record,
+                version=version,
+            )
+            assert outcome.decision == Decision.DEPLOYED, outcome.refusal  # no canary: nothing to split
+            assert outcome.details["previous_version"] == before
+            assert outcome.details["serving_url"] == f"dag modelops_batch_scoring (model={spec.name})"
+            assert target.live_version(spec.name) == version
+        assert aliases(stack, spec.name) == {Alias.CHAMPION: second, Alias.PREVIOUS_CHAMPION: first}
+        assert served(stack, spec.name) == {}  # the gateway was never asked
+        # A version whose smoke test fails leaves the recorded champion in place.
+        bad = register(stack, spec.name, "nan")
+        failed = deploy(
+            spec=spec,
+            registry=stack.registry,
+            gateway=target,
+            audit=stack.audit,
+            record=stack.record,
+            version=bad,
+        )
+        assert failed.decision == Decision.SMOKE_TEST_FAILED and target.live_version(spec.name) == second
+    finally:
+        target.close()

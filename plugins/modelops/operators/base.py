@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from modelops.registry import ModelRegistry
     from modelops.serving.client import GatewayClient
     from modelops.serving.prediction_log import PredictionLog
-    from modelops.settings import Catalog
+    from modelops.serving.targets import ServingTarget
+    from modelops.settings import Catalog, ModelSpec
     from modelops.stages.outcome import AuditEntry, StageOutcome
 
 
@@ -73,6 +74,14 @@ class ModelOpsBaseOperator(BaseOperator):
     @cached_property
     def gateway(self) -> GatewayClient:
         return GatewayHook(gateway_conn_id=self.gateway_conn_id).get_conn()
+
+    def serving_target(self, spec: ModelSpec) -> ServingTarget:
+        """Where ``spec``'s versions go live (``serving.target``): the gateway, or the batch target."""
+        if spec.serving.target == "batch":
+            from modelops.serving.targets import BatchTarget
+
+            return BatchTarget(self.registry, self.audit_hook.store)
+        return self.gateway
 
     @cached_property
     def prediction_log_hook(self) -> PredictionLogHook:

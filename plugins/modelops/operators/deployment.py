@@ -36,10 +36,11 @@ class DeployModelOperator(ModelOpsBaseOperator):
     def run_stage(self, context: Context) -> StageOutcome:
         from modelops.stages.deployment import deploy
 
+        spec = self.catalog.model(self.model)
         return deploy(
-            spec=self.catalog.model(self.model),
+            spec=spec,
             registry=self.registry,
-            gateway=self.gateway,
+            gateway=self.serving_target(spec),
             audit=self.audit_hook.store,
             # The promotion is recorded before the alias moves, so the stage writes it mid-way.
             record=lambda entry: self.record_entry(entry, context),

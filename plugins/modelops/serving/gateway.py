@@ -96,6 +96,7 @@ from modelops.serving.prediction_log import (
     UnknownRequestError,
     predictions_table,
 )
+from modelops.serving.ranges import RangesUnreadable, outside_ranges, read_ranges
 from modelops.serving.screening import InputRefused, Screening, drop_columns
 from modelops.serving.telemetry import GatewayMetrics, trace_context
 from modelops.vocabulary import ARM_HEADER, ROUTING_KEY_HEADER, SMOKE_TEST_CALLER, Alias, Arm
@@ -103,6 +104,8 @@ from modelops.vocabulary import ARM_HEADER, ROUTING_KEY_HEADER, SMOKE_TEST_CALLE
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-Id"
+OUT_OF_RANGE_HEADER = "X-Out-Of-Training-Range"
+"""On a response: the columns with values outside the version's training range (scored, flagged)."""
 UNKNOWN_MODEL_LABEL = "_unknown"
 """The ``model`` label of calls to a model the gateway does not know (see ``invoke``)."""
 MODEL_VERSION_HEADER = "X-Model-Version"
@@ -373,6 +376,8 @@ class _Slot:
     live: str | None = None
     staged: str | None = None
     loaded: dict[str, PyFuncModel] = field(default_factory=dict)
+    ranges: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    """Per loaded version: the numeric ranges it was trained on (from its verified training_ranges.json)."""
     problem: str | None = None
     """Why the champion could not be served at the last attempt (None once it serves)."""
     challenger: str | None = None
@@ -535,6 +540,13 @@ class ServedModels:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         try:
+            ranges = read_ranges(model_dir)
+        except RangesUnreadable as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise ModelLoadFailed(
+                f"version {version} of model {name!r}: {exc}; register a new version through training"
+            ) from exc
+        try:
             model = mlflow.pyfunc.load_model(str(model_dir))
         except Exception as exc:  # any loader failure (skops, flavor, import) is reported, not served
             shutil.rmtree(folder, ignore_errors=True)
@@ -543,6 +555,8 @@ class ServedModels:
                 "fix the logged model (or its skops trusted types) and register a new version",
             ) from exc
         slot.loaded[version] = model
+        if ranges is not None:
+            slot.ranges[version] = ranges
         return model
 
     def _authorised_champion(self, slot: _Slot, name: str) -> tuple[str, dict[str, str]]:
@@ -603,6 +617,7 @@ class ServedModels:
         keep = {slot.live, slot.staged, slot.challenger}
         for version in [version for version in slot.loaded if version not in keep]:
             del slot.loaded[version]
+            slot.ranges.pop(version, None)
             shutil.rmtree(self._folder(name, version), ignore_errors=True)
 
     # serving
@@ -638,6 +653,11 @@ class ServedModels:
         except ModelNotServed:
             self._forget_if_empty(name)
             raise
+
+    def training_ranges(self, name: str, version: str) -> dict[str, tuple[float, float]] | None:
+        """The numeric ranges ``version`` of ``name`` was trained on (None: logged without them)."""
+        slot = self._slots.get(name)
+        return None if slot is None else slot.ranges.get(version)
 
     def live_version(self, name: str) -> str | None:
         slot = self._slots.get(name)
@@ -802,6 +822,8 @@ class Invocation:
     model_name: str
     model_version: str | None = None
     arm: Arm = Arm.CHAMPION
+    out_of_range: dict[str, int] = field(default_factory=dict)
+    """Columns with values outside the version's training range, and how many rows (flagged, scored)."""
     rows: list[Any] = field(default_factory=list)
     outputs: list[Any] | None = None
     response_body: str = ""
@@ -902,7 +924,13 @@ def _without_values(message: str) -> str:
     return _bounded(message.strip())
 
 
-def score(model: PyFuncModel, screened: ScreenedInput, screening: Screening, invocation: Invocation) -> None:
+def score(
+    model: PyFuncModel,
+    screened: ScreenedInput,
+    screening: Screening,
+    invocation: Invocation,
+    ranges: Mapping[str, tuple[float, float]] | None = None,
+) -> None:
     """Screen the input against the model's signature and PII rules, parse it with MLflow's scoring-server
     code, predict and format the response like MLflow.
 
@@ -950,6 +978,19 @@ def score(model: PyFuncModel, screened: ScreenedInput, screening: Screening, inv
     if dropped and isinstance(data, pd.DataFrame):
         data = data.drop(columns=[c for c in dropped if c in data.columns])
     invocation.rows = masked_rows if masked_rows is not None else _logged_rows(data)
+    if ranges and screening.rules.out_of_range != "off" and isinstance(data, pd.DataFrame):
+        outside = outside_ranges(data, ranges)
+        if outside and screening.rules.out_of_range == "refuse":
+            counts = ", ".join(f"{column} ({rows} rows)" for column, rows in sorted(outside.items()))
+            raise RefusedInput(
+                InputRefused(
+                    422,
+                    "OUT_OF_TRAINING_RANGE",
+                    f"values outside the range this version was trained on in {counts}; send values within "
+                    "the training range (serving.screening.out_of_range: refuse)",
+                )
+            )
+        invocation.out_of_range = outside
 
     try:
         if "params" in inspect.signature(model.predict).parameters:
@@ -1147,7 +1188,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
                 screened = screen_input(body, request.headers.get("content-type"), screening)
                 version, model, arm = served.for_request(name, requested_version, split_key)
                 invocation.model_version, invocation.arm = version, arm
-                score(model, screened, screening, invocation)
+                score(model, screened, screening, invocation, served.training_ranges(name, version))
             except InputRefused as refusal:
                 raise RefusedInput(refusal) from refusal
 
@@ -1174,6 +1215,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
         if invocation.model_version is not None:
             headers[MODEL_VERSION_HEADER] = invocation.model_version
             headers[ARM_HEADER] = invocation.arm.value
+        if invocation.out_of_range:
+            headers[OUT_OF_RANGE_HEADER] = ",".join(sorted(invocation.out_of_range))
         if isinstance(error, Unauthorized):
             headers["WWW-Authenticate"] = "Bearer"
         status = error.status if error else 200
@@ -1209,6 +1252,11 @@ def create_app(config: GatewayConfig) -> FastAPI:
                 error=None if error is None else f"{error.error_code}: {error.message}",
                 traceparent=trace.traceparent,
                 arm=invocation.arm.value,
+                flags=(
+                    ("out_of_training_range:" + ",".join(sorted(invocation.out_of_range)))[:500]
+                    if invocation.out_of_range
+                    else None
+                ),
             ),
         )
         if error is not None:

@@ -108,6 +108,8 @@ predictions_table = sa.Table(
     sa.Column("traceparent", sa.String(55), nullable=True),
     # Which arm answered (champion, challenger during a canary, staged for a smoke test): modelops.vocabulary.Arm.
     sa.Column("arm", sa.String(16), nullable=True),
+    # What screening flagged on a scored call, e.g. "out_of_training_range:user_age" (columns, never values).
+    sa.Column("flags", sa.String(500), nullable=True),
     sa.Index("ix_modelops_predictions_model_received", "model_name", "received_at"),
 )
 
@@ -155,6 +157,7 @@ class PredictionRecord:
     error: str | None = None
     traceparent: str | None = None
     arm: str = Arm.CHAMPION.value
+    flags: str | None = None
 
 
 @dataclass(frozen=True)
@@ -249,6 +252,7 @@ def record_row(entry: PredictionRecord) -> dict[str, Any]:
         "error": entry.error,
         "traceparent": entry.traceparent,
         "arm": entry.arm,
+        "flags": entry.flags,
     }
     for name, limit in _STRING_LIMITS.items():
         value = row[name]
@@ -530,7 +534,7 @@ class PredictionLog:
 
 # Columns added to the table after it first shipped: create_all() makes new tables only, so a log created
 # by an earlier release gets them here (nullable, so existing rows stay valid).
-_ADDED_COLUMNS = {PREDICTIONS_TABLE: ("traceparent", "arm")}
+_ADDED_COLUMNS = {PREDICTIONS_TABLE: ("traceparent", "arm", "flags")}
 
 
 def _add_missing_columns(engine: Engine) -> None:

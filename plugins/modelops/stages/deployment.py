@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
     from modelops.audit import AuditRecord, AuditStore
     from modelops.registry import ModelRegistry
-    from modelops.serving.client import GatewayClient
+    from modelops.serving.targets import ServingTarget
 
 
 @dataclass
@@ -97,7 +97,7 @@ def _prediction_problem(spec: ModelSpec, prediction: Any) -> str | None:
     return None
 
 
-def smoke_test(gateway: GatewayClient, spec: ModelSpec, version: str, rows: pd.DataFrame) -> SmokeTest:
+def smoke_test(gateway: ServingTarget, spec: ModelSpec, version: str, rows: pd.DataFrame) -> SmokeTest:
     """Score ``rows`` through HTTP on the staged version and check each answer fits the task kind."""
     result = SmokeTest(rows=len(rows))
     payload = {"dataframe_split": rows.to_dict(orient="split", index=False)}
@@ -126,7 +126,7 @@ def smoke_test(gateway: GatewayClient, spec: ModelSpec, version: str, rows: pd.D
 def deploy_version(
     *,
     registry: ModelRegistry,
-    gateway: GatewayClient,
+    gateway: ServingTarget,
     audit: AuditStore,
     record: Recorder,
     spec: ModelSpec,
@@ -170,7 +170,8 @@ def deploy_version(
         )
         return DeploymentResult(model, str(version), previous_version, check, now)
 
-    if current is not None and previous_version is not None and spec.serving.canary.enabled:
+    canary = spec.serving.canary.enabled and spec.serving.target == "local"  # a batch target splits nothing
+    if current is not None and previous_version is not None and canary:
         # A champion serves: the new version earns its place on a share of the traffic first.
         from modelops.stages.canary import start_canary
 
@@ -246,7 +247,7 @@ def deploy_version(
     return DeploymentResult(model, str(version), previous_version, check, now)
 
 
-def verify_live(gateway: GatewayClient, model: str, version: str) -> None:
+def verify_live(gateway: ServingTarget, model: str, version: str) -> None:
     live = gateway.live_version(model)
     if live != str(version):
         raise DeploymentFailed(f"gateway reports {model} live version {live!r}, expected {version!r}")
@@ -254,7 +255,7 @@ def verify_live(gateway: GatewayClient, model: str, version: str) -> None:
 
 def rollback(
     registry: ModelRegistry,
-    gateway: GatewayClient,
+    gateway: ServingTarget,
     audit: AuditStore,
     record: Recorder,
     model: str,
@@ -316,7 +317,7 @@ def deploy(
     *,
     spec: ModelSpec,
     registry: ModelRegistry,
-    gateway: GatewayClient,
+    gateway: ServingTarget,
     audit: AuditStore,
     record: Recorder,
     version: str | None,
@@ -351,7 +352,8 @@ def deploy(
     # The MLmodel file is one of the approved files just checked: what it says of the environment holds.
     recorded = recorded_environment(mlmodel)
     serving = gateway.environment()
-    refusals, environment_notes = compare_environments(recorded, serving, where="the scoring gateway")
+    where = "the scoring gateway" if spec.serving.target == "local" else f"the {spec.serving.target} target"
+    refusals, environment_notes = compare_environments(recorded, serving, where=where)
     if refusals:
         return _refused(
             spec,
@@ -452,7 +454,7 @@ def roll_back_to_previous(
     *,
     model: str,
     registry: ModelRegistry,
-    gateway: GatewayClient,
+    gateway: ServingTarget,
     audit: AuditStore,
     record: Recorder,
     reason: str,

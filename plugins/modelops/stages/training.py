@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from modelops.errors import TrainingError
 from modelops.evidence import evidence_summary, version_file_hashes
+from modelops.monitoring_reference import numeric_ranges
 from modelops.registry import json_tag
+from modelops.serving.ranges import write_ranges
 from modelops.settings import PROJECT_ROOT, Catalog, ModelSpec
 from modelops.stages.outcome import AuditEntry, StageOutcome, sha256_json
 from modelops.storage import read_dataset
@@ -257,6 +259,8 @@ def train_and_register(
             serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_SKOPS,
             skops_trusted_types=spec.skops_trusted_types,
         )
+        # Beside the model, so the gate approves it with the model's files and the gateway screens by it.
+        write_ranges(model_dir, numeric_ranges(x_train, spec.numeric_features))
         training_run = registry.log_run(
             experiment=spec.experiment_name,
             run_name=f"train-{spec.name}",
