@@ -95,6 +95,11 @@ class Misbehaving(mlflow.pyfunc.PythonModel):
             return [[0.6, 0.6] for _ in range(rows)]
         if self.mode == "nan":  # a regressor answering NaN
             return [math.nan] * rows
+        if self.mode == "slow":  # valid answers, 40 ms late
+            import time
+
+            time.sleep(0.04)
+            return [[0.5, 0.5] for _ in range(rows)]
         if self.mode == "single_row_fails":  # passes the 20-row smoke test, fails every 1-row call
             if rows == 1:
                 raise RuntimeError("cannot score a single row")
@@ -109,6 +114,7 @@ BAD_KINDS = {
     "nan": REGRESSOR,
     "text": REGRESSOR,
     "single_row_fails": CLASSIFIER,
+    "slow": CLASSIFIER,
     "shuffled": CLASSIFIER,  # a real classifier trained on shuffled labels: valid answers, no skill
 }
 
@@ -1559,3 +1565,17 @@ def test_the_batch_target_smoke_tests_in_process_and_promotes_without_a_canary(s
         assert failed.decision == Decision.SMOKE_TEST_FAILED and target.live_version(spec.name) == second
     finally:
         target.close()
+
+
+def test_a_canary_slower_than_the_champion_is_rolled_back(stack: Stack) -> None:
+    spec, first, second, _ = canary_of(
+        stack, CLASSIFIER, CLASSIFIER, "slow", initial_share=0.5, soak_minutes=1, min_calls=15
+    )
+    rows = stack.rows[CLASSIFIER].head(1)
+    for user in range(60):
+        assert call(stack, spec.name, rows, f"user-{user}").status_code == 200
+    outcome = canary_look(stack, spec, later_by_minutes=2)
+    assert outcome.decision == Decision.ROLLED_BACK, outcome.summary
+    compared = outcome.details["evaluation"]["compared"]
+    assert compared["p50_latency_ratio"] > 1.5 and compared["latency_p_value"] < 0.01, compared
+    assert "p50 latency" in outcome.details["reason"]

@@ -528,6 +528,16 @@ class PredictionLog:
             p99_ms=float(p99),
         )
 
+    def latencies(self, model_name: str, start: datetime, end: datetime, *, version: str) -> np.ndarray:
+        """Every latency (ms) of calls to ``model_name`` answered by ``version`` with ``start <= received_at
+        < end``, failed calls included (what :meth:`request_stats` summarises)."""
+        table = predictions_table
+        query = sa.select(table.c.latency_ms).where(
+            self._in_window(model_name, start, end), table.c.model_version == str(version)
+        )
+        with self.engine.connect() as conn:
+            return np.fromiter((row[0] for row in conn.execute(query)), dtype="float64")
+
     def dispose(self) -> None:
         self.engine.dispose()
 

@@ -8,7 +8,7 @@ initial share), promoting (the challenger becomes champion, 100 %), rolling back
 
 Comparing the arms: calls answered by each version since the canary started, from the prediction log.
 Failed calls (only calls an arm answered count: input the gateway refused before choosing an arm counts for
-neither) and p95 latency once both arms have ``min_calls``; the business metric of the model's monitoring policy and, for a classifier, ROC AUC
+neither) and latency once both arms have ``min_calls``; the business metric of the model's monitoring policy and, for a classifier, ROC AUC
 (for a regressor RMSE) once both arms have ``min_labelled_rows`` labels. A metric counts against the
 challenger only when it is worse by more than the spec's tolerance *and* the difference is significant (two
 standard errors by default), so a small canary's sampling noise neither promotes nor rolls back by itself.
@@ -47,8 +47,13 @@ if TYPE_CHECKING:
 FAILING_CALLS = 5
 """Failed calls after which a challenger failing at least half its calls is rolled back at once."""
 LATENCY_SLACK_MS = 5.0
-"""A challenger's p95 latency counts as slower only when it is also this many milliseconds above the
+"""A challenger counts as slower only when its latency is also this many milliseconds above the
 champion's: at 1-2 ms a ratio alone would be noise."""
+P95_MIN_CALLS = 200
+"""Calls each arm needs before p95 latencies are compared; below that the medians are (the p95 of a few
+dozen calls is its two or three slowest, which one busy second on the host decides)."""
+LATENCY_P_VALUE = 0.01
+"""And the challenger's latencies must be slower by a one-sided Mann-Whitney U test at this level."""
 SOAK_FIELD, MAX_SOAK_FIELD = "soak_until", "max_soak_until"
 
 
@@ -64,6 +69,7 @@ class ArmFacts:
     calls: int = 0
     failed: int = 0
     error_rate: float | None = None
+    p50_ms: float | None = None
     p95_ms: float | None = None
     labelled_rows: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
@@ -251,6 +257,7 @@ def evaluate_canary(
             calls=stats.requests,
             failed=stats.failed,
             error_rate=None if stats.error_rate is None else round(stats.error_rate, 6),
+            p50_ms=None if stats.p50_ms is None else round(stats.p50_ms, 3),
             p95_ms=None if stats.p95_ms is None else round(stats.p95_ms, 3),
         )
     champion, challenger = facts[Arm.CHAMPION], facts[Arm.CHALLENGER]
@@ -285,13 +292,28 @@ def evaluate_canary(
             f"error rate {challenger.error_rate:.2%} against the champion's {champion.error_rate:.2%} "
             f"(more than {canary.max_error_rate_increase:.2%} above)"
         )
-    if champion.p95_ms is not None and challenger.p95_ms is not None:
-        ratio = challenger.p95_ms / max(champion.p95_ms, 1e-9)
-        compared["p95_latency_ratio"] = round(ratio, 3)
-        if ratio > canary.max_latency_ratio and challenger.p95_ms - champion.p95_ms > LATENCY_SLACK_MS:
+    quantile = "p95" if min(champion.calls, challenger.calls) >= P95_MIN_CALLS else "p50"
+    theirs_ms, ours_ms = getattr(champion, f"{quantile}_ms"), getattr(challenger, f"{quantile}_ms")
+    if theirs_ms is not None and ours_ms is not None:
+        ratio = ours_ms / max(theirs_ms, 1e-9)
+        compared[f"{quantile}_latency_ratio"] = round(ratio, 3)
+        slower = ratio > canary.max_latency_ratio and ours_ms - theirs_ms > LATENCY_SLACK_MS
+        if slower:
+            from scipy.stats import mannwhitneyu
+
+            p_value = float(
+                mannwhitneyu(
+                    prediction_log.latencies(spec.name, started, now, version=challenger.version),
+                    prediction_log.latencies(spec.name, started, now, version=champion.version),
+                    alternative="greater",
+                ).pvalue
+            )
+            compared["latency_p_value"] = round(p_value, 6)
+            slower = p_value < LATENCY_P_VALUE
+        if slower:
             worse.append(
-                f"p95 latency {challenger.p95_ms:.1f} ms against the champion's {champion.p95_ms:.1f} ms "
-                f"({ratio:.2f}x, more than {canary.max_latency_ratio}x)"
+                f"{quantile} latency {ours_ms:.1f} ms against the champion's {theirs_ms:.1f} ms "
+                f"({ratio:.2f}x, more than {canary.max_latency_ratio}x; Mann-Whitney p={compared['latency_p_value']:.4f})"
             )
 
     names = _metric_names(spec, policy)
