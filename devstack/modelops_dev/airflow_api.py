@@ -177,13 +177,15 @@ class StageResult:
 def stage_lines(result: StageResult) -> list[str]:
     """One progress line per task result (per model for a mapped task)."""
     head = f"  {result.stage:<12} {result.state:<8} {result.seconds:6.1f} s  "
-    if not result.outcomes:
+    # A deployment's canary task with no canary to watch (a first version) has nothing to tell.
+    outcomes = [o for o in result.outcomes if o.value.get("decision") != "no_canary"] or result.outcomes
+    if not outcomes:
         return [head + "(no summary returned)"]
     # A summary that starts with the model's name needs no label in front of it.
     return [
         head
         + (o.summary if o.map_index == -1 or o.summary.startswith(o.label) else f"{o.label}: {o.summary}")
-        for o in result.outcomes
+        for o in outcomes
     ]
 
 

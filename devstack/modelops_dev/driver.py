@@ -241,7 +241,10 @@ def _assign(results: Sequence[StageResult], models: Mapping[str, ModelReport]) -
     """Give each model its result of each stage; a later run's result wins."""
     for result in results:
         for report in models.values():
-            outcome = result.for_model(report.name)
+            # A deployment run's word on a model is its canary's decision when it ran one.
+            canary = result.for_task("canary", report.name)
+            decided = canary is not None and canary.value.get("decision") != "no_canary"
+            outcome = canary if decided else result.for_model(report.name)
             if outcome is not None:
                 report.results[result.stage] = outcome
 
@@ -441,7 +444,7 @@ def finish_canary_rollback(
             f"{DEPLOYMENT_DAG}"
         )
     out(
-        f"  canary       {rollback.model} {_version(rollback.version)} rolled back after {rollback.seconds:.0f} s; "
+        f"  canary       {rollback.model} {_version(rollback.version)}'s canary was rolled back; "
         f"{_version(mlflow.champion(rollback.model))} answers every caller"
     )
 
@@ -811,7 +814,8 @@ def drive(
                 on_poll=poll,
                 out=out,
             )
-            record(asset_stage_results(api, report.canary_rollback.since, on_poll=poll, **timing))
+            if report.incident is None:  # else the incident's runs since its start include these
+                record(asset_stage_results(api, report.canary_rollback.since, on_poll=poll, **timing))
 
         for spec in specs:
             model = reports[spec.name]
@@ -928,13 +932,13 @@ def summary_lines(
 def canary_lines(report: LifecycleReport, traffic: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
     """Each canary's outcome and who served which share from when to when, from the audit log."""
     lines: list[str] = []
-    outcomes = [
-        outcome
+    outcomes = {
+        outcome.summary: outcome  # a run seen by the lifecycle and by the incident is one run
         for result in [*report.stages, *(report.incident.stages if report.incident else [])]
         for outcome in result.outcomes
         if outcome.task_id == "canary"
         and outcome.value.get("decision") in (Decision.PROMOTED, Decision.ROLLED_BACK)
-    ]
+    }.values()
     if not outcomes and not any(traffic.values()):
         return lines
     lines.append("  canaries")

@@ -226,7 +226,9 @@ def _traffic_window(stack: Stack, **traffic) -> tuple[datetime, datetime]:
     return start, datetime.now(UTC) + timedelta(seconds=1)
 
 
-def test_drift_on_one_model_retrains_that_model_only(stack: Stack, chain: Chain) -> None:
+def test_drift_on_one_model_retrains_that_model_only(
+    stack: Stack, chain: Chain, monkeypatch: pytest.MonkeyPatch
+) -> None:
     stack.clear_queue()
     reg = registry(stack)
     diabetes_versions = [v.version for v in reg.versions(DIABETES)]
@@ -297,6 +299,7 @@ def test_drift_on_one_model_retrains_that_model_only(stack: Stack, chain: Chain)
     assert quiet.decision == "insufficient_data"
 
     # The retrained version goes live as a canary beside v1: callers score while it soaks.
+    quick_canaries(stack.root, monkeypatch)
     rows = generate_clicks(200, seed=13)[load_catalog().model(CTR).features].to_dict(orient="records")
     with callers_scoring(stack, CTR, load_catalog().model(CTR).team, rows):
         retrained = stack.run_queued()
@@ -356,6 +359,15 @@ def test_backfilled_hour_reproduces_its_verdict(stack: Stack, chain: Chain) -> N
     assert verdicts[0] == verdicts[1] and verdicts[0][1] == 300
 
 
+def quick_canaries(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped specs with a 6-second soak (the demo's is a minute): the canary still defers and compares."""
+    include = root / f"include-quick-canary-{uuid.uuid4().hex[:6]}"
+    shutil.copytree(PROJECT_ROOT / "include", include)
+    for spec in (include / "models").glob("*.yaml"):
+        spec.write_text(spec.read_text().replace("soak_minutes: 1\n", "soak_minutes: 0.1\n"))
+    monkeypatch.setenv("MODELOPS_INCLUDE_DIR", str(include))
+
+
 @contextmanager
 def callers_scoring(stack: Stack, model: str, team: str, rows: list[dict]) -> Iterator[list[int]]:
     """Callers scoring ``model`` one row at a time from a thread, each end user with its own routing key,
@@ -386,12 +398,15 @@ def callers_scoring(stack: Stack, model: str, team: str, rows: list[dict]) -> It
         thread.join(timeout=30)
 
 
-def _new_champion_by_hand(stack: Stack, model: str, tmp_path: Path) -> tuple[str, str]:
+def _new_champion_by_hand(
+    stack: Stack, model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, str]:
     """Train, gate and deploy a new version of ``model`` through the trigger forms; (old, new) champion.
 
     A champion serves, so the new version goes live as a canary: callers score while the deployment run's
     canary task soaks (deferred: ``dag.test()`` runs its trigger in process), then it is promoted.
     """
+    quick_canaries(tmp_path, monkeypatch)
     reg = registry(stack)
     old = reg.version_by_alias(model, Alias.CHAMPION).version
     for dag_id in STAGES[:-1]:
@@ -425,10 +440,10 @@ def _new_champion_by_hand(stack: Stack, model: str, tmp_path: Path) -> tuple[str
 
 
 def test_retirement_archives_a_superseded_version_and_never_the_champion(
-    stack: Stack, chain: Chain, tmp_path: Path
+    stack: Stack, chain: Chain, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reg = registry(stack)
-    old, new = _new_champion_by_hand(stack, DIABETES, tmp_path)
+    old, new = _new_champion_by_hand(stack, DIABETES, tmp_path, monkeypatch)
     assert reg.version_by_alias(DIABETES, Alias.PREVIOUS_CHAMPION).version == old
     assert reg.version(DIABETES, old).tags[Tag.SUPERSEDED_BY] == new
 

@@ -2707,7 +2707,10 @@ def test_the_unit_bug_canary_is_waited_for_with_traffic_until_rolled_back(tmp_pa
         out=lines.append,
     )
     assert rollback.version == "2" and rollback.status == "rolled_back" and len(polls) == 4
-    assert "diabetes_progression v2 rolled back" in lines[-1] and "v1 answers every caller" in lines[-1]
+    assert (
+        "diabetes_progression v2's canary was rolled back" in lines[-1]
+        and "v1 answers every caller" in lines[-1]
+    )
 
 
 def test_a_unit_bug_canary_that_wins_fails_the_demo_naming_the_task(tmp_path: Path) -> None:

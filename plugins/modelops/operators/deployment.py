@@ -140,10 +140,11 @@ class RollbackOperator(ModelOpsBaseOperator):
         params = context["params"]
         self.model = str(params["model"])
         by = getattr(context["dag_run"], "triggering_user_name", None) or "unknown user"
+        spec = self.catalog.model(self.model)
         return manual_rollback(
-            spec=self.catalog.model(self.model),
+            spec=spec,
             registry=self.registry,
-            gateway=self.gateway,
+            gateway=self.serving_target(spec),
             audit=self.audit_hook.store,
             record=lambda entry: self.record_entry(entry, context),
             reason=f"manual rollback by {by}: {str(params['reason']).strip()}",

@@ -29,13 +29,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log a line per HTTP request (off by default: every scoring call is in the prediction log, "
+        "with its caller and status, and refused calls get a line of their own)",
+    )
     args = parser.parse_args(argv)
     try:
         config = GatewayConfig.from_env()
     except ModelOpsError as exc:  # a missing variable or an invalid settings file: say which, no traceback
         raise SystemExit(f"python -m modelops.serving: {exc}") from exc
     app = create_app(config)
-    uvicorn.run(app, host=args.host, port=args.port, workers=1, log_level=args.log_level)
+    # loop and http stay "auto": uvloop and httptools, which the lock installs (uvicorn[standard], through
+    # fastapi[standard] and evidently), else asyncio and h11.
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        workers=1,
+        log_level=args.log_level,
+        access_log=args.access_log,
+    )
 
 
 if __name__ == "__main__":

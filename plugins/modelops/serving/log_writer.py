@@ -220,6 +220,11 @@ class BatchedPredictionWriter:
         _open_writers.discard(self)
         if self._crash is not None and self._queue:
             self._check_open()
+        logger.info(
+            "prediction log writer closed: %d record(s) written, %d still queued",
+            self._written,
+            len(self._queue),
+        )
 
     def stats(self) -> WriterStats:
         """Counters for metrics and health checks."""

@@ -240,11 +240,11 @@ class Screening:
                 f"{schema.input_names()} (or set serving.screening.extra_columns: drop)",
             )
         problems: list[str] = []
-        for name in columns:
+        for name, values in zip(columns, _column_lists(frame), strict=True):
             spec = expected.get(name)
             if spec is None:
                 continue
-            problem = self._column_problem(frame[name], str(getattr(spec.type, "name", spec.type)))
+            problem = self._column_problem(values, str(getattr(spec.type, "name", spec.type)))
             if problem:
                 problems.append(f"column {name!r} ({spec.type.name}): {problem}")
         if problems:
@@ -257,10 +257,10 @@ class Screening:
             )
         return unknown
 
-    def _column_problem(self, values: pd.Series, kind: str) -> str | None:
+    def _column_problem(self, values: list[Any], kind: str) -> str | None:
         # The common case (every value already of the right type) is decided from the set of types, at C
         # speed; only a column with a suspect type is walked value by value, to count what is wrong.
-        types = set(map(type, values.tolist()))
+        types = set(map(type, values))
         if kind in _NUMERIC:
             if types <= {int, float}:
                 fast = self._plain_numbers_problem(values, kind, types)
@@ -279,9 +279,8 @@ class Screening:
             return _describe(counts, "true or false")
         return None  # binary, datetime: MLflow's own enforcement
 
-    def _plain_numbers_problem(self, values: pd.Series, kind: str, types: set[type]) -> str | None | object:
+    def _plain_numbers_problem(self, numbers: list[Any], kind: str, types: set[type]) -> str | None | object:
         """Vectorised checks of a column of Python ints and floats; ``_UNDECIDED`` hands it to the walk."""
-        numbers = values.tolist()
         if int in types and kind in _INT_RANGES:
             low, high = _INT_RANGES[kind]
             ints = [value for value in numbers if type(value) is int]
@@ -301,9 +300,9 @@ class Screening:
             return _UNDECIDED
         return None
 
-    def _numeric_problem(self, values: pd.Series, kind: str) -> str | None:
+    def _numeric_problem(self, values: list[Any], kind: str) -> str | None:
         bad: dict[str, int] = {}
-        for value in values.tolist():
+        for value in values:
             reason = self._number_problem(value, kind)
             if reason:
                 bad[reason] = bad.get(reason, 0) + 1
@@ -338,10 +337,10 @@ class Screening:
         if self.rules.pii == "off" or not self.pii_patterns:
             return {}
         found: dict[str, list[str]] = {}
-        for column in frame.columns:
-            # Plain re over the column's strings: pandas' .str.contains costs ~0.4 ms a call even on five
-            # rows, which was a sixth of a one-row scoring call.
-            texts = [value for value in frame[column].tolist() if isinstance(value, str)]
+        for column, values in zip(frame.columns, _column_lists(frame), strict=True):
+            # Plain re over the column's distinct strings: pandas' .str.contains costs ~0.4 ms a call even
+            # on five rows, and a categorical column of 100 rows holds a handful of distinct values.
+            texts = {value for value in values if isinstance(value, str)}
             if not texts:
                 continue
             names = [name for name, regex in self.pii_patterns if any(regex.search(text) for text in texts)]
@@ -387,6 +386,80 @@ def _max_depth(body: bytes) -> int:
     return int(np.cumsum(steps).max()) if len(steps) else 0
 
 
+def _column_lists(frame: pd.DataFrame) -> list[list[Any]]:
+    """Every column's values as Python objects, a list per column in column order. A frame of JSON rows
+    (``object`` throughout) is transposed in one step (~2 us); ``frame[column].tolist()`` per column costs
+    ~3 us each, ``frame.dtypes`` alone ~25 us."""
+    values = frame.to_numpy()
+    if values.dtype == object:  # each value boxed as a Python object, as Series.tolist() gives them
+        return values.T.tolist()
+    # One numeric dtype for the whole frame (e.g. ints upcast to floats): read each column as it is.
+    return [frame.iloc[:, index].tolist() for index in range(len(frame.columns))]
+
+
+def frame_records(frame: pd.DataFrame) -> list[dict[Any, Any]]:
+    """``frame.to_dict(orient="records")`` without pandas' per-value boxing when the frame's values are
+    Python objects already (JSON rows): 3 us instead of 0.32 ms for one row, 66 us instead of 0.68 ms for
+    100 rows."""
+    values = frame.to_numpy()
+    if values.dtype != object:
+        return frame.to_dict(orient="records")
+    columns = list(frame.columns)
+    return [dict(zip(columns, row, strict=True)) for row in values.tolist()]
+
+
+_SCHEMA_DTYPES = {
+    "long": np.dtype(np.int64),
+    "integer": np.dtype(np.int32),
+    "double": np.dtype(np.float64),
+    "float": np.dtype(np.float32),
+    "boolean": np.dtype(np.bool_),
+    "string": np.dtype(object),
+}
+
+
+def typed_frame(
+    payload: dict[str, Any] | None, frame: pd.DataFrame, schema: Schema | None
+) -> pd.DataFrame | None:
+    """The screened ``frame`` of ``payload`` with every column in its signature's type: the DataFrame
+    MLflow's ``scoring_server._parse_json_data`` builds from the same JSON (0.1 ms instead of 0.7 for 1
+    or 100 rows, the frame being built already). Only for a frame :meth:`Screening.check_signature` passed.
+
+    None when the shortcut does not apply, and MLflow's parser should run: a payload other than plain
+    ``dataframe_split`` (columns and data) or ``dataframe_records``, ``params``, no rows, no column
+    signature, optional inputs, columns other than exactly the signature's, a type other than long, integer, double, float,
+    boolean or string, or a value the cast refuses (NaN in an integer column under ``non_finite: allow``).
+    """
+    if payload is None or len(payload) != 1 or schema is None or schema.is_tensor_spec():
+        return None
+    ((key, table),) = payload.items()
+    if key == "dataframe_split":
+        if not isinstance(table, dict) or set(table) - {"columns", "data"}:
+            return None  # an "index" (kept by MLflow's parser) or something MLflow should refuse
+    elif key != "dataframe_records" or not schema.has_input_names():
+        return None
+    specs = {spec.name: spec for spec in schema.inputs}
+    columns = [str(column) for column in frame.columns]
+    if not len(frame) or len(columns) != len(specs) or set(columns) != set(specs):
+        return None
+    data: dict[str, np.ndarray] = {}
+    for name, values in zip(columns, _column_lists(frame), strict=True):
+        spec = specs[name]
+        dtype = _SCHEMA_DTYPES.get(str(getattr(spec.type, "name", "")))
+        if dtype is None or not spec.required:
+            return None
+        if dtype.kind == "O":
+            column = np.empty(len(values), dtype=object)
+            column[:] = values
+        else:
+            try:
+                column = np.asarray(values, dtype=dtype)
+            except (TypeError, ValueError, OverflowError):
+                return None
+        data[name] = column
+    return pd.DataFrame(data, index=pd.RangeIndex(len(frame)), copy=False)
+
+
 def drop_columns(payload: dict[str, Any], frame: pd.DataFrame, unknown: list[str]) -> dict[str, Any]:
     """The payload with ``unknown`` columns removed (policy ``drop``), as ``dataframe_split``."""
     kept = frame.drop(columns=unknown)
@@ -410,9 +483,9 @@ def _kind_of(value: Any) -> str:
     return type(value).__name__
 
 
-def _count(values: pd.Series, is_bad: Callable[[Any], bool], reason: Callable[[Any], str]) -> dict[str, int]:
+def _count(values: list[Any], is_bad: Callable[[Any], bool], reason: Callable[[Any], str]) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for value in values.tolist():
+    for value in values:
         if is_bad(value):
             key = reason(value)
             counts[key] = counts.get(key, 0) + 1

@@ -82,6 +82,9 @@ class GatewayMetrics:
             buckets=tuple(buckets),
             registry=self.registry,
         )
+        # The three children of each label set, looked up once: ``labels()`` validates and hashes its
+        # arguments under a lock on every call (a third of observe's time).
+        self._children: dict[tuple[str, ...], tuple[Any, Any, Any]] = {}
 
     def observe(self, model: str, version: str | None, arm: str, status: int, seconds: float) -> None:
         """Count one scoring call answered with HTTP ``status`` after ``seconds``."""
@@ -90,10 +93,19 @@ class GatewayMetrics:
         if not 100 <= status <= 599:
             raise ValueError(f"HTTP status {status} is not in 100-599; pass the status the call was answered")
         labels = (model, version or "", arm, f"{status // 100}xx")
-        self.requests.labels(*labels).inc()
-        if status >= 400:
-            self.errors.labels(*labels).inc()
-        self.latency.labels(*labels).observe(seconds)
+        children = self._children.get(labels)
+        if children is None:
+            children = (
+                self.requests.labels(*labels),
+                self.errors.labels(*labels) if status >= 400 else None,
+                self.latency.labels(*labels),
+            )
+            self._children[labels] = children
+        requests, errors, latency = children
+        requests.inc()
+        if errors is not None:  # the status class is a label: a set's calls are all errors or none
+            errors.inc()
+        latency.observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         """The registry in Prometheus' text format, and the content type to serve it with."""
@@ -140,6 +152,18 @@ def trace_context(headers: Mapping[str, Any]) -> TraceContext:
     a new trace, sampled. Never raises on what a caller sent.
     """
     carrier = _carrier(headers)
+    if not carrier:
+        # No trace headers (most calls): a new sampled trace, formatted as the propagator would, without
+        # its extract/inject round trip (a third of this function's time).
+        trace_id, span_id = _IDS.generate_trace_id(), _IDS.generate_span_id()
+        own_trace, own_span = trace.format_trace_id(trace_id), trace.format_span_id(span_id)
+        return TraceContext(
+            traceparent=f"00-{own_trace}-{own_span}-{trace.TraceFlags.SAMPLED:02x}",
+            trace_id=own_trace,
+            span_id=own_span,
+            parent_span_id=None,
+            tracestate=None,
+        )
     parent = trace.INVALID_SPAN_CONTEXT
     if len(carrier.get(TRACEPARENT_HEADER, ())) == 1:
         extracted = _PROPAGATOR.extract(carrier)
