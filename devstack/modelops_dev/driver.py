@@ -814,8 +814,17 @@ def drive(
                 on_poll=poll,
                 out=out,
             )
-            if report.incident is None:  # else the incident's runs since its start include these
-                record(asset_stage_results(api, report.canary_rollback.since, on_poll=poll, **timing))
+            # Its deployment run (the canary's decision) may have started after the incident listed its
+            # runs: shown and kept, not given to the model's report (its champion did not change).
+            seen = {
+                (r.dag_id, r.run_id)
+                for r in [*report.stages, *(report.incident.stages if report.incident else [])]
+            }
+            for result in asset_stage_results(api, report.canary_rollback.since, on_poll=poll, **timing):
+                if result.dag_id == DEPLOYMENT_DAG and (result.dag_id, result.run_id) not in seen:
+                    report.stages.append(result)
+                    for line in stage_lines(result):
+                        out(line)
 
         for spec in specs:
             model = reports[spec.name]
