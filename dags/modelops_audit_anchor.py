@@ -1,5 +1,10 @@
 """
-### Audit log anchor (every 15 minutes)
+### Audit log anchor and prediction-log seals (every 15 minutes)
+
+First seals the prediction log: the calls received more than a minute ago that no batch holds yet are
+sealed in batches of up to 1,000, each batch's Merkle root recorded in the audit log
+(`predictions.sealed`), so `modelops audit verify` detects any prediction record altered, deleted or
+inserted after sealing, and `modelops audit prove REQUEST_ID` proves one record.
 
 Anchors the audit log's head (its newest record's seq and hash, signed with the audit key) to
 write-once storage outside the audit database: the Airflow connection `modelops_audit_anchor`, a local
@@ -21,6 +26,8 @@ from typing import Any
 import pendulum
 from airflow.sdk import dag, task
 
+from modelops.operators.sealing import SealPredictionLogOperator
+
 
 @dag(
     dag_id="modelops_audit_anchor",
@@ -33,7 +40,8 @@ from airflow.sdk import dag, task
     doc_md=__doc__,
 )
 def modelops_audit_anchor() -> None:
-    @task(task_id="anchor_and_verify")
+    # all_done: the chain is anchored and verified even when sealing failed.
+    @task(task_id="anchor_and_verify", trigger_rule="all_done")
     def anchor_and_verify() -> dict[str, Any]:
         # Imported in the task: the dag-processor parses this file every few seconds.
         from airflow.sdk.exceptions import AirflowFailException
@@ -61,7 +69,9 @@ def modelops_audit_anchor() -> None:
             raise AirflowFailException(f"the audit log does not verify ({result.attack}): {result.problem}")
         return summary
 
-    anchor_and_verify()
+    seal = SealPredictionLogOperator(task_id="seal_predictions")
+    # Sealed first, so the seal records written now are anchored and verified by the same run.
+    seal >> anchor_and_verify()
 
 
 modelops_audit_anchor()

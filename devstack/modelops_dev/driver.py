@@ -1116,6 +1116,12 @@ def up() -> int:
     store = AuditStore(audit_url(layout), keyring=keyring)
     audit = store.verify(anchors)
     shares = {name: traffic_history(store, name) for name in DEMO_MODELS}
+    from modelops.lineage import lineage, render_text
+
+    # What `modelops lineage MODEL@VERSION` prints, for the champion the demo ends with.
+    incident_model = report.incident.model if report.incident else DEMO_MODELS[0]
+    champion = report.models[incident_model].facts.champion if report.models[incident_model].facts else None
+    lineage_text = render_text(lineage(store, None, incident_model, champion)) if champion else ""
     store.dispose()
     for line in summary_lines(
         report,
@@ -1129,6 +1135,14 @@ def up() -> int:
         shares=shares,
     ):
         print(line)
+    if lineage_text:
+        print(
+            f"\nLineage of the champion ({incident_model}@{champion}; `modelops lineage {incident_model}@{champion}`):"
+        )
+        print(lineage_text)
+    print(
+        f"\nGovernance view: {ports.airflow_url}/plugin/modelops (Browse > Model governance in the Airflow UI)"
+    )
     return 0 if audit.ok else 1
 
 

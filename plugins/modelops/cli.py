@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from modelops.errors import AuditChainBroken, ConfigurationError, ModelOpsError
 from modelops.vocabulary import AuditAction
@@ -359,7 +359,342 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create_key.set_defaults(handler=_cmd_gateway_create_key)
 
+    _add_query_and_lineage_commands(commands, audit_commands)  # audit queries and lineage
+    _add_seal_commands(audit_commands)  # prediction-log seals
     return parser
+
+
+# --- audit queries and lineage (modelops audit query, modelops lineage) --------------------------------------
+
+PREDICTIONS_URL_ENV = "MODELOPS_PREDICTIONS_URL"
+
+
+def _open_prediction_log(url: str | None) -> Any:
+    """``--predictions-url``, else ``$MODELOPS_PREDICTIONS_URL``, else the Airflow connection
+    ``modelops_predictions``; a SQLite file that does not exist is refused (never created by a query)."""
+    from modelops import db
+    from modelops.serving.prediction_log import PredictionLog
+
+    url = url or os.environ.get(PREDICTIONS_URL_ENV, "").strip()
+    if not url:
+        from modelops.db import sqlalchemy_url
+        from modelops.hooks.prediction_log import PredictionLogHook
+
+        url = sqlalchemy_url(PredictionLogHook().connection)
+    database_file = db.sqlite_file(url)
+    if database_file is not None and not database_file.is_file():
+        raise ConfigurationError(
+            f"no prediction log database at {database_file}; check --predictions-url or "
+            f"${PREDICTIONS_URL_ENV} (the gateway creates it with its first call)"
+        )
+    return PredictionLog(url)
+
+
+def _cmd_audit_query(args: argparse.Namespace) -> int:
+    """Audit records (or, with --predictions, scoring calls) matching every filter, as a table, JSON or CSV."""
+    from modelops.audit.query import query_predictions, query_records, render_predictions, render_records
+
+    dag_id = run_id = None
+    if args.dag_run:
+        dag_id, _, run_id = args.dag_run.partition("/")
+        run_id = run_id or None
+    if args.predictions:
+        given = [
+            flag
+            for flag, value in (
+                ("--dataset", args.dataset),
+                ("--dag-run", args.dag_run),
+                ("--action", args.action),
+            )
+            if value
+        ]
+        if given:
+            raise ConfigurationError(
+                f"{', '.join(given)} filter audit records, not scoring calls; drop them or drop --predictions"
+            )
+        log = _open_prediction_log(args.predictions_url)
+        try:
+            calls = query_predictions(
+                log,
+                caller_id=args.caller,
+                model=args.model,
+                version=args.version,
+                since=args.since,
+                until=args.until,
+                limit=args.limit,
+            )
+        finally:
+            log.dispose()
+        print(render_predictions(calls, args.format))
+        return EXIT_OK
+    store = _open_audit_store(args.url)
+    try:
+        matches = query_records(
+            store,
+            caller_id=args.caller,
+            model=args.model,
+            version=args.version,
+            dataset_sha256=args.dataset,
+            since=args.since,
+            until=args.until,
+            dag_id=dag_id,
+            run_id=run_id,
+            action=args.action,
+        )
+    except AuditChainBroken as exc:
+        print(f"audit chain BROKEN: {exc}")
+        return EXIT_CHECK_FAILED
+    finally:
+        store.dispose()
+    if args.limit:
+        matches = matches[-args.limit :]
+    print(render_records(matches, args.format))
+    forged = [str(match.seq) for match in matches if match.authentic is False]
+    if forged:
+        print(
+            f"modelops: {len(forged)} record(s) fail their hash or HMAC check (seq={', '.join(forged)}): altered "
+            "or forged; run `modelops audit verify`",
+            file=sys.stderr,
+        )
+        return EXIT_CHECK_FAILED
+    return EXIT_OK
+
+
+def _cmd_lineage(args: argparse.Namespace) -> int:
+    """One version's lineage, each link with its evidence and whether it verifies; exit 1 if any does not."""
+    import json
+
+    from modelops.lineage import lineage, parse_model_version, render_text
+
+    name, version = parse_model_version(args.model_version)
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    registry = None
+    if tracking_uri and not args.no_registry:
+        from modelops.registry import ModelRegistry
+
+        registry = ModelRegistry(tracking_uri)
+    store = _open_audit_store(args.url)
+    try:
+        result = lineage(store, registry, name, version)
+    except AuditChainBroken as exc:
+        print(f"audit chain BROKEN: {exc}")
+        return EXIT_CHECK_FAILED
+    finally:
+        store.dispose()
+    if args.format == "json":
+        print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
+    else:
+        print(render_text(result))
+    return EXIT_OK if result.verifies else EXIT_CHECK_FAILED
+
+
+def _add_query_and_lineage_commands(
+    commands: argparse._SubParsersAction, audit_commands: argparse._SubParsersAction
+) -> None:
+    query = audit_commands.add_parser(
+        "query",
+        help="audit records by caller, model and version, dataset, time, dag run or action, each marked "
+        "authentic or not (exit 1 if any is not); with --predictions, the scoring calls (never their inputs "
+        "or outputs)",
+    )
+    _add_url_option(query)
+    query.add_argument("--caller", metavar="ID", help="records naming this caller id; calls by it")
+    query.add_argument("--model", metavar="NAME", help="the model's records (subjects model:NAME@...)")
+    query.add_argument("--version", metavar="V", help="only this version of --model")
+    query.add_argument("--dataset", metavar="SHA", help="records about this dataset version (its sha256)")
+    query.add_argument("--since", metavar="ISO", help="written at or after this time (UTC unless it says)")
+    query.add_argument("--until", metavar="ISO", help="written before this time (UTC unless it says)")
+    query.add_argument("--dag-run", metavar="DAG_ID/RUN_ID", help="written by this Airflow run (or DAG_ID)")
+    query.add_argument(
+        "--action", choices=[action.value for action in AuditAction], help="only records with this action"
+    )
+    query.add_argument("--limit", type=_positive_int, help="only the newest N matches")
+    query.add_argument(
+        "--predictions",
+        action="store_true",
+        help="the prediction log's calls instead: request id, time, caller, model, version, arm, status, rows",
+    )
+    query.add_argument(
+        "--predictions-url",
+        metavar="URL",
+        help=f"SQLAlchemy URL of the prediction log (default: ${PREDICTIONS_URL_ENV}, else the Airflow "
+        "connection modelops_predictions)",
+    )
+    query.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    query.set_defaults(handler=_cmd_audit_query)
+
+    lineage = commands.add_parser(
+        "lineage",
+        help="a version's chain from dataset to retirement, each link with its evidence and whether it "
+        "verifies; exit 1 naming the links that do not",
+    )
+    lineage.add_argument("model_version", metavar="MODEL@VERSION", help="e.g. ctr_recommender@3")
+    lineage.add_argument("--format", choices=("text", "json"), default="text")
+    lineage.add_argument(
+        "--tracking-uri",
+        help="the MLflow server, to compare the registry version with the record (default: "
+        "$MLFLOW_TRACKING_URI; neither: no registry link)",
+    )
+    lineage.add_argument("--no-registry", action="store_true", help="do not read the registry")
+    _add_url_option(lineage)
+    lineage.set_defaults(handler=_cmd_lineage)
+
+
+# --- end of audit queries and lineage ------------------------------------------------------------------------
+
+
+# --- prediction-log seals (modelops audit seal / prove / verify-seals; seals in audit verify) ----------------
+
+
+def _seal_options(parser: argparse.ArgumentParser) -> None:
+    _add_url_option(parser)
+    parser.add_argument(
+        "--predictions-url",
+        metavar="URL",
+        help="SQLAlchemy URL of the prediction log (default: $MODELOPS_PREDICTIONS_URL, else the Airflow "
+        "connection modelops_predictions)",
+    )
+
+
+def _verify_seals(args: argparse.Namespace, *, required: bool) -> int:
+    """Print the seals' verdict; print nothing when the audit log holds no seal record and no prediction
+    log is named (unless ``required``)."""
+    from modelops.audit.seals import verify_seals
+
+    store = _open_audit_store(args.url)
+    try:
+        recorded = bool(store.records(action=AuditAction.PREDICTIONS_SEALED, limit=1))
+        named = args.predictions_url or os.environ.get(PREDICTIONS_URL_ENV, "").strip()
+        if not recorded and not named and not required:
+            return EXIT_OK  # nothing sealed, no prediction log named: the chain's verdict is the whole answer
+        log = _open_prediction_log(args.predictions_url)
+        try:
+            result = verify_seals(log.engine, store)
+        finally:
+            log.dispose()
+    finally:
+        store.dispose()
+    if not result.ok:
+        print(f"seals BROKEN: {result.problem}")
+        return EXIT_CHECK_FAILED
+    print(
+        f"seals OK: {result.batches} batches, {result.records} records sealed, {result.unsealed} not sealed yet"
+    )
+    return EXIT_OK
+
+
+def _cmd_audit_verify_with_seals(args: argparse.Namespace) -> int:
+    chain = _cmd_audit_verify(args)
+    seals = _verify_seals(args, required=False)
+    return max(chain, seals)
+
+
+def _cmd_audit_verify_seals(args: argparse.Namespace) -> int:
+    return _verify_seals(args, required=True)
+
+
+def _cmd_audit_seal(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from modelops.audit.seals import seal, store_recorder
+
+    actor = f"modelops audit seal ({args.by or os.environ.get('USER') or 'unknown'})"
+    store = _open_audit_store(args.url)
+    try:
+        anchors = _open_anchor_store(args.anchors)
+        log = _open_prediction_log(args.predictions_url)
+        try:
+            run = seal(
+                log.engine,
+                store,
+                store_recorder(store, actor),
+                now=datetime.now(UTC),
+                batch_size=args.batch_size,
+                settle=timedelta(seconds=args.settle_seconds),
+            )
+        finally:
+            log.dispose()
+        anchored = store.anchor_head(anchors) if run.batches or run.restored else None
+    except AuditChainBroken as exc:
+        print(f"audit chain BROKEN: {exc}")
+        return EXIT_CHECK_FAILED
+    finally:
+        store.dispose()
+    print(run.summary)
+    if anchored is not None:
+        print(f"head seq={anchored[0].seq} anchored at {anchors.uri}")
+    return EXIT_OK
+
+
+def _cmd_audit_prove(args: argparse.Namespace) -> int:
+    import json
+
+    from modelops.audit.seals import inclusion_proof, verify_proof
+
+    store = _open_audit_store(args.url)
+    try:
+        log = _open_prediction_log(args.predictions_url)
+        try:
+            proof = inclusion_proof(log.engine, store, args.request_id)
+        finally:
+            log.dispose()
+        check = verify_proof(proof, store)
+    finally:
+        store.dispose()
+    print(json.dumps(proof.to_dict(), indent=2, sort_keys=True))
+    if not check.ok:
+        print(f"modelops: proof FAILS: {check.reason}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    print(f"modelops: proof verifies: {check.reason}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _add_seal_commands(audit_commands: argparse._SubParsersAction) -> None:
+    verify = audit_commands.choices["verify"]
+    verify.add_argument(
+        "--predictions-url",
+        metavar="URL",
+        help="the prediction log whose seals are verified too (default: $MODELOPS_PREDICTIONS_URL, else the "
+        "Airflow connection modelops_predictions; needed only once the audit log holds seal records)",
+    )
+    verify.set_defaults(handler=_cmd_audit_verify_with_seals)
+
+    seal = audit_commands.add_parser(
+        "seal",
+        help="seal the prediction log now: calls older than --settle-seconds, in batches whose Merkle roots "
+        "are audit records; the head is then anchored",
+    )
+    _seal_options(seal)
+    _add_anchors_option(seal)
+    seal.add_argument("--batch-size", type=_positive_int, default=1_000, help="records per batch at most")
+    seal.add_argument(
+        "--settle-seconds",
+        type=float,
+        default=60.0,
+        help="seal only calls received at least this long ago (the gateway may still be writing newer ones)",
+    )
+    seal.add_argument("--by", help="who seals, for the audit log (default: $USER)")
+    seal.set_defaults(handler=_cmd_audit_seal)
+
+    prove = audit_commands.add_parser(
+        "prove",
+        help="print the inclusion proof of one scoring call (JSON: leaf, audit path, root, audit seq) and "
+        "check it against the authentic seal record; exit 1 if it does not verify",
+    )
+    prove.add_argument("request_id", metavar="REQUEST_ID", help="the call's X-Request-Id")
+    _seal_options(prove)
+    prove.set_defaults(handler=_cmd_audit_prove)
+
+    verify_seals = audit_commands.add_parser(
+        "verify-seals",
+        help="only the prediction-log seals: recompute every sealed batch and compare it with its authentic "
+        "audit record; exit 1 naming each altered, deleted or inserted record, removed batch or forged seal",
+    )
+    _seal_options(verify_seals)
+    verify_seals.set_defaults(handler=_cmd_audit_verify_seals)
+
+
+# --- end of prediction-log seals ------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -167,6 +167,9 @@ class AuditAction(StrEnum):
     BATCH_SCORED = "batch.scored"
     """A batch of files scored on Spark with the recorded champion (``modelops_batch_scoring``): the details
     name the version, the champion record's seq, the sha256 of every input file and of the output, and rows."""
+    PREDICTIONS_SEALED = "predictions.sealed"
+    """A batch of prediction-log records sealed: the details hold its Merkle root, count and range (see
+    :mod:`modelops.audit.seals`), so the chain's HMAC and anchors protect the batch."""
 
 
 class Decision(StrEnum):
@@ -196,6 +199,8 @@ class Decision(StrEnum):
     SUPPRESSED = "suppressed"
     SCORED = "scored"
     """A batch scoring wrote its scores (``batch.scored``)."""
+    SEALED = "sealed"
+    """A batch of prediction-log records was sealed (``predictions.sealed``)."""
     CANARY_STARTED = "canary_started"
     """A challenger serves its initial share beside the champion; the canary's soak has begun."""
     CANARY_PENDING = "canary_pending"
@@ -232,6 +237,15 @@ def dataset_subject(sha256: str) -> str:
 def dataset_location_subject(uri: str) -> str:
     """A dataset file that could not be read (so has no hash), named by where it was."""
     return f"dataset-uri:{uri}"
+
+
+PREDICTION_LOG_SUBJECT = "predictions"
+"""The prediction log as a whole in the audit log (the subject of a sealing run's failure)."""
+
+
+def prediction_batch_subject(batch_id: int) -> str:
+    """How one sealed batch of the prediction log is named in the audit log."""
+    return f"{PREDICTION_LOG_SUBJECT}:batch:{batch_id}"
 
 
 def sha256_from_subject(subject: str) -> str:

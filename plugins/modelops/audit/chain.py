@@ -37,7 +37,7 @@ import json
 import random
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -524,6 +524,21 @@ class AuditStore:
         with self._engine.connect() as conn:
             seq, record_hash = self._tail(conn)
         return None if seq == 0 else (seq, record_hash)
+
+    def links_at(self, seqs: Iterable[int]) -> dict[int, tuple[str, str]]:
+        """``{seq: (prev_hash, record_hash)}`` of the records at ``seqs`` that exist: where a record sits in
+        the chain (its neighbours' links), checked without walking the whole log."""
+        wanted = sorted({int(seq) for seq in seqs if int(seq) > 0})
+        found: dict[int, tuple[str, str]] = {}
+        with self._engine.connect() as conn:
+            for start in range(0, len(wanted), _LOOKUP_BATCH):
+                rows = conn.execute(
+                    sa.select(audit_table.c.seq, audit_table.c.prev_hash, audit_table.c.record_hash).where(
+                        audit_table.c.seq.in_(wanted[start : start + _LOOKUP_BATCH])
+                    )
+                )
+                found.update((int(row.seq), (row.prev_hash, row.record_hash)) for row in rows)
+        return found
 
     # --- anchoring -------------------------------------------------------------------------------
 
