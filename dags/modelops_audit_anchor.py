@@ -6,6 +6,10 @@ sealed in batches of up to 1,000, each batch's Merkle root recorded in the audit
 (`predictions.sealed`), so `modelops audit verify` detects any prediction record altered, deleted or
 inserted after sealing, and `modelops audit prove REQUEST_ID` proves one record.
 
+Then applies retention: every sealed batch whose newest call is older than `prediction_log_retention_days`
+(`include/modelops.yaml`, default 365) is removed whole (its calls, their labels, its seal row), each after
+an authentic `predictions.expired` audit record; a batch is never removed in part nor before its time.
+
 Anchors the audit log's head (its newest record's seq and hash, signed with the audit key) to
 write-once storage outside the audit database: the Airflow connection `modelops_audit_anchor`, a local
 append-only folder by default or an S3 bucket with Object Lock in production. Every lifecycle decision
@@ -26,7 +30,7 @@ from typing import Any
 import pendulum
 from airflow.sdk import dag, task
 
-from modelops.operators.sealing import SealPredictionLogOperator
+from modelops.operators.sealing import ExpirePredictionBatchesOperator, SealPredictionLogOperator
 
 
 @dag(
@@ -70,8 +74,9 @@ def modelops_audit_anchor() -> None:
         return summary
 
     seal = SealPredictionLogOperator(task_id="seal_predictions")
-    # Sealed first, so the seal records written now are anchored and verified by the same run.
-    seal >> anchor_and_verify()
+    expire = ExpirePredictionBatchesOperator(task_id="expire_predictions")
+    # Sealed first, then expired, so the records written now are anchored and verified by the same run.
+    seal >> expire >> anchor_and_verify()
 
 
 modelops_audit_anchor()

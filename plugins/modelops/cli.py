@@ -361,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_query_and_lineage_commands(commands, audit_commands)  # audit queries and lineage
     _add_seal_commands(audit_commands)  # prediction-log seals
+    _add_expire_command(audit_commands)  # prediction-log retention
     return parser
 
 
@@ -577,8 +578,10 @@ def _verify_seals(args: argparse.Namespace, *, required: bool) -> int:
     if not result.ok:
         print(f"seals BROKEN: {result.problem}")
         return EXIT_CHECK_FAILED
+    expired = f", {result.expired} batches expired under retention" if result.expired else ""
     print(
         f"seals OK: {result.batches} batches, {result.records} records sealed, {result.unsealed} not sealed yet"
+        f"{expired}"
     )
     return EXIT_OK
 
@@ -695,6 +698,71 @@ def _add_seal_commands(audit_commands: argparse._SubParsersAction) -> None:
 
 
 # --- end of prediction-log seals ------------------------------------------------------------------------------
+
+
+# --- prediction-log retention (modelops audit expire) ---------------------------------------------------------
+
+
+def _cmd_audit_expire(args: argparse.Namespace) -> int:
+    """Remove whole the sealed batches past the retention of include/modelops.yaml, each on record first."""
+    from datetime import UTC, datetime, timedelta
+
+    from modelops.audit.retention import expire_batches
+    from modelops.audit.seals import store_recorder
+    from modelops.settings import platform_settings
+
+    retention = timedelta(days=platform_settings().prediction_log_retention_days)
+    actor = f"modelops audit expire ({args.by or os.environ.get('USER') or 'unknown'})"
+    store = _open_audit_store(args.url)
+    try:
+        anchors = None if args.dry_run else _open_anchor_store(args.anchors)
+        log = _open_prediction_log(args.predictions_url)
+        try:
+            run = expire_batches(
+                log.engine,
+                store,
+                store_recorder(store, actor),
+                datetime.now(UTC),
+                retention,
+                batch_ids=args.batch,
+                dry_run=args.dry_run,
+            )
+        finally:
+            log.dispose()
+        anchored = store.anchor_head(anchors) if anchors is not None and run.expired else None
+    except AuditChainBroken as exc:
+        print(f"audit chain BROKEN: {exc}")
+        return EXIT_CHECK_FAILED
+    finally:
+        store.dispose()
+    print(run.summary)
+    if anchored is not None and anchors is not None:
+        print(f"head seq={anchored[0].seq} anchored at {anchors.uri}")
+    return EXIT_CHECK_FAILED if run.held else EXIT_OK
+
+
+def _add_expire_command(audit_commands: argparse._SubParsersAction) -> None:
+    expire = audit_commands.add_parser(
+        "expire",
+        help="remove whole the sealed prediction batches older than prediction_log_retention_days "
+        "(include/modelops.yaml), each after an audit record of the removal; exit 1 if a due batch is held "
+        "back (its rows do not match its seal), 2 if a batch asked for is not due yet",
+    )
+    _seal_options(expire)
+    _add_anchors_option(expire)
+    expire.add_argument(
+        "--batch",
+        type=_positive_int,
+        action="append",
+        metavar="N",
+        help="expire only this batch (repeatable); refused, changing nothing, unless it is due",
+    )
+    expire.add_argument("--dry-run", action="store_true", help="say what would be removed; change nothing")
+    expire.add_argument("--by", help="who expires, for the audit log (default: $USER)")
+    expire.set_defaults(handler=_cmd_audit_expire)
+
+
+# --- end of prediction-log retention ---------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -106,6 +106,13 @@ class PlatformSettings(StrictModel):
         default_factory=list,
         description="Folders (local or s3://) any dataset file may be read from, besides the incoming folders",
     )
+    prediction_log_retention_days: int = Field(
+        default=365,
+        ge=1,
+        description="Days a sealed batch of the prediction log is kept after its newest call; then the batch "
+        "is removed whole, on record (predictions.expired). One value for the whole log: a batch holds "
+        "calls of every model. Audit records are never removed",
+    )
 
 
 # --- datasets ------------------------------------------------------------------------------------

@@ -170,6 +170,9 @@ class AuditAction(StrEnum):
     PREDICTIONS_SEALED = "predictions.sealed"
     """A batch of prediction-log records sealed: the details hold its Merkle root, count and range (see
     :mod:`modelops.audit.seals`), so the chain's HMAC and anchors protect the batch."""
+    PREDICTIONS_EXPIRED = "predictions.expired"
+    """A sealed batch removed whole under the prediction log's retention: the details name the batch, its count,
+    root and range and the retention applied (see :mod:`modelops.audit.retention`); written before the removal."""
 
 
 class Decision(StrEnum):
@@ -201,6 +204,8 @@ class Decision(StrEnum):
     """A batch scoring wrote its scores (``batch.scored``)."""
     SEALED = "sealed"
     """A batch of prediction-log records was sealed (``predictions.sealed``)."""
+    EXPIRED = "expired"
+    """A sealed batch was removed whole because its retention ran out (``predictions.expired``)."""
     CANARY_STARTED = "canary_started"
     """A challenger serves its initial share beside the champion; the canary's soak has begun."""
     CANARY_PENDING = "canary_pending"

@@ -29,7 +29,10 @@ since the last sealing run, or younger than ``settle``).
 was sealed (an altered, deleted or inserted record is named with its batch, and by its request id when
 the batch's leaves are intact); a batch removed whole (rows and seal row) is named by the audit record
 that still holds its root; a seal row that matches no authentic audit record (forged, or edited) is
-named. It cannot see rows that were never written, rows changed before they were sealed, nor (if the
+named. A batch removed whole by retention (:mod:`modelops.audit.retention`) is accepted only when an
+authentic ``predictions.expired`` record names it with the same root and count, recorded no earlier than its
+newest call plus the retention it states; removed earlier, or without such a record, it is still named.
+It cannot see rows that were never written, rows changed before they were sealed, nor (if the
 audit chain itself is rewritten) anything the chain's own verification would not: run it with
 :meth:`~modelops.audit.chain.AuditStore.verify` and the anchors, as ``modelops audit verify`` does.
 
@@ -90,6 +93,16 @@ seals_table = sa.Table(
     sa.Column("leaves", sa.Text, nullable=False),
 )
 
+EXPIRED_IDS_TABLE = "modelops_prediction_expired_ids"
+expired_ids_table = sa.Table(
+    EXPIRED_IDS_TABLE,
+    _metadata,
+    # sha256 of the request id, hex: which batch and expiry record removed a call, without keeping its id.
+    sa.Column("request_hash", sa.String(64), primary_key=True),
+    sa.Column("batch_id", sa.Integer, nullable=False),
+    sa.Column("expiry_seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+)
+
 _COLUMNS = tuple(column.name for column in predictions_table.columns)
 
 
@@ -102,6 +115,15 @@ class NotSealed(SealError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class RecordExpired(SealError):
+    """The request was in a sealed batch that retention removed whole, on an authentic expiry record."""
+
+    def __init__(self, message: str, *, batch_id: int, expiry_seq: int) -> None:
+        super().__init__(message)
+        self.batch_id = batch_id
+        self.expiry_seq = expiry_seq
 
 
 # --- leaves and the Merkle tree (RFC 6962) ------------------------------------------------------------
@@ -512,6 +534,88 @@ def _restore_missing_seal_row(engine: Engine, batch: Batch) -> bool:
     return True
 
 
+# --- expiry records (written by modelops.audit.retention, read by verify and prove) ---------------------
+
+
+def request_hash(request_id: str) -> str:
+    """sha256 of a request id (hex): the key of an expired call in ``modelops_prediction_expired_ids``."""
+    return hashlib.sha256(request_id.encode("utf-8")).hexdigest()
+
+
+def earliest_expiry(batch: Batch, retention: timedelta) -> datetime:
+    """When ``batch`` may be removed under ``retention``: its newest call's time plus the retention."""
+    return datetime.fromisoformat(batch.last.received_at) + retention
+
+
+@dataclass(frozen=True)
+class Expiry:
+    """One batch's removal as its authentic ``predictions.expired`` record states it."""
+
+    batch_id: int
+    count: int
+    root: str
+    last: Position
+    retention_days: float
+    audit_seq: int
+    recorded_at: str
+
+    @property
+    def due_at(self) -> datetime:
+        return datetime.fromisoformat(self.last.received_at) + timedelta(days=self.retention_days)
+
+    @property
+    def was_due(self) -> bool:
+        """Recorded no earlier than the batch's newest call plus the (positive) retention it applied."""
+        return self.retention_days > 0 and datetime.fromisoformat(self.recorded_at) >= self.due_at
+
+    def names(self, batch: Batch) -> bool:
+        return (self.batch_id, self.count, self.root, self.last) == (
+            batch.batch_id,
+            batch.count,
+            batch.root,
+            batch.last,
+        )
+
+    @classmethod
+    def from_record(cls, record: AuditRecord) -> Expiry:
+        details = record.details
+        last = Position.from_dict(details.get("last"))
+        if last is None or "retention_days" not in details:
+            raise SealError(
+                f"expiry record seq={record.seq} names no last record or retention: it was not written by "
+                "modelops.audit.retention; run `modelops audit verify`"
+            )
+        return cls(
+            batch_id=int(details["batch_id"]),
+            count=int(details["count"]),
+            root=str(details["root"]),
+            last=last,
+            retention_days=float(details["retention_days"]),
+            audit_seq=record.seq,
+            recorded_at=record.recorded_at,
+        )
+
+
+def authentic_expiries(audit: AuditStore) -> tuple[dict[int, list[Expiry]], list[AuditRecord]]:
+    """Every authentic expiry record by batch id, and the expiry records that fail their HMAC check."""
+    expiries: dict[int, list[Expiry]] = {}
+    forged: list[AuditRecord] = []
+    for record in audit.records(action=AuditAction.PREDICTIONS_EXPIRED):
+        if record.decision != Decision.EXPIRED:
+            continue
+        if not audit.authentic(record):
+            forged.append(record)
+            continue
+        expiry = Expiry.from_record(record)
+        expiries.setdefault(expiry.batch_id, []).append(expiry)
+    return expiries, forged
+
+
+def excusing_expiry(batch: Batch, expiries: Sequence[Expiry]) -> Expiry | None:
+    """The first authentic expiry record that names ``batch`` as sealed and was due when recorded."""
+    return next((expiry for expiry in expiries if expiry.names(batch) and expiry.was_due), None)
+
+
 # --- verifying ----------------------------------------------------------------------------------------
 
 
@@ -532,6 +636,10 @@ class SealProblem(StrEnum):
     SEAL_RECORD_FORGED = "seal_record_forged"
     """A ``predictions.sealed`` record that fails its hash or HMAC check (ignored)."""
     BATCHES_NOT_CONTIGUOUS = "batches_not_contiguous"
+    BATCH_EXPIRED_EARLY = "batch_expired_early"
+    """The batch was removed under an authentic expiry record written before its retention ran out."""
+    EXPIRY_RECORD_FORGED = "expiry_record_forged"
+    """A ``predictions.expired`` record that fails its hash or HMAC check (excuses nothing)."""
 
 
 @dataclass(frozen=True)
@@ -552,6 +660,8 @@ class SealVerification:
     unsealed: int
     """Prediction rows after the newest sealed batch (not sealed yet)."""
     findings: tuple[SealFinding, ...] = ()
+    expired: int = 0
+    """Batches removed whole by retention on an authentic expiry record that was due."""
 
     @property
     def problem(self) -> str | None:
@@ -589,15 +699,29 @@ def verify_seals(engine: Engine, audit: AuditStore) -> SealVerification:
                 )
             )
         batches.setdefault(batch.batch_id, batch)
+    expiries, forged_expiries = authentic_expiries(audit)
+    findings.extend(
+        SealFinding(
+            SealProblem.EXPIRY_RECORD_FORGED,
+            f"expiry record seq={record.seq} fails its hash or HMAC check: written or altered without the "
+            "audit key (it excuses no removal)",
+        )
+        for record in forged_expiries
+    )
     seal_rows = _seal_rows(engine)
     findings.extend(_forged_seal_rows(seal_rows, batches))
     findings.extend(_gaps(batches))
     checked = 0
+    expired = 0
     with engine.connect() as conn:
         for batch in sorted(batches.values(), key=lambda item: item.batch_id):
             leaves = _range_leaves(conn, batch.after, batch.last)
             checked += len(leaves)
-            findings.extend(_batch_findings(engine, batch, leaves, seal_rows.get(batch.batch_id)))
+            of_batch = expiries.get(batch.batch_id, [])
+            if not leaves and excusing_expiry(batch, of_batch) is not None:
+                expired += 1  # removed whole under its retention, on record
+                continue
+            findings.extend(_batch_findings(engine, batch, leaves, seal_rows.get(batch.batch_id), of_batch))
         newest = max(batches.values(), key=lambda item: item.batch_id).last if batches else None
         unsealed = int(
             conn.execute(
@@ -606,7 +730,7 @@ def verify_seals(engine: Engine, audit: AuditStore) -> SealVerification:
                 .where(_after(newest, conn.dialect.name))
             ).scalar_one()
         )
-    return SealVerification(not findings, len(batches), checked, unsealed, tuple(findings))
+    return SealVerification(not findings, len(batches), checked, unsealed, tuple(findings), expired)
 
 
 def _seal_rows(engine: Engine) -> dict[int, Mapping[str, Any]]:
@@ -696,7 +820,11 @@ def _gaps(batches: Mapping[int, Batch]) -> list[SealFinding]:
 
 
 def _batch_findings(
-    engine: Engine, batch: Batch, leaves: list[tuple[str, str]], seal_row: Mapping[str, Any] | None
+    engine: Engine,
+    batch: Batch,
+    leaves: list[tuple[str, str]],
+    seal_row: Mapping[str, Any] | None,
+    expiries: Sequence[Expiry] = (),
 ) -> list[SealFinding]:
     intact = len(leaves) == batch.count and merkle_root([leaf for _, leaf in leaves]) == batch.root
     where = f"batch {batch.batch_id} (audit seq={batch.audit_seq})"
@@ -712,6 +840,17 @@ def _batch_findings(
                 )
             ]
         return []
+    early = [expiry for expiry in expiries if expiry.names(batch) and not expiry.was_due]
+    if not leaves and early:
+        return [
+            SealFinding(
+                SealProblem.BATCH_EXPIRED_EARLY,
+                f"{where} was removed early: its expiry record seq={early[0].audit_seq} was recorded at "
+                f"{early[0].recorded_at}, before its earliest expiry {iso(early[0].due_at)} (newest call "
+                f"{batch.last.received_at} plus {early[0].retention_days:g} days of retention)",
+                batch.batch_id,
+            )
+        ]
     if not leaves and seal_row is None:
         return [
             SealFinding(
@@ -837,6 +976,7 @@ def inclusion_proof(engine: Engine, audit: AuditStore, request_id: str) -> Inclu
             sa.select(predictions_table).where(predictions_table.c.request_id == request_id)
         ).first()
     if row is None:
+        _raise_if_expired(engine, audit, request_id)
         raise NotSealed(f"request id {request_id!r} is not in the prediction log; check the X-Request-Id")
     leaf = leaf_hash(row._mapping)
     seal_row = _seal_row_holding(engine, iso(row.received_at), request_id)
@@ -881,6 +1021,36 @@ def inclusion_proof(engine: Engine, audit: AuditStore, request_id: str) -> Inclu
         root=batch.root,
         audit_seq=batch.audit_seq,
         audit_record_hash=batch.record_hash,
+    )
+
+
+def _raise_if_expired(engine: Engine, audit: AuditStore, request_id: str) -> None:
+    """Raise :class:`RecordExpired` naming the expiry record if retention removed ``request_id``'s batch."""
+    if not sa.inspect(engine).has_table(EXPIRED_IDS_TABLE):
+        return
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.select(expired_ids_table).where(expired_ids_table.c.request_hash == request_hash(request_id))
+        ).first()
+    if row is None:
+        return
+    batch_id, seq = int(row.batch_id), int(row.expiry_seq)
+    for record in audit.records(
+        action=AuditAction.PREDICTIONS_EXPIRED, subject=prediction_batch_subject(batch_id)
+    ):
+        if record.seq == seq and record.decision == Decision.EXPIRED and audit.authentic(record):
+            expiry = Expiry.from_record(record)
+            raise RecordExpired(
+                f"request {request_id} expired: batch {batch_id} (root {expiry.root}, {expiry.count} records) "
+                f"was removed whole under {expiry.retention_days:g} days of retention by the authentic expiry "
+                f"record seq={seq} at {expiry.recorded_at}; its leaves went with it, so no inclusion proof "
+                "can be given any more",
+                batch_id=batch_id,
+                expiry_seq=seq,
+            )
+    raise SealError(
+        f"the expiry index names batch {batch_id} and expiry record seq={seq} for request {request_id}, but "
+        "no such authentic expiry record exists: the index was edited; run `modelops audit verify`"
     )
 
 

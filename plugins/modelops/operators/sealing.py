@@ -43,3 +43,29 @@ class SealPredictionLogOperator(ModelOpsBaseOperator):
             batch_size=self.batch_size,
             settle=timedelta(seconds=self.settle_seconds),
         )
+
+
+class ExpirePredictionBatchesOperator(ModelOpsBaseOperator):
+    """Remove whole the sealed batches of the prediction log older than the platform's
+    ``prediction_log_retention_days`` (``include/modelops.yaml``): per batch an authentic
+    ``predictions.expired`` record (stamped with this task run, the head anchored) first, then its rows,
+    their labels and its seal row. A retry completes a removal whose record is written."""
+
+    template_fields: Sequence[str] = ()
+    ui_color = "#f4e4e4"
+    audit_action = AuditAction.PREDICTIONS_EXPIRED
+
+    def audit_subject(self) -> str:
+        return PREDICTION_LOG_SUBJECT
+
+    def run_stage(self, context: Context) -> StageOutcome:
+        from modelops.settings import platform_settings
+        from modelops.stages.sealing import expire_prediction_log
+
+        return expire_prediction_log(
+            engine=self.prediction_log.engine,
+            audit=self.audit_hook.store,
+            record=lambda entry: self.record_entry(entry, context),
+            now=datetime.now(UTC),
+            retention_days=platform_settings().prediction_log_retention_days,
+        )

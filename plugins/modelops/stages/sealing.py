@@ -41,3 +41,31 @@ def seal_prediction_log(
             "newest_batch": run.newest_batch,
         },
     )
+
+
+def expire_prediction_log(
+    *,
+    engine: Engine,
+    audit: AuditStore,
+    record: Recorder,
+    now: datetime,
+    retention_days: int,
+) -> StageOutcome:
+    """Remove whole every sealed batch whose newest call is older than ``retention_days``, each after its
+    authentic ``predictions.expired`` record (see :mod:`modelops.audit.retention`)."""
+    from modelops.audit.retention import expire_batches
+
+    run = expire_batches(engine, audit, record, now, timedelta(days=retention_days))
+    return StageOutcome(
+        decision=Decision.EXPIRED,
+        summary=run.summary,
+        details={
+            "expired": list(run.expired),
+            "records": run.records,
+            "labels": run.labels,
+            "completed": list(run.completed),
+            "held": [{"batch_id": batch_id, "reason": why} for batch_id, why in run.held],
+            "retention_days": run.retention_days,
+            "next_due": run.next_due,
+        },
+    )
