@@ -340,6 +340,17 @@ def stack_env(layout: Layout, ports: Ports, base: Mapping[str, str]) -> dict[str
             "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
             # The scheduler looks for queued Asset events and new runs every loop; keep the loop short.
             "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "1",
+            # OpenLineage (apache-airflow-providers-openlineage): every task run's START/COMPLETE event, with
+            # the Assets it reads and writes, by configuration alone; the demo writes them to a file, a
+            # production stack points the transport at its lineage backend (Marquez, DataHub...).
+            "AIRFLOW__OPENLINEAGE__NAMESPACE": "modelops-demo",
+            "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(
+                {
+                    "type": "file",
+                    "log_file_path": str(layout.logs / "openlineage-events.jsonl"),
+                    "append": True,
+                }
+            ),
             # Its health-check server would bind 0.0.0.0:8974; the demo has no use for it.
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
             "AIRFLOW__API__HOST": LOOPBACK,
