@@ -632,13 +632,19 @@ def _cmd_audit_seal(args: argparse.Namespace) -> int:
 def _cmd_audit_prove(args: argparse.Namespace) -> int:
     import json
 
-    from modelops.audit.seals import inclusion_proof, verify_proof
+    from modelops.audit.seals import RecordExpired, inclusion_proof, verify_proof
 
     store = _open_audit_store(args.url)
     try:
         log = _open_prediction_log(args.predictions_url)
         try:
             proof = inclusion_proof(log.engine, store, args.request_id)
+        except RecordExpired as expired:
+            # Not a failed check, and not a usage error: the record is gone on record, under retention.
+            answer = {"request_id": args.request_id, "expired": True, "batch_id": expired.batch_id}
+            print(json.dumps({**answer, "expiry_record_seq": expired.expiry_seq}, indent=2, sort_keys=True))
+            print(f"modelops: no proof: {expired}", file=sys.stderr)
+            return EXIT_CHECK_FAILED
         finally:
             log.dispose()
         check = verify_proof(proof, store)

@@ -348,6 +348,12 @@ def test_cli_expire_dry_run_refusal_and_removal(
     assert cli.main(["audit", "verify", *common]) == 0
     assert "2 batches expired under retention" in capsys.readouterr().out
 
+    # A proof of an expired call: exit 1, the expiry named, no proof printed.
+    prove = ["--url", store.url, "--predictions-url", str(log.engine.url)]
+    assert cli.main(["audit", "prove", sealed[3], *prove]) == 1
+    answered = capsys.readouterr()
+    assert json.loads(answered.out)["expired"] is True and "expiry record seq=" in answered.err
+
 
 def test_the_operator_expires_on_record_and_anchors(modelops_home: Path) -> None:
     from types import SimpleNamespace
