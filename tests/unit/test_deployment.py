@@ -321,13 +321,21 @@ def lineage_tags(stack: Stack, model: str) -> dict[str, str]:
     return {Tag.TRAIN_DATA_SHA256: stack.sha256[model], Tag.TRAIN_DATA_URI: stack.csv[model].as_uri()}
 
 
-def register(stack: Stack, name: str, kind: str, status: str | None = ComplianceStatus.APPROVED) -> str:
-    """A new version of ``name`` from the logged model ``kind``, with the lineage tags of its data, and the
-    authentic records training and the gate would write (``status`` approved or rejected; None: never
-    gated)."""
+def register(
+    stack: Stack,
+    name: str,
+    kind: str,
+    status: str | None = ComplianceStatus.APPROVED,
+    *,
+    data: str | None = None,
+) -> str:
+    """A new version of ``name`` from the logged model ``kind``, with the lineage tags of its data (the
+    shipped model ``data`` whose data it takes; default: the kind's), and the authentic records training
+    and the gate would write (``status`` approved or rejected; None: never gated)."""
+    data = data or task_of(kind)
     stack.registry.ensure_model(name, {})
     version = stack.registry.register_version(
-        name, run_id=stack.runs[kind], artifact_path="model", tags=lineage_tags(stack, task_of(kind))
+        name, run_id=stack.runs[kind], artifact_path="model", tags=lineage_tags(stack, data)
     ).version
     files = authorise(stack.audit, stack.registry, name, version, register=True, approve=False)
     if status is not None:
@@ -337,7 +345,7 @@ def register(stack: Stack, name: str, kind: str, status: str | None = Compliance
             subject=model_subject(name, version),
             decision=status,
             details={
-                Tag.TRAIN_DATA_SHA256: stack.sha256[task_of(kind)],
+                Tag.TRAIN_DATA_SHA256: stack.sha256[data],
                 **evidence_summary(files),
                 **valid_approval(),
             },
@@ -1396,22 +1404,7 @@ def test_a_version_saved_with_another_major_framework_version_is_refused_naming_
     stack.runs[spec.name] = stack.registry.log_run(
         experiment=spec.experiment_name, run_name=spec.name, tags={}, artifact_dirs={"model": folder}
     )
-    stack.registry.ensure_model(spec.name, {})
-    version = stack.registry.register_version(
-        spec.name, run_id=stack.runs[spec.name], artifact_path="model", tags=lineage_tags(stack, CLASSIFIER)
-    ).version
-    files = authorise(stack.audit, stack.registry, spec.name, version, register=True, approve=False)
-    stack.audit.append(
-        actor="test",
-        action=AuditAction.GATE_DECIDED,
-        subject=model_subject(spec.name, version),
-        decision=Decision.APPROVED,
-        details={
-            Tag.TRAIN_DATA_SHA256: stack.sha256[CLASSIFIER],
-            **evidence_summary(files),
-            **valid_approval(),
-        },
-    )
+    version = register(stack, spec.name, spec.name, data=CLASSIFIER)
     outcome = deploy(
         spec=spec,
         registry=stack.registry,
@@ -1479,7 +1472,7 @@ def _version_with_ranges(stack: Stack, name: str) -> str:
     stack.runs[name] = stack.registry.log_run(
         experiment=spec.experiment_name, run_name=name, tags={}, artifact_dirs={"model": folder}
     )
-    version = register(stack, name, name)
+    version = register(stack, name, name, data=CLASSIFIER)
     assert ship(stack, stack.spec(CLASSIFIER, name), version).smoke_test.passed
     return version
 
@@ -1489,7 +1482,6 @@ def test_a_value_outside_the_training_range_is_scored_and_flagged_or_refused(sta
     from modelops.serving.screening import Screening
 
     name = unique("ranges")
-    BAD_KINDS[name] = CLASSIFIER  # its smoke rows and lineage are the classifier's
     version = _version_with_ranges(stack, name)
     rows = stack.rows[CLASSIFIER].head(2).copy()
     inside = call(stack, name, rows, "user-1")

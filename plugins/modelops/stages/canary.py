@@ -382,7 +382,7 @@ def end_canary(
 
     Records first (the gateway follows the records), then the aliases and tags, then the gateway reload.
     """
-    from modelops.stages.deployment import rollback, verify_live
+    from modelops.stages.deployment import take_live
 
     champion_version = str(canary_record.details[CHAMPION_FIELD])
     challenger = str(canary_record.details[CHALLENGER_FIELD])
@@ -423,46 +423,27 @@ def end_canary(
             },
         )
     )
-    if registry.version_by_alias(model, Alias.CHALLENGER) is not None:
-        current = registry.version_by_alias(model, Alias.CHALLENGER)
-        if current is not None and str(current.version) == challenger:
-            registry.delete_alias(model, Alias.CHALLENGER)
+    current = registry.version_by_alias(model, Alias.CHALLENGER)
+    if current is not None and str(current.version) == challenger:
+        registry.delete_alias(model, Alias.CHALLENGER)
     if decision != Decision.PROMOTED:
         registry.set_version_tags(model, challenger, {Tag.DEPLOYMENT_STATUS: DeploymentStatus.ROLLED_BACK})
         gateway.reload(model)
         return
-    registry.set_alias(model, Alias.CHAMPION, challenger)
     try:
-        gateway.reload(model)
-        verify_live(gateway, model, challenger)
-    except DeploymentFailed as exc:
-        rollback(
+        take_live(
             registry,
             gateway,
             audit,
             record,
             model,
-            failed_version=challenger,
+            challenger,
             previous=previous,
-            reason=f"the gateway did not take v{challenger} live after its canary: {exc}",
+            now=now,
+            why="won its canary",
         )
-        raise CanaryError(
-            f"{model} v{challenger} won its canary but the gateway did not take it live ({exc}); "
-            f"rolled back to v{champion_version}"
-        ) from exc
-    registry.set_alias(model, Alias.PREVIOUS_CHAMPION, champion_version)
-    registry.set_version_tags(
-        model, champion_version, {Tag.SUPERSEDED_AT: now, Tag.SUPERSEDED_BY: challenger}
-    )
-    registry.set_version_tags(
-        model,
-        challenger,
-        {
-            Tag.DEPLOYMENT_STATUS: DeploymentStatus.LIVE,
-            Tag.DEPLOYED_AT: now,
-            Tag.PREVIOUS_CHAMPION: champion_version,
-        },
-    )
+    except DeploymentFailed as exc:
+        raise CanaryError(str(exc)) from exc
 
 
 def canary_step(

@@ -202,6 +202,44 @@ def deploy_version(
             evidence={"artifacts": sha256_json(files), "smoke_test": sha256_json(asdict(check))},
         )
     )
+    try:
+        take_live(
+            registry,
+            gateway,
+            audit,
+            record,
+            model,
+            version,
+            previous=current,
+            now=now,
+            why="passed the smoke test",
+        )
+    except DeploymentFailed:
+        try:
+            gateway.unstage(model)
+        except DeploymentFailed:
+            pass  # best effort: the recorded champion, not the staged slot, decides what serves
+        raise
+    gateway.unstage(model)
+    return DeploymentResult(model, str(version), previous_version, check, now)
+
+
+def take_live(
+    registry: ModelRegistry,
+    gateway: ServingTarget,
+    audit: AuditStore,
+    record: Recorder,
+    model: str,
+    version: str,
+    *,
+    previous: AuditRecord | None,
+    now: str,
+    why: str,
+) -> None:
+    """After the promotion record of ``version``: move ``champion``, have the target serve it and tag the
+    versions. If the target does not take it, the previous recorded champion is put back (on record) and
+    ``DeploymentFailed`` raised; ``why`` says what the version passed (for that message)."""
+    previous_version = None if previous is None else previous.details.get(CHAMPION_FIELD) or None
     registry.set_alias(model, Alias.CHAMPION, version)
     try:
         gateway.reload(model)
@@ -214,22 +252,17 @@ def deploy_version(
             record,
             model,
             failed_version=version,
-            previous=current,
+            previous=previous,
             reason=f"the gateway did not take v{version} live: {exc}",
         )
-        try:
-            gateway.unstage(model)
-        except DeploymentFailed:
-            pass  # best effort: the recorded champion, not the staged slot, decides what serves
         after = (
             f"rolled back to v{previous_version}"
             if previous_version
             else "withdrew the champion alias; nothing serves"
         )
         raise DeploymentFailed(
-            f"{model} v{version} passed the smoke test but the gateway did not take it live ({exc}); {after}"
+            f"{model} v{version} {why} but the gateway did not take it live ({exc}); {after}"
         ) from exc
-    gateway.unstage(model)
     if previous_version is not None:
         registry.set_alias(model, Alias.PREVIOUS_CHAMPION, previous_version)
         registry.set_version_tags(
@@ -244,7 +277,6 @@ def deploy_version(
             Tag.PREVIOUS_CHAMPION: previous_version or "none",
         },
     )
-    return DeploymentResult(model, str(version), previous_version, check, now)
 
 
 def verify_live(gateway: ServingTarget, model: str, version: str) -> None:
@@ -421,6 +453,11 @@ def deploy(
             f"v{result.previous_version} keeps serving:\n{problems}",
         )
     previous = f"v{result.previous_version}" if result.previous_version else "none"
+    extra = {
+        EventField.MODEL_NAME: spec.name,
+        EventField.VERSION: version,
+        "previous_version": result.previous_version,
+    }
     if result.canary:
         share = float(result.canary["challenger_share"])
         return StageOutcome(
@@ -429,12 +466,7 @@ def deploy(
             f"{result.previous_version} answers the rest; soak until {result.canary['soak_until']}",
             details=details,
             records=(outcome_record,),
-            asset_extra={
-                EventField.MODEL_NAME: spec.name,
-                EventField.VERSION: version,
-                "previous_version": result.previous_version,
-                "challenger_share": share,
-            },
+            asset_extra={**extra, "challenger_share": share},
         )
     return StageOutcome(
         decision=Decision.DEPLOYED,
@@ -442,11 +474,7 @@ def deploy(
         f"smoke test {result.smoke_test.rows} rows in {result.smoke_test.latency_ms} ms",
         details=details,
         records=(outcome_record,),
-        asset_extra={
-            EventField.MODEL_NAME: spec.name,
-            EventField.VERSION: version,
-            "previous_version": result.previous_version,
-        },
+        asset_extra=extra,
     )
 
 
