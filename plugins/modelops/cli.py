@@ -119,8 +119,21 @@ def _cmd_audit_show(args: argparse.Namespace) -> int:
         store.dispose()
     from modelops.audit.chain import canonical_json
 
+    unreadable = []
     for record in records:
-        print(canonical_json(record.to_dict()))
+        line = record.to_dict()
+        if record.unreadable is not None:
+            # Listed, never hidden: its own line says it cannot be read and is not authentic.
+            line["authentic"] = False
+            unreadable.append(f"seq={record.seq} ({record.unreadable})")
+        print(canonical_json(line))
+    if unreadable:
+        print(
+            f"modelops: {len(unreadable)} record(s) cannot be read and are not authentic, altered in the "
+            f"database: {'; '.join(unreadable)}; run `modelops audit verify`",
+            file=sys.stderr,
+        )
+        return EXIT_CHECK_FAILED
     return EXIT_OK
 
 

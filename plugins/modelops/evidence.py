@@ -129,7 +129,8 @@ def recorded_files(record: AuditRecord) -> dict[str, str]:
 def newest_authentic(
     store: AuditStore, action: str, subject: str, decisions: set[str]
 ) -> tuple[AuditRecord | None, list[int]]:
-    """The newest authentic record with one of ``decisions``, and the seqs of inauthentic ones skipped."""
+    """The newest authentic record with one of ``decisions``, and the seqs of inauthentic ones skipped
+    (forged, altered, or unreadable: :meth:`~modelops.audit.chain.AuditStore.authentic` is False for each)."""
     forged: list[int] = []
     for record in reversed(store.records(action=action, subject=subject)):
         if record.decision not in decisions:
@@ -145,8 +146,8 @@ def _forged_note(forged: list[int]) -> str:
     if not forged:
         return ""
     return (
-        f"; record(s) seq={', '.join(map(str, forged))} claiming it fail their HMAC check (forged or altered: "
-        "run `modelops audit verify`)"
+        f"; record(s) seq={', '.join(map(str, forged))} claiming it fail their HMAC check (forged, altered, "
+        "or edited into details that cannot be read: run `modelops audit verify`)"
     )
 
 

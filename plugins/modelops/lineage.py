@@ -10,13 +10,21 @@ carries its evidence reference (seq, record hash, evidence digests, URIs) and wh
   record after it points at it);
 - where cheap, the evidence still matches: digests the record holds of its own details (files, tags,
   approval), the files the gate approved against those training registered, the dataset snapshot and data
-  card on a local disk against the dataset hash, a local archive manifest against its digest, and, given a
-  registry, the version's run and lineage tags against the registration record.
+  card against the dataset hash, the archive manifest against its digest, and, given a registry, the
+  version's run and lineage tags against the registration record.
+
+Evidence files are read where the records say they are: a local path or ``file://`` from the disk, any other
+URI (``s3://``) through fsspec, the library Airflow's ``ObjectStoragePath`` is built on, with the
+environment's credentials (``AWS_*`` variables or profile, ``AWS_ENDPOINT_URL``), as ``modelops gate check``
+reads them (:mod:`modelops.evidence_files`): the Airflow connection is not looked up, so the lineage needs
+no Airflow. A URI that names a connection (``s3://conn_id@bucket/key``, as ``ObjectStoragePath`` spells
+one) is read from ``s3://bucket/key``. Storage that cannot be reached (no credentials, endpoint down,
+access denied) leaves that evidence "not checked", naming why; a file that is gone or differs is a problem.
 
 A record altered in the database shows up as a link that does not verify, named. Alias moves (who moved
 which alias to or from this version, when, by which record) are read from the same records: the registry
 keeps no history of them (MLflow issue 2169). What a lineage does not prove: that the whole log is intact
-and anchored (``modelops audit verify``), nor anything about a remote file it did not read.
+and anchored (``modelops audit verify``), nor anything about evidence it could not read.
 
 Imports nothing of Airflow.
 """
@@ -25,23 +33,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from modelops.audit.chain import GENESIS_HASH, AuditRecord
 from modelops.audit.query import read_records
 from modelops.errors import ModelOpsError
 from modelops.evidence import ARTIFACTS_FIELD, CHALLENGER_FIELD, CHAMPION_FIELD, SHARE_FIELD
+from modelops.evidence_files import FsspecFiles
 from modelops.stages.outcome import sha256_json
 from modelops.vocabulary import Alias, AuditAction, Decision, Tag, dataset_subject, model_subject
 
 if TYPE_CHECKING:
     from modelops.audit.chain import AuditStore
 
-# Local evidence files larger than this are not re-hashed by a lineage query (named as not checked).
+# Evidence files larger than this are not re-hashed by a lineage query (named as not checked).
 MAX_HASHED_BYTES = 256 * 1024 * 1024
+
+_T = TypeVar("_T")
 
 
 class LineageError(ModelOpsError):
@@ -52,6 +64,29 @@ class VersionLookup(Protocol):
     """What a lineage reads from a registry: :class:`modelops.registry.ModelRegistry` is one."""
 
     def version(self, name: str, version: str | int) -> Any: ...
+
+
+class EvidenceReader(Protocol):
+    """What a lineage reads remote evidence files (``s3://`` and the like) with: :class:`RemoteFiles`."""
+
+    def exists(self, uri: str) -> bool: ...
+
+    def size(self, uri: str) -> int: ...
+
+    def read_text(self, uri: str) -> str: ...
+
+    def sha256(self, uri: str) -> str: ...
+
+
+class RemoteFiles(FsspecFiles):
+    """Remote evidence through fsspec with the environment's credentials (see the module docstring), and
+    each file's size, so a lineage re-hashes nothing larger than ``MAX_HASHED_BYTES``."""
+
+    def size(self, uri: str) -> int:
+        import fsspec.core
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        return int(fs.size(path))
 
 
 @dataclass(frozen=True)
@@ -75,7 +110,7 @@ class Link:
     problems: tuple[str, ...] = ()
     """What was checked and does not hold; any makes the link not verify."""
     unchecked: tuple[str, ...] = ()
-    """Evidence named but not checked (remote, unreadable or too large), with why."""
+    """Evidence named but not checked (its storage could not be read, or it is too large), with why."""
 
     @property
     def verifies(self) -> bool:
@@ -145,7 +180,7 @@ def parse_model_version(text: str) -> tuple[str, str]:
 
 
 def _local_path(uri: Any) -> Path | None:
-    """A file on this machine a URI names (a plain path or file://), else None (remote: not read here)."""
+    """A file on this machine a URI names (a plain path or file://), else None (remote)."""
     if not isinstance(uri, str) or not uri:
         return None
     if uri.startswith("file://"):
@@ -153,6 +188,15 @@ def _local_path(uri: Any) -> Path | None:
     if "://" in uri:
         return None
     return Path(uri)
+
+
+def _remote_uri(uri: str) -> str:
+    """``uri`` without the connection id ``ObjectStoragePath`` writes before the bucket (``s3://conn@b/k``):
+    the credentials come from the environment here, and fsspec would take ``conn@b`` for the bucket."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _sha256_of(path: Path) -> str:
@@ -173,17 +217,57 @@ class _Checks:
         (self.passed if holds else self.problems).append(ok if holds else problem)
 
 
-def _readable(path: Path | None, uri: Any, what: str, checks: _Checks) -> bool:
-    if path is None:
-        checks.unchecked.append(f"{what} {uri} is not on this machine: not read")
-        return False
-    if not path.is_file():
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    """What reading remote evidence raises when its storage cannot be read: the file system's own errors
+    (OSError: access denied, connection refused, timeouts), a scheme with no file system installed
+    (ImportError) or none at all (ValueError), and botocore's when s3fs passes them on (no credentials,
+    endpoint unreachable). Evaluated only when something was raised, so botocore is imported only then."""
+    errors: tuple[type[BaseException], ...] = (OSError, ImportError, ValueError)
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return errors
+    return (*errors, BotoCoreError, ClientError)
+
+
+def _evidence(
+    uri: Any, what: str, checks: _Checks, files: EvidenceReader, read: Callable[[Path | str], _T]
+) -> _T | None:
+    """``read`` of the evidence file at ``uri`` (given a local ``Path``, else the remote URI to read with
+    ``files``), or None with why noted: gone is a problem; too large, or unreadable storage, not checked.
+    A UnicodeDecodeError propagates: the content, not the storage, is wrong, which the caller names."""
+    path = _local_path(uri)
+    where: Path | str = path if path is not None else _remote_uri(str(uri))
+    try:
+        if not (path.is_file() if path is not None else files.exists(str(where))):
+            checks.problems.append(f"{what} {uri} is gone")
+            return None
+        size = path.stat().st_size if path is not None else files.size(str(where))
+        if size > MAX_HASHED_BYTES:
+            checks.unchecked.append(f"{what} {uri} is larger than {MAX_HASHED_BYTES >> 20} MB: not re-hashed")
+            return None
+        return read(where)
+    except FileNotFoundError:  # removed between the checks
         checks.problems.append(f"{what} {uri} is gone")
-        return False
-    if path.stat().st_size > MAX_HASHED_BYTES:
-        checks.unchecked.append(f"{what} {uri} is larger than {MAX_HASHED_BYTES >> 20} MB: not re-hashed")
-        return False
-    return True
+    except UnicodeDecodeError:
+        raise
+    except _storage_errors() as exc:
+        reason = str(exc).strip() or "no detail given"
+        hint = (
+            ""
+            if path is not None
+            else "; check the credentials and endpoint in the environment (AWS_* variables, "
+            "AWS_ENDPOINT_URL) and the URI"
+        )
+        checks.unchecked.append(f"{what} {uri} cannot be read ({type(exc).__name__}: {reason}){hint}")
+    return None
+
+
+def _read_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def _own_digests(record: AuditRecord, checks: _Checks) -> None:
@@ -239,24 +323,26 @@ def _uris(details: Mapping[str, Any]) -> dict[str, str]:
     return found
 
 
-def _validation_checks(record: AuditRecord, sha256: str, checks: _Checks) -> None:
+def _validation_checks(record: AuditRecord, sha256: str, checks: _Checks, files: EvidenceReader) -> None:
     snapshot_uri = record.details.get("snapshot_uri")
     if snapshot_uri:
-        path = _local_path(snapshot_uri)
-        if _readable(path, snapshot_uri, "snapshot", checks):
+        digest = _evidence(
+            snapshot_uri,
+            "snapshot",
+            checks,
+            files,
+            lambda where: _sha256_of(where) if isinstance(where, Path) else files.sha256(where),
+        )
+        if digest is not None:
             checks.expect(
-                _sha256_of(path) == sha256,  # type: ignore[arg-type]
+                digest == sha256,
                 "the dataset snapshot hashes to the dataset sha256",
                 f"the dataset snapshot {snapshot_uri} no longer hashes to {sha256[:12]}... (changed since validation)",
             )
     card_uri = record.details.get("data_card_uri")
     if card_uri:
-        path = _local_path(card_uri)
-        if _readable(path, card_uri, "data card", checks):
-            try:
-                card = json.loads(path.read_text(encoding="utf-8"))  # type: ignore[union-attr]
-            except (OSError, ValueError):
-                card = None
+        card = _card_or_manifest(card_uri, "data card", checks, files)
+        if card is not _UNREAD:
             checks.expect(
                 isinstance(card, dict) and card.get("sha256") == sha256,
                 "the data card names this dataset sha256",
@@ -266,17 +352,30 @@ def _validation_checks(record: AuditRecord, sha256: str, checks: _Checks) -> Non
         checks.problems.append("a passed validation without a data card")
 
 
-def _archive_checks(record: AuditRecord, checks: _Checks) -> None:
+_UNREAD = object()
+"""A data card or manifest that was not read (gone, too large, or its storage unreadable: noted already)."""
+
+
+def _card_or_manifest(uri: str, what: str, checks: _Checks, files: EvidenceReader) -> Any:
+    """The JSON content of a data card or archive manifest; None if it is not JSON text; ``_UNREAD``."""
+
+    def read(where: Path | str) -> str:
+        return where.read_text(encoding="utf-8") if isinstance(where, Path) else files.read_text(where)
+
+    try:
+        text = _evidence(uri, what, checks, files, read)
+    except UnicodeDecodeError:
+        return None
+    return _UNREAD if text is None else _read_json(text)
+
+
+def _archive_checks(record: AuditRecord, checks: _Checks, files: EvidenceReader) -> None:
     archive_uri, expected = record.details.get("archive_uri"), record.evidence.get("archive_manifest")
     if not archive_uri or not expected:
         return
-    root = _local_path(archive_uri)
-    manifest = None if root is None else root / "manifest.json"
-    if _readable(manifest, f"{archive_uri}/manifest.json", "archive manifest", checks):
-        try:
-            content = json.loads(manifest.read_text(encoding="utf-8"))  # type: ignore[union-attr]
-        except (OSError, ValueError):
-            content = None
+    manifest_uri = f"{str(archive_uri).rstrip('/')}/manifest.json"
+    content = _card_or_manifest(manifest_uri, "archive manifest", checks, files)
+    if content is not _UNREAD:
         checks.expect(
             content is not None and sha256_json(content) == expected,
             "the archive manifest matches its evidence digest",
@@ -373,6 +472,7 @@ def _link(
     dataset_sha256: str | None,
     registered_files: Mapping[str, str] | None,
     approved_files: Mapping[str, str] | None,
+    evidence_files: EvidenceReader,
 ) -> Link:
     checks = _Checks()
     authentic = store.authentic(record)
@@ -390,7 +490,7 @@ def _link(
             "the dataset evidence is the dataset training used",
             f"the dataset evidence {record.evidence.get('dataset')} is not the dataset training used",
         )
-        _validation_checks(record, dataset_sha256, checks)
+        _validation_checks(record, dataset_sha256, checks, evidence_files)
     elif record.action == AuditAction.MODEL_REGISTERED and dataset_sha256:
         tag = (record.details.get("tags") or {}).get(Tag.TRAIN_DATA_SHA256)
         checks.expect(
@@ -417,7 +517,7 @@ def _link(
             "the files served are not those the gate approved",
         )
     elif record.action == AuditAction.MODEL_RETIRED:
-        _archive_checks(record, checks)
+        _archive_checks(record, checks, evidence_files)
     return Link(
         stage=_STAGES.get(record.action, "other"),
         action=record.action,
@@ -538,9 +638,19 @@ def _registry_link(
     )
 
 
-def lineage(store: AuditStore, registry: VersionLookup | None, model: str, version: str | int) -> Lineage:
-    """The lineage of ``model`` v``version`` from the audit log (and the registry, if given)."""
+def lineage(
+    store: AuditStore,
+    registry: VersionLookup | None,
+    model: str,
+    version: str | int,
+    *,
+    files: EvidenceReader | None = None,
+) -> Lineage:
+    """The lineage of ``model`` v``version`` from the audit log (and the registry, if given); remote
+    evidence files are read with ``files`` (default :class:`RemoteFiles`: fsspec, the environment's
+    credentials)."""
     version = str(version)
+    files = files if files is not None else RemoteFiles()
     model_records = read_records(store, subject_prefix=model_subject(model, ""))
     own = [record for record in model_records if record.subject == model_subject(model, version)]
     if not own:
@@ -584,6 +694,7 @@ def lineage(store: AuditStore, registry: VersionLookup | None, model: str, versi
             dataset_sha256=sha,
             registered_files=registered_files,
             approved_files=approved_files,
+            evidence_files=files,
         )
         for record in related
     ]

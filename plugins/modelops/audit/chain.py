@@ -158,9 +158,16 @@ class AuditRecord:
     key_id: str = ""
     record_hash: str = ""
     hmac: str = ""
+    unreadable: str | None = None
+    """Why the stored details or evidence could not be read as a JSON object (then both are empty here and
+    the record is never authentic), or None. Set only when reading: the pipeline cannot write such a record,
+    so it was edited in the database."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        if values["unreadable"] is None:
+            del values["unreadable"]  # every authentic record: its dict, log line and XCom stay as written
+        return values
 
     def to_log_line(self) -> str:
         return "AUDIT " + canonical_json(self.to_dict())
@@ -249,8 +256,33 @@ def _checked_evidence(evidence: Mapping[str, str] | None) -> dict[str, str]:
     return checked
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON the audit log writes")
+
+
+def _stored_object(text: Any, what: str) -> tuple[dict[str, Any], str | None]:
+    """A record's stored details or evidence as a dict, or ``({}, why)`` when the text is not a JSON object
+    as :func:`canonical_json` writes it (NaN and Infinity included: they could not even be hashed)."""
+    verb = "are" if what == "details" else "is"
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except (TypeError, ValueError, RecursionError):
+        return {}, f"its {what} {verb} not JSON ({str(text)[:40]!r})"
+    if not isinstance(value, dict):
+        return {}, f"its {what} {verb} a JSON {type(value).__name__}, not an object ({str(text)[:40]!r})"
+    return value, None
+
+
 def _record_from_row(row: sa.Row[Any]) -> AuditRecord:
+    """The record a row holds. A row whose details or evidence were edited into something that is not a JSON
+    object is still returned, with empty details and evidence and ``unreadable`` saying why, so every
+    reader sees it as a record that is not authentic instead of failing on it."""
     values = row._mapping
+    details, details_problem = _stored_object(values["details"], "details")
+    evidence, evidence_problem = _stored_object(values["evidence"], "evidence")
+    problems = [problem for problem in (details_problem, evidence_problem) if problem is not None]
+    if problems:
+        details, evidence = {}, {}
     return AuditRecord(
         seq=int(values["seq"]),
         recorded_at=values["recorded_at"],
@@ -261,12 +293,13 @@ def _record_from_row(row: sa.Row[Any]) -> AuditRecord:
         action=values["action"],
         subject=values["subject"],
         decision=values["decision"],
-        details=json.loads(values["details"]),
-        evidence=json.loads(values["evidence"]),
+        details=details,
+        evidence=evidence,
         prev_hash=values["prev_hash"],
         key_id=values["key_id"],
         record_hash=values["record_hash"],
         hmac=values["hmac"],
+        unreadable="; ".join(problems) or None,
     )
 
 
@@ -458,8 +491,12 @@ class AuditStore:
     def authentic(self, record: AuditRecord) -> bool:
         """Whether ``record`` is exactly as its key holder wrote it: its content hashes to its
         ``record_hash`` and its ``hmac`` is that hash's HMAC under the key it names. A record written
-        or rewritten by someone without the key fails; so does one signed by a key not in the keyring."""
+        or rewritten by someone without the key fails; so does one signed by a key not in the keyring, and
+        one whose details or evidence are not a JSON object (``record.unreadable``): the pipeline never
+        writes such a record, so it was edited in the database."""
         keyring = self._require_keyring("authenticate records of")
+        if record.unreadable is not None:
+            return False
         fields = record.to_dict()
         return compute_record_hash(fields) == record.record_hash and keyring.check(
             record.record_hash, record.hmac, key_id=record.key_id
@@ -498,7 +535,8 @@ class AuditStore:
         limit: int | None = None,
     ) -> list[AuditRecord]:
         """Matching records in seq order (``subject_prefix``: subjects starting with it, e.g. every version
-        of a model); with ``limit``, only the newest ``limit`` of them."""
+        of a model); with ``limit``, only the newest ``limit`` of them. A record edited into unreadable
+        details or evidence is among them, marked ``unreadable`` and never :meth:`authentic`."""
         query = self._select(action, subject, subject_prefix)
         with self._engine.connect() as conn:
             if limit is None:
@@ -660,9 +698,11 @@ class AuditStore:
     def _rotation_problem(
         values: Mapping[str, Any], seq: int, prev_key: str | None, keyring: AuditKeyring
     ) -> str | None:
-        details = json.loads(values["details"])
-        from_key, to_key = details.get("from_key_id"), details.get("to_key_id")
+        details, unreadable = _stored_object(values["details"], "details")
         what = f"key rotation record seq={seq}"
+        if unreadable is not None:  # hashes and HMAC hold, so a key holder wrote it outside append()
+            return f"{what} cannot be read: {unreadable}"
+        from_key, to_key = details.get("from_key_id"), details.get("to_key_id")
         if to_key != values["key_id"] or (prev_key is not None and from_key != prev_key):
             return (
                 f"{what} names a rotation {from_key!r} -> {to_key!r}, but the records around it are signed "
@@ -837,10 +877,10 @@ class AuditStore:
         try:
             fields["details"] = json.loads(values["details"])
             fields["evidence"] = json.loads(values["evidence"])
-        except (TypeError, ValueError):
-            return True  # edited into something that is not even JSON
-        fields["seq"] = int(fields["seq"])
-        return compute_record_hash(fields) != values["record_hash"]
+            fields["seq"] = int(fields["seq"])
+            return compute_record_hash(fields) != values["record_hash"]
+        except (TypeError, ValueError, RecursionError):
+            return True  # edited into something that is not even JSON, or holds NaN (never hashed)
 
     def _where_prev_hash_points(self, prev_hash: str) -> str:
         if prev_hash == GENESIS_HASH:

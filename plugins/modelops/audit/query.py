@@ -85,21 +85,17 @@ def _window(since: Any, until: Any) -> tuple[datetime | None, datetime | None]:
 
 
 def read_records(store: AuditStore, **filters: Any) -> list[AuditRecord]:
-    """``store.records(**filters)``, refusing (naming the fix) a log whose details or evidence were edited
-    into something that is not a JSON object: no record of the pipeline looks like that."""
-    try:
-        found = store.records(**filters)
-    except ValueError as exc:
-        found, error = [], exc
-    else:
-        error = None
-    if error is not None or any(
-        not isinstance(record.details, dict) or not isinstance(record.evidence, dict) for record in found
-    ):
+    """``store.records(**filters)``, refusing (naming the record and the fix) when one of them was edited
+    into details or evidence that are not a JSON object (``record.unreadable``): no record of the pipeline
+    looks like that, and a query or lineage drawn around it would leave out what it was."""
+    found = store.records(**filters)
+    unreadable = [record for record in found if record.unreadable is not None]
+    if unreadable:
+        named = "; ".join(f"seq={record.seq} ({record.unreadable})" for record in unreadable)
         raise AuditChainBroken(
-            f"a record of the audit log at {store.url} has details or evidence that are not a JSON object: it was "
-            "altered in the database; run `modelops audit verify` to name it"
-        ) from error
+            f"record(s) of the audit log at {store.url} cannot be read: {named}; they are not authentic, "
+            "altered in the database; run `modelops audit verify` to name what was changed"
+        )
     return found
 
 

@@ -36,19 +36,18 @@ from modelops.audit.seals import (
     Expiry,
     Recorder,
     SealError,
-    _after,
-    _has_seal_table,
-    _range_leaves,
-    _seal_records,
-    _up_to,
     authentic_expiries,
     earliest_expiry,
     ensure_seal_table,
     excusing_expiry,
     expired_ids_table,
+    has_seal_table,
+    in_range,
     iso,
     merkle_root,
+    range_leaves,
     request_hash,
+    seal_records,
     seals_table,
 )
 from modelops.errors import AuditChainBroken, ConfigurationError, GateFailed
@@ -108,7 +107,7 @@ class ExpiryRun:
 
 def _authentic_batches(audit: AuditStore) -> dict[int, Batch]:
     batches: dict[int, Batch] = {}
-    for record in _seal_records(audit):
+    for record in seal_records(audit):
         if audit.authentic(record):
             batch = Batch.from_record(record)
             batches.setdefault(batch.batch_id, batch)
@@ -118,7 +117,7 @@ def _authentic_batches(audit: AuditStore) -> dict[int, Batch]:
 def _batch_rows(engine: Engine, batch: Batch) -> list[tuple[str, str]]:
     """The batch's ``(request_id, leaf)`` now."""
     with engine.connect() as conn:
-        return _range_leaves(conn, batch.after, batch.last)
+        return range_leaves(conn, batch.after, batch.last)
 
 
 def _intact(batch: Batch, leaves: list[tuple[str, str]]) -> bool:
@@ -144,7 +143,7 @@ def expire_batches(
     if now.tzinfo is None:
         raise ConfigurationError(f"now must be timezone-aware (UTC), got {now.isoformat()}")
     retention_days = retention / timedelta(days=1)
-    if not _has_seal_table(engine):
+    if not has_seal_table(engine):
         return ExpiryRun((), 0, 0, retention_days=retention_days, dry_run=dry_run)
     batches = _authentic_batches(audit)
     expiries, _ = authentic_expiries(audit)
@@ -232,7 +231,7 @@ def expire_batches(
 
 
 def _in_batch(batch: Batch, dialect: str) -> sa.ColumnElement[bool]:
-    return sa.and_(_after(batch.after, dialect), _up_to(batch.last, dialect))
+    return in_range(batch.after, batch.last, dialect)
 
 
 def _count_labels(engine: Engine, batch: Batch) -> int:
@@ -299,7 +298,7 @@ def _remove(engine: Engine, batch: Batch, expiry: Expiry) -> tuple[int | None, i
     dialect = engine.dialect.name
     in_batch = _in_batch(batch, dialect)
     with engine.begin() as conn:
-        leaves = _range_leaves(conn, batch.after, batch.last)
+        leaves = range_leaves(conn, batch.after, batch.last)
         if leaves and not _intact(batch, leaves):
             return None, 0
         ids = sa.select(predictions_table.c.request_id).where(in_batch)

@@ -268,12 +268,19 @@ def _ordered(query: sa.Select[Any], dialect: str) -> sa.Select[Any]:
     return query.order_by(predictions_table.c.received_at, _bytewise(predictions_table.c.request_id, dialect))
 
 
-def _range_leaves(conn: Connection, after: Position | None, last: Position) -> list[tuple[str, str]]:
-    """``(request_id, leaf)`` of every row now in the range (after, last], in order."""
+def in_range(after: Position | None, last: Position, dialect: str) -> sa.ColumnElement[bool]:
+    """The SQL condition on ``modelops_predictions`` that holds for exactly the rows in the range
+    (``after``, ``last``] of the order ``(received_at, request_id)``: a batch's rows when given its
+    ``after`` and ``last``. ``after`` None: from the first row. ``dialect`` is the engine's
+    (``engine.dialect.name``), so request ids compare byte by byte on every backend."""
+    return sa.and_(_after(after, dialect), _up_to(last, dialect))
+
+
+def range_leaves(conn: Connection, after: Position | None, last: Position) -> list[tuple[str, str]]:
+    """``(request_id, leaf)`` of every row now in the range (``after``, ``last``], in order: what a batch
+    with that range hashes to now (compare with its authentic root to tell whether it is intact)."""
     dialect = conn.dialect.name
-    query = _ordered(
-        sa.select(predictions_table).where(_after(after, dialect), _up_to(last, dialect)), dialect
-    )
+    query = _ordered(sa.select(predictions_table).where(in_range(after, last, dialect)), dialect)
     result = conn.execute(query.execution_options(yield_per=_FETCH_BATCH))
     return [(row.request_id, leaf_hash(row._mapping)) for row in result]
 
@@ -289,7 +296,8 @@ def ensure_seal_table(engine: Engine) -> None:
         )
 
 
-def _has_seal_table(engine: Engine) -> bool:
+def has_seal_table(engine: Engine) -> bool:
+    """Whether the prediction log's database holds the seal table (False: nothing was ever sealed there)."""
     return sa.inspect(engine).has_table(SEALS_TABLE)
 
 
@@ -333,7 +341,9 @@ class Batch:
         )
 
 
-def _seal_records(audit: AuditStore) -> list[AuditRecord]:
+def seal_records(audit: AuditStore) -> list[AuditRecord]:
+    """Every ``predictions.sealed`` record with the decision ``sealed``, in seq order, authentic or not:
+    check each with :meth:`~modelops.audit.chain.AuditStore.authentic` before trusting what it states."""
     records = audit.records(action=AuditAction.PREDICTIONS_SEALED)
     return [record for record in records if record.decision == Decision.SEALED]
 
@@ -520,7 +530,7 @@ def _restore_missing_seal_row(engine: Engine, batch: Batch) -> bool:
         ).first()
         if present is not None:
             return False
-        leaves = _range_leaves(conn, batch.after, batch.last)
+        leaves = range_leaves(conn, batch.after, batch.last)
     if len(leaves) != batch.count or merkle_root([leaf for _, leaf in leaves]) != batch.root:
         return False  # not a stopped run: verify names what happened to the batch
     details = {
@@ -677,7 +687,7 @@ def verify_seals(engine: Engine, audit: AuditStore) -> SealVerification:
     record; name every problem (see the module docstring for what this proves)."""
     findings: list[SealFinding] = []
     batches: dict[int, Batch] = {}
-    for record in _seal_records(audit):
+    for record in seal_records(audit):
         if not audit.authentic(record):
             findings.append(
                 SealFinding(
@@ -715,7 +725,7 @@ def verify_seals(engine: Engine, audit: AuditStore) -> SealVerification:
     expired = 0
     with engine.connect() as conn:
         for batch in sorted(batches.values(), key=lambda item: item.batch_id):
-            leaves = _range_leaves(conn, batch.after, batch.last)
+            leaves = range_leaves(conn, batch.after, batch.last)
             checked += len(leaves)
             of_batch = expiries.get(batch.batch_id, [])
             if not leaves and excusing_expiry(batch, of_batch) is not None:
@@ -735,7 +745,7 @@ def verify_seals(engine: Engine, audit: AuditStore) -> SealVerification:
 
 def _seal_rows(engine: Engine) -> dict[int, Mapping[str, Any]]:
     """Every seal row without its leaves (read only for a batch that does not verify)."""
-    if not _has_seal_table(engine):
+    if not has_seal_table(engine):
         return {}
     columns = [column for column in seals_table.columns if column.name != "leaves"]
     with engine.connect() as conn:
@@ -1003,7 +1013,7 @@ def inclusion_proof(engine: Engine, audit: AuditStore, request_id: str) -> Inclu
     leaves = _trusted_leaves(batch, None if seal_row is None else seal_row["leaves"])
     if leaves is None:
         with engine.connect() as conn:
-            leaves = _range_leaves(conn, batch.after, batch.last)
+            leaves = range_leaves(conn, batch.after, batch.last)
     ids = [pair[0] for pair in leaves]
     if request_id not in ids:
         raise SealError(
@@ -1056,7 +1066,7 @@ def _raise_if_expired(engine: Engine, audit: AuditStore, request_id: str) -> Non
 
 def _seal_row_holding(engine: Engine, received_at: str, request_id: str) -> Mapping[str, Any] | None:
     """The seal row whose range holds the position (the first batch ending at or after it)."""
-    if not _has_seal_table(engine):
+    if not has_seal_table(engine):
         return None
     table = seals_table
     last_at = _bytewise(table.c.last_received_at, engine.dialect.name)
