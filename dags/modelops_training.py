@@ -11,6 +11,10 @@ Python version, code commit, Airflow dag/run id and the trigger. Alias `candidat
 event `modelops_model_candidate` (with the model name) starts the compliance gate. A retry of the same
 run reuses its version.
 
+A spec with `training.runner: kubernetes` trains in a pod of its own (task `train_in_pod`,
+KubernetesPodOperator): the same entry point, credentials from a Kubernetes Secret. The task appears only
+when some spec asks for it; each task skips the models the other one trains.
+
 **Trigger form** (a manual run): `model`, and `dataset_sha256` (empty = the newest validated version of
 the model's dataset).
 """
@@ -26,6 +30,7 @@ from modelops.assets import MODEL_CANDIDATE, RETRAINING_REQUEST, VALIDATED_DATAS
 from modelops.operators.planning import StagePlanOperator
 from modelops.operators.training import TrainModelOperator
 from modelops.params import model_param, optional_text_param
+from modelops.settings import models_trained_in_pods
 
 
 @dag(
@@ -55,6 +60,16 @@ def modelops_training() -> None:
         outlets=[MODEL_CANDIDATE],
         map_index_template="{{ task.model }}",
     ).expand_kwargs(plan.output)
+
+    if models_trained_in_pods():
+        # Imported only here: the Kubernetes provider costs ~3 s of parse time.
+        from modelops.operators.training_pod import TrainInPodOperator
+
+        TrainInPodOperator.partial(
+            task_id="train_in_pod",
+            outlets=[MODEL_CANDIDATE],
+            map_index_template="{{ task.model }}",
+        ).expand_kwargs(plan.output)
 
 
 modelops_training()

@@ -97,7 +97,8 @@ class PlatformSettings(StrictModel):
         description="Root URI for snapshots and archives: a local path, file:// or s3://"
     )
     storage_conn_id: str | None = Field(
-        default=None, description="Airflow connection for the storage root's filesystem (s3://)"
+        default=None,
+        description="Airflow connection for the storage root and every s3:// URI that names none (incoming folders, dataset and archive URIs)",
     )
     default_model: str = Field(
         description="The model the gateway answers at /invocations (MLflow's own scoring path)"
@@ -270,12 +271,201 @@ class CanarySpec(StrictModel):
         return self
 
 
+# --- Kubernetes (serving target and training pods) ------------------------------------------------
+
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+"""A Kubernetes namespace or Secret name (RFC 1123 label)."""
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_SECRET_LOOKING_ENV = re.compile(r"(PASSWORD|TOKEN|SECRET|_KEYS?$|^AIRFLOW_CONN_|_URL$)", re.IGNORECASE)
+"""Environment variables that carry credentials by their name: only ever from a Kubernetes Secret."""
+
+GATEWAY_SECRET_ENV = (
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MODELOPS_PREDICTIONS_URL",
+    "MODELOPS_AUDIT_URL",
+    "MODELOPS_AUDIT_KEYS",
+    "MODELOPS_GATEWAY_ADMIN_TOKEN",
+    "MODELOPS_GATEWAY_KEYS",
+)
+"""What the scoring gateway reads from the environment that is a credential (GatewayConfig.from_env)."""
+TRAINING_SECRET_ENV = (
+    "AIRFLOW_CONN_MLFLOW_DEFAULT",
+    "AIRFLOW_CONN_MODELOPS_AUDIT",
+    "AIRFLOW_CONN_MODELOPS_AUDIT_KEY",
+    "AIRFLOW_CONN_MODELOPS_S3",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+)
+"""What the training entry point resolves that is a credential: the Airflow connections of the registry,
+the audit log and its key, and storage, and the MLflow login (as docker-compose.yaml gives Airflow)."""
+TRAINING_POD_ENV = {
+    "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+    "MODELOPS_HOME": "/opt/airflow/modelops",
+    "MODELOPS_STORAGE_ROOT": "s3://modelops/storage",
+    "MODELOPS_STORAGE_CONN_ID": "modelops_s3",
+    "MODELOPS_INCOMING_ROOT": "s3://modelops/incoming",
+}
+"""The plain settings docker-compose.yaml (and the Helm values) give Airflow's workers, for the pod."""
+
+
+def _quantity(value: str) -> Any:
+    # Kubernetes' own parser, so that what passes here is what the API server accepts ("500m", "1Gi").
+    from kubernetes.utils.quantity import parse_quantity
+
+    try:
+        return parse_quantity(value)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 500m, 2, 1Gi): {exc}") from exc
+
+
+class ResourceAmounts(StrictModel):
+    cpu: str = Field(description="CPU, a Kubernetes quantity: 500m, 2")
+    memory: str = Field(description="Memory, a Kubernetes quantity: 512Mi, 2Gi")
+
+    @field_validator("cpu", "memory")
+    @classmethod
+    def _is_quantity(cls, value: str) -> str:
+        _quantity(value)
+        return value
+
+
+class KubernetesResources(StrictModel):
+    """A container's requests (what the scheduler reserves, what CPU utilisation is measured against) and
+    limits (where it is throttled or killed)."""
+
+    requests: ResourceAmounts = Field(default_factory=lambda: ResourceAmounts(cpu="500m", memory="1Gi"))
+    limits: ResourceAmounts = Field(default_factory=lambda: ResourceAmounts(cpu="2", memory="2Gi"))
+
+    @model_validator(mode="after")
+    def _limits_cover_requests(self) -> KubernetesResources:
+        for kind in ("cpu", "memory"):
+            request, limit = getattr(self.requests, kind), getattr(self.limits, kind)
+            if _quantity(limit) < _quantity(request):
+                raise ValueError(f"limits.{kind} ({limit}) is below requests.{kind} ({request})")
+        return self
+
+
+class KubernetesWorkload(StrictModel):
+    """Where and as what a pod of ours runs: cluster connection, namespace, image, resources, secrets."""
+
+    conn_id: str = Field(
+        default="kubernetes_default",
+        description="Airflow connection of the cluster (cncf-kubernetes: in_cluster, or kube_config)",
+    )
+    namespace: str = Field(default="modelops", pattern=DNS_LABEL_PATTERN)
+    image: str = Field(min_length=1, description="The ModelOps image (Dockerfile), with a pinned tag")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    service_account: str | None = Field(default=None, pattern=DNS_LABEL_PATTERN)
+    resources: KubernetesResources = Field(default_factory=KubernetesResources)
+    secret_name: str = Field(
+        pattern=DNS_LABEL_PATTERN, description="The Kubernetes Secret the credentials are read from"
+    )
+    secret_env: list[Annotated[str, Field(pattern=ENV_NAME_PATTERN)]] = Field(
+        description="Environment variables set from the Secret's key of the same name (secretKeyRef)"
+    )
+    env: dict[Annotated[str, Field(pattern=ENV_NAME_PATTERN)], str] = Field(
+        default_factory=dict, description="Plain environment variables: never a credential"
+    )
+
+    @model_validator(mode="after")
+    def _no_literal_secrets(self) -> KubernetesWorkload:
+        literal = sorted(name for name in self.env if _SECRET_LOOKING_ENV.search(name))
+        if literal:
+            raise ValueError(
+                f"env sets {literal}, which carry credentials: put them in the Kubernetes Secret "
+                f"{self.secret_name!r} and list them in secret_env instead of writing them here"
+            )
+        both = sorted(set(self.env) & set(self.secret_env))
+        if both:
+            raise ValueError(f"{both} are in both env and secret_env; keep each in one of them")
+        return self
+
+
+class KubernetesServingSpec(KubernetesWorkload):
+    """``serving.kubernetes``: the model's own Deployment of the scoring gateway image, its Service and
+    HorizontalPodAutoscaler (:mod:`modelops.serving.kubernetes`)."""
+
+    secret_name: str = Field(default="modelops-gateway", pattern=DNS_LABEL_PATTERN)
+    secret_env: list[Annotated[str, Field(pattern=ENV_NAME_PATTERN)]] = Field(
+        default_factory=lambda: list(GATEWAY_SECRET_ENV)
+    )
+    env: dict[Annotated[str, Field(pattern=ENV_NAME_PATTERN)], str] = Field(
+        default_factory=lambda: {"MLFLOW_TRACKING_URI": "http://mlflow:5000"},
+        description="Plain environment variables (MLFLOW_TRACKING_URI at least): never a credential",
+    )
+    min_replicas: int = Field(default=2, ge=1, le=100)
+    max_replicas: int = Field(default=6, ge=1, le=100)
+    target_cpu_utilization: int = Field(
+        default=70, ge=1, le=100, description="Average CPU (% of requests) the autoscaler keeps pods at"
+    )
+    service_port: int = Field(default=80, ge=1, le=65535, description="The Service's port")
+    gateway_url: str = Field(
+        default="http://{service}.{namespace}.svc.cluster.local:{port}",
+        description="How Airflow's workers reach a Service ({service}, {namespace}, {port}); the default is "
+        "the cluster DNS name, for workers in the same cluster",
+    )
+    admin_token_conn_id: str = Field(
+        default="modelops_gateway",
+        description="Airflow connection whose password is the gateway admin token (the same value as the "
+        "Secret's MODELOPS_GATEWAY_ADMIN_TOKEN)",
+    )
+    rollout_timeout_seconds: float = Field(
+        default=600, gt=0, description="How long a rollout may take before the deployment fails"
+    )
+
+    @model_validator(mode="after")
+    def _serving_consistent(self) -> KubernetesServingSpec:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})"
+            )
+        if "MLFLOW_TRACKING_URI" not in {*self.env, *self.secret_env}:
+            raise ValueError("the gateway needs MLFLOW_TRACKING_URI: set it in env or list it in secret_env")
+        for name in ("{service}", "{namespace}", "{port}"):
+            if name not in self.gateway_url:
+                raise ValueError(f"gateway_url {self.gateway_url!r} lacks {name}")
+        return self
+
+
+class TrainingPodSpec(KubernetesWorkload):
+    """``training.kubernetes``: the pod the training entry point runs in (KubernetesPodOperator)."""
+
+    secret_name: str = Field(default="modelops-connections", pattern=DNS_LABEL_PATTERN)
+    secret_env: list[Annotated[str, Field(pattern=ENV_NAME_PATTERN)]] = Field(
+        default_factory=lambda: list(TRAINING_SECRET_ENV)
+    )
+    env: dict[Annotated[str, Field(pattern=ENV_NAME_PATTERN)], str] = Field(
+        default_factory=lambda: dict(TRAINING_POD_ENV),
+        description="Plain environment variables (the storage root and MLflow's address): never a credential",
+    )
+    startup_timeout_seconds: int = Field(default=600, gt=0, description="Pending longer than this fails")
+
+
+class TrainingSpec(StrictModel):
+    """``training``: where the training entry point runs."""
+
+    runner: Literal["worker", "kubernetes"] = Field(
+        default="worker",
+        description="worker: in the Airflow worker (task train_and_register); kubernetes: in a pod of its "
+        "own (task train_in_pod, KubernetesPodOperator), configured by training.kubernetes",
+    )
+    kubernetes: TrainingPodSpec | None = None
+
+    @model_validator(mode="after")
+    def _pod_configured(self) -> TrainingSpec:
+        if self.runner == "kubernetes" and self.kubernetes is None:
+            raise ValueError("runner is kubernetes: add training.kubernetes with at least image")
+        return self
+
+
 class ServingSpec(StrictModel):
     enabled: bool = Field(default=True, description="Deploy approved versions to the scoring gateway")
-    target: Literal["local", "batch"] = Field(
+    target: Literal["local", "batch", "kubernetes"] = Field(
         default="local",
         description="local: the scoring gateway, online, with canaries; batch: scored by the "
-        "modelops_batch_scoring DAG on Spark with the recorded champion",
+        "modelops_batch_scoring DAG on Spark with the recorded champion; kubernetes: the gateway image as "
+        "the model's own Deployment, Service and autoscaler (serving.kubernetes)",
     )
     smoke_rows: int = Field(
         default=20, gt=0, le=1000, description="Rows of training data scored before go-live"
@@ -287,6 +477,15 @@ class ServingSpec(StrictModel):
     )
     screening: ScreeningSpec = Field(default_factory=ScreeningSpec)
     canary: CanarySpec = Field(default_factory=CanarySpec)
+    kubernetes: KubernetesServingSpec | None = Field(
+        default=None, description="Where and how the kubernetes target runs the model (target: kubernetes)"
+    )
+
+    @model_validator(mode="after")
+    def _target_configured(self) -> ServingSpec:
+        if self.target == "kubernetes" and self.kubernetes is None:
+            raise ValueError("target is kubernetes: add serving.kubernetes with at least image")
+        return self
 
 
 class ModelSpec(StrictModel):
@@ -310,6 +509,7 @@ class ModelSpec(StrictModel):
     )
     policies: PolicyChoice = Field(default_factory=PolicyChoice)
     serving: ServingSpec = Field(default_factory=ServingSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
     experiment: str | None = Field(default=None, description="MLflow experiment; default modelops/<name>")
     holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
     random_seed: int = 42
@@ -680,6 +880,21 @@ def _declared_names(folder: Path) -> list[str]:
 def model_names(root: Path | None = None) -> list[str]:
     """The names the model specs declare (see :func:`_declared_names`)."""
     return _declared_names((root or include_dir()) / "models")
+
+
+def models_trained_in_pods(root: Path | None = None) -> list[str]:
+    """The models whose spec says ``training.runner: kubernetes``, read cheaply (no validation), so the
+    training DAG adds its pod task (and imports the Kubernetes provider, ~3 s) only where one is used."""
+    names = []
+    for path in _spec_files((root or include_dir()) / "models"):
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        training = data.get("training") if isinstance(data, dict) else None
+        if isinstance(training, dict) and training.get("runner") == "kubernetes":
+            names.append(str(data.get("name")))
+    return sorted(names)
 
 
 def dataset_names(root: Path | None = None) -> list[str]:

@@ -76,12 +76,42 @@ class ModelOpsBaseOperator(BaseOperator):
         return GatewayHook(gateway_conn_id=self.gateway_conn_id).get_conn()
 
     def serving_target(self, spec: ModelSpec) -> ServingTarget:
-        """Where ``spec``'s versions go live (``serving.target``): the gateway, or the batch target."""
+        """Where ``spec``'s versions go live (``serving.target``): the gateway, the batch target, or the
+        model's own Deployment on Kubernetes."""
         if spec.serving.target == "batch":
             from modelops.serving.targets import BatchTarget
 
             return BatchTarget(self.registry, self.audit_hook.store)
+        if spec.serving.target == "kubernetes":
+            return self.kubernetes_target(spec)
         return self.gateway
+
+    def kubernetes_target(self, spec: ModelSpec) -> ServingTarget:
+        """The target on the cluster of ``serving.kubernetes.conn_id``: the provider's hook configures the
+        ``kubernetes`` client (in-cluster, or a kube config in the connection); the target gets our typed
+        wrapper of it, and the gateway admin token from ``admin_token_conn_id``."""
+        from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+        from modelops.hooks._connections import defined_connection
+        from modelops.serving.kubernetes import KubernetesApi, KubernetesTarget
+
+        settings = spec.serving.kubernetes
+        if settings is None:  # the settings model refuses this; kept for the type checker
+            raise SettingsError(
+                f"{spec.name}: serving.target is kubernetes but serving.kubernetes is missing"
+            )
+        token = defined_connection(
+            settings.admin_token_conn_id,
+            what="the scoring gateway's admin token",
+            example='{"conn_type": "http", "password": "<MODELOPS_GATEWAY_ADMIN_TOKEN of the Secret>"}',
+        ).password
+        return KubernetesTarget(
+            KubernetesApi(KubernetesHook(conn_id=settings.conn_id).api_client),
+            self.audit_hook.store,
+            model=spec.name,
+            settings=settings,
+            admin_token=token or None,
+        )
 
     @cached_property
     def prediction_log_hook(self) -> PredictionLogHook:

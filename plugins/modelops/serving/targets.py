@@ -6,10 +6,12 @@ The model spec chooses (``serving.target``):
 - ``batch``: scored by the ``modelops_batch_scoring`` DAG on Spark (:mod:`modelops.stages.batch_scoring`),
   which reads the recorded champion when it runs. Deploying to it is the smoke test (the version loaded
   here, after its files were checked, scoring rows of its training data) and the promotion record; there
-  is no traffic to split, so no canary.
+  is no traffic to split, so no canary;
+- ``kubernetes``: the gateway image as the model's own Deployment, Service and HorizontalPodAutoscaler
+  (:class:`~modelops.serving.kubernetes.KubernetesTarget`), staged and smoke-tested in a staging pod, no
+  canary.
 
-The deployment stage talks to a target only through :class:`ServingTarget`, so a further target (the
-production stack's ``kubernetes``) is one more implementation. Imports nothing of Airflow.
+The deployment stage talks to a target only through :class:`ServingTarget`. Imports nothing of Airflow.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
     from modelops.audit import AuditStore
     from modelops.registry import ModelRegistry
 
-TARGETS = ("local", "batch")
+TARGETS = ("local", "batch", "kubernetes")
 """The kinds of target a model spec may name (``serving.target``)."""
 
 
