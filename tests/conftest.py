@@ -67,7 +67,11 @@ def require_service(name: str, host: str, port: int) -> None:
     """Skip when a production service is absent, except in CI where that skip would hide a gap."""
     if _reachable(host, port):
         return
-    message = f"{name} is not reachable on {host}:{port}"
+    require_or_skip(f"{name} is not reachable on {host}:{port}")
+
+
+def require_or_skip(message: str) -> None:
+    """Skip for ``message`` (a missing service or server), except in CI where that skip would hide a gap."""
     if os.environ.get("MODELOPS_REQUIRE_SERVICES") == "1":
         pytest.fail(f"{message}, and MODELOPS_REQUIRE_SERVICES=1 forbids skipping the services tier")
     pytest.skip(f"{message}; start it to run this tier")

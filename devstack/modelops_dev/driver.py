@@ -680,6 +680,7 @@ def drive(
     incident_requests: int = INCIDENT_REQUESTS,
     outbox: Path | None = None,
     canary_rollback_model: str | None = CANARY_ROLLBACK_MODEL,
+    staging: Path | None = None,
 ) -> LifecycleReport:
     """Run ``models`` through the six stages of a running stack; returns what the summary shows.
 
@@ -687,6 +688,7 @@ def drive(
     forms as; None leaves a form unanswered (the run then waits, and the wait times out).
     ``incident_model``: the model of the incident (None: no incident), whose critical alert is looked for
     in ``outbox`` (default: ``$MODELOPS_HOME/outbox/alerts.jsonl``, as the stack's tasks write it).
+    ``staging``: where dataset files are written before their upload to an object-storage incoming folder.
     """
     specs = [catalog.model(name) for name in models]
     if incident_model is not None and incident_model not in models:
@@ -711,8 +713,8 @@ def drive(
     )
     drops: dict[str, DatasetDrop] = {}
     for dataset in dict.fromkeys(spec.dataset for spec in specs):
-        drop = drops[dataset] = drop_dataset(catalog.dataset(dataset), since, writers)
-        out(f"  dataset      {dataset}: {drop.path} ({drop.rows} rows, sha256 {drop.sha256[:12]})")
+        drop = drops[dataset] = drop_dataset(catalog.dataset(dataset), since, writers, staging=staging)
+        out(f"  dataset      {dataset}: {drop.where} ({drop.rows} rows, sha256 {drop.sha256[:12]})")
     report = LifecycleReport(drops=drops, models=reports)
 
     def record(results: Sequence[StageResult]) -> None:
@@ -886,7 +888,7 @@ def summary_lines(
     lines = ["", "ModelOps demo: summary"]
     for drop in report.drops.values():
         lines.append(
-            f"  dataset         {drop.dataset}: {drop.path} ({drop.rows} rows, sha256 {drop.sha256})"
+            f"  dataset         {drop.dataset}: {drop.where} ({drop.rows} rows, sha256 {drop.sha256})"
         )
     for model in report.models.values():
         spec = model.spec

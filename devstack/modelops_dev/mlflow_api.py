@@ -45,11 +45,12 @@ def is_newer(version: str | None, than: str | None) -> bool:
 
 
 class MlflowApi:
-    """MLflow's tracking server REST API (``/api/2.0/mlflow``), without credentials (loopback)."""
+    """MLflow's tracking server REST API (``/api/2.0/mlflow``): without credentials (the demo's, on
+    loopback), or as ``auth`` (user, password) for a server with the basic-auth app (``make stack``)."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, auth: tuple[str, str] | None = None) -> None:
         self.base_url = base_url
-        self._http = httpx.Client(base_url=base_url, timeout=30, trust_env=False)
+        self._http = httpx.Client(base_url=base_url, timeout=30, trust_env=False, auth=auth)
 
     def model(self, name: str) -> RegisteredModelFacts | None:
         """The registered model ``name``; None while it does not exist (not trained yet)."""

@@ -78,9 +78,14 @@ class DatasetDrop:
     """One file the demo dropped into a dataset's incoming folder."""
 
     dataset: str
-    path: Path
+    path: Path  # a local copy: what the traffic is sampled from
     rows: int
     sha256: str
+    uri: str = ""  # where it was dropped: ``path`` for a local folder, else the object's URI
+
+    @property
+    def where(self) -> str:
+        return self.uri or str(self.path)
 
 
 def write_ctr_clicks(target: Path) -> int:
@@ -102,12 +107,12 @@ DATASET_WRITERS: dict[str, Callable[[Path], int]] = {
 
 
 def incoming_folder(spec: DatasetSpec) -> Path:
-    """The dataset's incoming folder as a local path (the demo has no object store)."""
+    """The dataset's incoming folder as a local path."""
     uri = spec.incoming_uri.removeprefix("file://")
     if "://" in uri:
         raise ConfigurationError(
-            f"dataset {spec.name}: incoming_uri {spec.incoming_uri} is not a local folder; the demo writes "
-            "its files locally (unset MODELOPS_INCOMING_ROOT)"
+            f"dataset {spec.name}: incoming_uri {spec.incoming_uri} is not a local folder; pass a staging "
+            "folder to drop_dataset to upload there, or unset MODELOPS_INCOMING_ROOT"
         )
     return Path(uri)
 
@@ -118,21 +123,42 @@ def drop_file_name(dataset: str, stamp: datetime) -> str:
 
 
 def drop_dataset(
-    spec: DatasetSpec, stamp: datetime, writers: Mapping[str, Callable[[Path], int]] = DATASET_WRITERS
+    spec: DatasetSpec,
+    stamp: datetime,
+    writers: Mapping[str, Callable[[Path], int]] = DATASET_WRITERS,
+    *,
+    staging: Path | None = None,
 ) -> DatasetDrop:
-    """Write one new version of ``spec``'s dataset into its incoming folder; returns what was written."""
+    """Write one new version of ``spec``'s dataset into its incoming folder; returns what was written.
+
+    An incoming folder in object storage (``make stack``: ``s3://...``) takes the file written in
+    ``staging`` first, uploaded through ``ObjectStoragePath`` with the platform's storage connection, as
+    the pipeline reads it.
+    """
+    from modelops.settings import platform_settings
     from modelops.storage import as_storage_path, sha256_of
 
     if spec.name not in writers:
         raise ConfigurationError(
             f"the demo has no data for dataset {spec.name!r}; it writes {sorted(writers)}"
         )
-    folder = incoming_folder(spec)
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / drop_file_name(spec.name, stamp)
-    rows = writers[spec.name](target)
-    digest, _ = sha256_of(as_storage_path(target))
-    return DatasetDrop(dataset=spec.name, path=target, rows=rows, sha256=digest)
+    name = drop_file_name(spec.name, stamp)
+    if "://" not in spec.incoming_uri.removeprefix("file://") or staging is None:
+        folder = incoming_folder(spec)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / name
+        rows = writers[spec.name](target)
+        digest, _ = sha256_of(as_storage_path(target))
+        return DatasetDrop(dataset=spec.name, path=target, rows=rows, sha256=digest)
+    staging.mkdir(parents=True, exist_ok=True)
+    local = staging / name
+    rows = writers[spec.name](local)
+    remote = as_storage_path(f"{spec.incoming_uri.rstrip('/')}/{name}", platform_settings().storage_conn_id)
+    with local.open("rb") as source, remote.open("wb") as sink:
+        while chunk := source.read(1 << 20):
+            sink.write(chunk)
+    digest, _ = sha256_of(remote)
+    return DatasetDrop(dataset=spec.name, path=local, rows=rows, sha256=digest, uri=str(remote))
 
 
 # --- traffic -------------------------------------------------------------------------------------

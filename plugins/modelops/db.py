@@ -139,7 +139,33 @@ def create_engine(
         ) from exc
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine, immediate_transactions=immediate_transactions)
+    else:
+        _name_refused_logins(engine, what, safe_url(parsed))
     return engine
+
+
+# What PostgreSQL answers to a log-in it refuses (libpq's messages): the same answer on every retry.
+_REFUSED_LOGIN = (
+    "password authentication failed",
+    "no password supplied",
+    "does not exist",
+    "no pg_hba.conf",
+)
+
+
+def _name_refused_logins(engine: Engine, what: str, where: str) -> None:
+    """A refused log-in (wrong user, password or database) becomes one ``ConfigurationError`` naming the
+    store, its URL without the password and the fix, instead of the driver's traceback in every task."""
+
+    @sa.event.listens_for(engine, "handle_error")
+    def _refused(context: Any) -> None:
+        lines = str(context.original_exception).strip().splitlines()
+        first_line = lines[0] if lines else ""
+        if context.connection is None and any(text in first_line for text in _REFUSED_LOGIN):
+            raise ConfigurationError(
+                f"cannot log in to {what} at {where}: {first_line.removeprefix('FATAL:').strip()}; fix the "
+                "user, password or database of its connection (or URL), retrying will not help"
+            ) from None
 
 
 def _configure_sqlite(engine: Engine, *, immediate_transactions: bool) -> None:

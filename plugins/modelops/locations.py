@@ -28,9 +28,21 @@ def normalised_location(uri: str | Path) -> str:
     if "://" not in text:
         return str(Path(text).expanduser().resolve()).rstrip("/") or "/"
     scheme, _, rest = text.partition("://")
-    bucket, _, key = rest.partition("/")
+    authority, _, key = rest.partition("/")
     key = posixpath.normpath("/" + key) if key else ""
-    return f"{scheme.lower()}://{bucket}{key}".rstrip("/")
+    # ObjectStoragePath spells the connection it reads with into the URI (s3://conn@bucket/key), and a URI
+    # without one is read with the platform's storage connection (modelops.storage.as_storage_path): both
+    # spellings of one place compare equal, and a bucket reached through another connection (perhaps
+    # another endpoint) is another place.
+    conn, _, bucket = authority.rpartition("@")
+    conn = conn or _default_storage_conn()
+    return f"{scheme.lower()}://{f'{conn}@' if conn else ''}{bucket}{key}".rstrip("/")
+
+
+def _default_storage_conn() -> str:
+    from modelops.settings import platform_settings  # settings imports this module
+
+    return platform_settings().storage_conn_id or ""
 
 
 def is_within(uri: str | Path, roots: Sequence[str]) -> bool:

@@ -25,10 +25,20 @@ CHUNK_BYTES = 1024 * 1024
 
 
 def as_storage_path(uri: str | Path, conn_id: str | None = None) -> ObjectStoragePath:
-    """A URI or plain local path as an ``ObjectStoragePath`` (plain paths become absolute ``file://``)."""
+    """A URI or plain local path as an ``ObjectStoragePath`` (plain paths become absolute ``file://``).
+
+    A remote URI that names no connection (``s3://bucket/key``, not ``s3://conn@bucket/key``) is read
+    with the platform's ``storage_conn_id``: incoming folders, dataset and archive URIs in specs and
+    params are written without one, and would otherwise fall back to the machine's default credentials
+    (none on a worker: ``NoCredentialsError``, as ``make stack`` showed).
+    """
     text = str(uri)
     if "://" not in text:
         text = Path(text).expanduser().resolve().as_uri()
+    elif conn_id is None and not text.startswith("file://"):
+        authority = text.split("://", 1)[1].split("/", 1)[0]
+        if "@" not in authority:
+            conn_id = platform_settings().storage_conn_id or None
     return ObjectStoragePath(text, conn_id=conn_id) if conn_id else ObjectStoragePath(text)
 
 

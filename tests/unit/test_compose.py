@@ -354,7 +354,7 @@ def test_databases_and_roles_of_every_url_are_created(
 
 def test_init_script_is_mounted_and_gets_its_passwords(services: dict[str, dict[str, Any]]) -> None:
     postgres = services["postgres"]
-    assert postgres["image"] == "postgres:16"
+    assert postgres["image"] == "postgres:15"
     assert "./docker/postgres/init:/docker-entrypoint-initdb.d:ro" in postgres["volumes"]
     env = environment(postgres)
     for variable in set(re.findall(r"\$\{?([A-Z_]+_PASSWORD)", init_script_text())):

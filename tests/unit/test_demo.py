@@ -701,7 +701,9 @@ def test_drop_dataset_writes_a_new_file_per_drop(incoming: Path) -> None:
 
 def test_drop_dataset_refuses_a_remote_incoming_folder(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MODELOPS_INCOMING_ROOT", "s3://bucket/incoming")
-    with pytest.raises(ConfigurationError, match=r"not a local folder.*MODELOPS_INCOMING_ROOT"):
+    with pytest.raises(
+        ConfigurationError, match=r"not a local folder.*staging folder.*MODELOPS_INCOMING_ROOT"
+    ):
         drop_dataset(load_catalog().dataset("ctr_clicks"), datetime.now(UTC))
 
 
