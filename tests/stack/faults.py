@@ -142,11 +142,13 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str, poll: fl
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def running_task(api: Any, dag_id: str, task_id: str, since: datetime) -> dict[str, Any] | None:
-    """The first instance of ``task_id`` in a run of ``dag_id`` since ``since`` that is running."""
+def running_task(
+    api: Any, dag_id: str, task_id: str, since: datetime, states: tuple[str, ...] = ("running",)
+) -> dict[str, Any] | None:
+    """The first instance of ``task_id`` in a run of ``dag_id`` since ``since`` in one of ``states``."""
     for run in api.runs_since(dag_id, since):
         for ti in api.task_instances(dag_id, run["dag_run_id"]):
-            if ti["task_id"] == task_id and ti["state"] == "running":
+            if ti["task_id"] == task_id and ti["state"] in states:
                 return {**ti, "dag_run_id": run["dag_run_id"]}
     return None
 

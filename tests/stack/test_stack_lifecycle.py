@@ -54,7 +54,7 @@ def test_the_lifecycle_runs_on_the_production_stack(production_stack, lifecycle_
     try:
         with engine.connect() as conn:
             logged = conn.execute(
-                sa.text("select count(*) from modelops_predictions where model = :m"), {"m": MODEL}
+                sa.text("select count(*) from modelops_predictions where model_name = :m"), {"m": MODEL}
             )
             assert logged.scalar_one() >= report.models[MODEL].traffic.ok
     finally:

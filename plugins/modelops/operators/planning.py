@@ -100,15 +100,24 @@ def version_plan(
 ) -> list[dict[str, Any]]:
     from modelops.stages.common import plan_versions
 
-    return _planned(
-        lambda: plan_versions(
-            catalog=_catalog(),
-            events=triggering_extras(context, asset),
+    def make() -> list[dict[str, Any]]:
+        catalog = _catalog()
+        events = triggering_extras(context, asset)
+        pending = None
+        if serving_only and events:
+            from modelops.stages.deployment import undeployed_approvals
+
+            pending = undeployed_approvals(catalog, AuditHook().get_conn())
+        return plan_versions(
+            catalog=catalog,
+            events=events,
             model=model or None,
             model_version=model_version,
             serving_only=serving_only,
+            pending=pending,
         )
-    )
+
+    return _planned(make)
 
 
 def monitoring_plan(*, models: list[str] | None) -> list[dict[str, Any]]:

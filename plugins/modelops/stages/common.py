@@ -31,8 +31,12 @@ def plan_versions(
     model: str | None,
     model_version: int | str | None,
     serving_only: bool = False,
+    pending: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """One entry per model a version-stage (gate, deployment) acts on: ``{"model", "model_version"}``.
+
+    ``pending`` (model -> version): versions the record says are still to act on, added to an
+    event-triggered run whatever its events (see :func:`modelops.stages.deployment.undeployed_approvals`).
 
     From the triggering events, the newest version per model a spec declares (an event of an unknown
     model, or with a version that is not a number, is ignored; with ``serving_only``, so is a model whose
@@ -49,6 +53,9 @@ def plan_versions(
         if name not in newest or int(version) > int(newest[name]):
             newest[name] = version
     if events:
+        for name, version in (pending or {}).items():
+            if name in catalog.models and (name not in newest or int(version) > int(newest[name])):
+                newest[name] = version
         return [{"model": name, "model_version": newest[name]} for name in sorted(newest)]
     if not model:
         raise GateFailed("a manual run needs a model: pick one in the trigger form")

@@ -32,7 +32,7 @@ from modelops.evidence import (
     version_file_hashes,
     version_files_and_mlmodel,
 )
-from modelops.settings import ModelSpec
+from modelops.settings import Catalog, ModelSpec
 from modelops.stages.common import resolve_version
 from modelops.stages.outcome import AuditEntry, Recorder, StageOutcome, dataset_evidence, sha256_json
 from modelops.storage import read_dataset
@@ -81,6 +81,44 @@ class DeploymentResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "smoke_test": {**asdict(self.smoke_test), "passed": self.smoke_test.passed}}
+
+
+def undeployed_approvals(catalog: Catalog, audit: AuditStore) -> dict[str, str]:
+    """Model -> its newest version the gate approved (authentic record) that no deployment has acted on
+    and that is newer than the version the champion record names.
+
+    Airflow 3.3 drops Asset events that arrive while ``modelops_deployment`` waits for its one run slot:
+    the run it starts later consumes only the events up to the first one queued
+    (``benchmarks/bench_stack_models.py`` lost two of four approvals that way). The deployment plan
+    therefore asks the record, not only the events, what is still to deploy.
+    """
+    pending: dict[str, str] = {}
+    for spec in catalog.models.values():
+        if not spec.serving.enabled:
+            continue
+        prefix = model_subject(spec.name, "")
+        champion = champion_record(audit, spec.name)
+        floor = _version_of(champion.subject) if champion is not None else 0
+        acted = {
+            record.subject
+            for record in audit.records(action=AuditAction.MODEL_DEPLOYED, subject_prefix=prefix)
+            if audit.authentic(record)
+        }
+        for record in audit.records(action=AuditAction.GATE_DECIDED, subject_prefix=prefix):
+            version = _version_of(record.subject)
+            if (
+                record.decision == Decision.APPROVED
+                and version > max(floor, int(pending.get(spec.name, 0)))
+                and record.subject not in acted
+                and audit.authentic(record)
+            ):
+                pending[spec.name] = str(version)
+    return pending
+
+
+def _version_of(subject: str) -> int:
+    version = subject.rpartition("@")[2]
+    return int(version) if version.isdigit() else 0
 
 
 def _prediction_problem(spec: ModelSpec, prediction: Any) -> str | None:
