@@ -17,6 +17,18 @@ if TYPE_CHECKING:
 _CHUNK = 1 << 20
 
 
+def without_connection(uri: str) -> str:
+    """``uri`` without the connection id ``ObjectStoragePath`` writes before the bucket (``s3://conn@b/k``):
+    outside Airflow the credentials come from the environment, and fsspec would take ``conn@b`` for the
+    bucket."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 class FsspecFiles:
     """:class:`modelops.checks.EvidenceFiles` over fsspec: local paths, ``file://`` and ``s3://``."""
 
@@ -24,7 +36,7 @@ class FsspecFiles:
     def _resolve(uri: str) -> tuple[Any, str]:
         import fsspec.core
 
-        text = uri if "://" in uri else Path(uri).expanduser().resolve().as_uri()
+        text = without_connection(uri) if "://" in uri else Path(uri).expanduser().resolve().as_uri()
         return fsspec.core.url_to_fs(text)
 
     def exists(self, uri: str) -> bool:

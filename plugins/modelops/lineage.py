@@ -37,13 +37,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from modelops.audit.chain import GENESIS_HASH, AuditRecord
 from modelops.audit.query import read_records
 from modelops.errors import ModelOpsError
 from modelops.evidence import ARTIFACTS_FIELD, CHALLENGER_FIELD, CHAMPION_FIELD, SHARE_FIELD
-from modelops.evidence_files import FsspecFiles
+from modelops.evidence_files import FsspecFiles, without_connection
 from modelops.stages.outcome import sha256_json
 from modelops.vocabulary import Alias, AuditAction, Decision, Tag, dataset_subject, model_subject
 
@@ -190,15 +189,6 @@ def _local_path(uri: Any) -> Path | None:
     return Path(uri)
 
 
-def _remote_uri(uri: str) -> str:
-    """``uri`` without the connection id ``ObjectStoragePath`` writes before the bucket (``s3://conn@b/k``):
-    the credentials come from the environment here, and fsspec would take ``conn@b`` for the bucket."""
-    parts = urlsplit(uri)
-    if "@" not in parts.netloc:
-        return uri
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-
-
 def _sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -237,7 +227,7 @@ def _evidence(
     ``files``), or None with why noted: gone is a problem; too large, or unreadable storage, not checked.
     A UnicodeDecodeError propagates: the content, not the storage, is wrong, which the caller names."""
     path = _local_path(uri)
-    where: Path | str = path if path is not None else _remote_uri(str(uri))
+    where: Path | str = path if path is not None else without_connection(str(uri))
     try:
         if not (path.is_file() if path is not None else files.exists(str(where))):
             checks.problems.append(f"{what} {uri} is gone")

@@ -276,3 +276,15 @@ def test_the_lineage_command_reads_s3_without_airflow(life: RemoteLife, s3: Any)
     assert imported.strip() == "False"
     loaded = json.loads(report)
     assert loaded["broken_links"] == [f"dataset ({AuditAction.DATASET_VALIDATED} {Decision.PASSED} seq=1)"]
+
+
+def test_the_gate_checks_reader_takes_uris_that_name_a_connection(s3: Any) -> None:
+    """``modelops gate check`` reads evidence outside Airflow: ``s3://conn@bucket/key`` (as
+    ObjectStoragePath writes it) is the bucket's key, with the environment's credentials."""
+    from modelops.evidence_files import FsspecFiles
+
+    s3.put_object(Bucket=BUCKET, Key="evidence/card.md", Body=b"# card\n")
+    files = FsspecFiles()
+    uri = f"s3://modelops_s3@{BUCKET}/evidence/card.md"
+    assert files.exists(uri) and files.read_text(uri) == "# card\n"
+    assert files.sha256(uri) == files.sha256(f"s3://{BUCKET}/evidence/card.md")
