@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from modelops import db
-from modelops.serving.prediction_log import UTCDateTime, _dialect_insert
+from modelops.serving.prediction_log import UTCDateTime, dialect_insert
 
 HISTORY_TABLE = "modelops_monitoring_history"
 
@@ -152,7 +152,7 @@ class MonitoringHistory:
         }
         key = ["model_name", "model_version", "window_start", "window_end"]
         with self.engine.begin() as conn:
-            insert = _dialect_insert(
+            insert = dialect_insert(
                 conn.dialect.name, what="the monitoring history", hint="use a SQLite or PostgreSQL URL"
             )(history_table).values(values)
             conn.execute(

@@ -48,7 +48,7 @@ from modelops.errors import ModelOpsError
 from modelops.serving.prediction_log import (
     PredictionLog,
     PredictionRecord,
-    _dialect_insert,
+    dialect_insert,
     predictions_table,
     record_row,
 )
@@ -115,7 +115,7 @@ class BatchedPredictionWriter:
         self.flush_interval_s = flush_interval_s
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
-        self._insert = _dialect_insert(log.engine.dialect.name)(predictions_table).on_conflict_do_nothing(
+        self._insert = dialect_insert(log.engine.dialect.name)(predictions_table).on_conflict_do_nothing(
             index_elements=["request_id"]
         )
         self._cond = threading.Condition(threading.Lock())

@@ -313,7 +313,7 @@ class PredictionLog:
                     {"request_id": request_id, "row_index": index, "label": int(label), "labelled_at": now}
                     for index, label in enumerate(labels)
                 ]
-                insert = _dialect_insert(conn.dialect.name)(labels_table).values(values)
+                insert = dialect_insert(conn.dialect.name)(labels_table).values(values)
                 conn.execute(
                     insert.on_conflict_do_update(
                         index_elements=["request_id", "row_index"],
@@ -565,7 +565,7 @@ def _add_missing_columns(engine: Engine) -> None:
                     raise
 
 
-def _dialect_insert(dialect_name: str, *, what: str = "the prediction log", hint: str | None = None) -> Any:
+def dialect_insert(dialect_name: str, *, what: str = "the prediction log", hint: str | None = None) -> Any:
     # ON CONFLICT is spelled the same on SQLite and PostgreSQL, but SQLAlchemy exposes it per dialect.
     if dialect_name == "sqlite":
         from sqlalchemy.dialects.sqlite import insert
@@ -581,7 +581,7 @@ def _dialect_insert(dialect_name: str, *, what: str = "the prediction log", hint
 def _count_label_event(conn: sa.Connection, reason: str, when: datetime) -> None:
     """Add one to the (hour of ``when``, ``reason``) counter of modelops_label_rejections."""
     hour = when.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
-    insert = _dialect_insert(conn.dialect.name)(label_rejections_table).values(
+    insert = dialect_insert(conn.dialect.name)(label_rejections_table).values(
         hour=hour, reason=reason, count=1
     )
     conn.execute(
