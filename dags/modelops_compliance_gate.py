@@ -19,6 +19,10 @@ goes to the audit log.
   answer. The approver's name and comment go into the gate record and the model card. No answer within the
   policy's `respond_within_hours` is a rejection. An approval deploys for `valid_for_hours`.
 
+**Sweep** (every 5 minutes): gates each model's newest registered version the gate has not decided on,
+in case its event was lost (Airflow 3.3 drops events that arrive while the DAG is at `max_active_runs`,
+apache/airflow#56050). Usually there is none, and the run maps over nothing.
+
 **Trigger form** (a manual run): `model`, `model_version` (empty = the model's alias `candidate`).
 """
 
@@ -27,7 +31,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import dag
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag
 
 from modelops.assets import MODEL_APPROVED, MODEL_CANDIDATE
 from modelops.operators.compliance import ComplianceGateOperator
@@ -37,7 +41,10 @@ from modelops.params import model_param, version_param
 
 @dag(
     dag_id="modelops_compliance_gate",
-    schedule=[MODEL_CANDIDATE],
+    # Each event, and every 5 minutes a sweep for what lost events left undone (apache/airflow#56050).
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable("*/5 * * * *", timezone="UTC"), assets=[MODEL_CANDIDATE]
+    ),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     # A run waiting for a person's approval must not hold up other models' versions.

@@ -17,6 +17,10 @@ good or better promotes it (`champion` moves, 100 %), worse rolls it back (0 %).
 audit record. To roll a canary or a champion back by hand, trigger `modelops_rollback`.
 
 **Trigger form** (a manual run): `model`, `model_version` (empty = the model's alias `challenger`).
+
+**Sweep** (every 5 minutes, and in every event-triggered run): deploys each model's newest approved
+version that no deployment has acted on, newer than its champion, in case its event was lost
+(apache/airflow#56050).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import dag
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag
 
 from modelops.assets import MODEL_APPROVED, MODEL_DEPLOYED
 from modelops.operators.deployment import CanaryOperator, DeployModelOperator
@@ -34,7 +38,10 @@ from modelops.params import model_param, version_param
 
 @dag(
     dag_id="modelops_deployment",
-    schedule=[MODEL_APPROVED],
+    # Each event, and every 5 minutes a sweep for what lost events left undone (apache/airflow#56050).
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable("*/5 * * * *", timezone="UTC"), assets=[MODEL_APPROVED]
+    ),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

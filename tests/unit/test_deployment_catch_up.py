@@ -95,3 +95,35 @@ def test_the_plan_adds_pending_versions_to_an_event_run_only(catalog: Catalog) -
         catalog=catalog, events=[], model=CTR, model_version="1", serving_only=True, pending={DIABETES: "2"}
     )
     assert manual == [{"model": CTR, "model_version": "1"}]
+
+
+def register(audit: AuditStore, model: str, version: int) -> None:
+    record(
+        audit, AuditAction.MODEL_REGISTERED, model, version, Decision.CANDIDATE, f"train-{model}-{version}"
+    )
+
+
+def test_registered_versions_the_gate_never_decided_are_pending(catalog: Catalog, audit: AuditStore) -> None:
+    from modelops.stages.compliance import ungated_candidates
+
+    register(audit, CTR, 1)
+    approve(audit, CTR, 1)
+    register(audit, CTR, 2)  # its modelops_model_candidate event was lost
+    register(audit, DIABETES, 1)
+    record(audit, AuditAction.GATE_DECIDED, DIABETES, 1, Decision.AWAITING_APPROVAL, "gate-wait")
+    assert ungated_candidates(catalog, audit) == {CTR: "2"}  # a version awaiting its approver is decided on
+    record(audit, AuditAction.GATE_DECIDED, CTR, 2, Decision.REJECTED, "gate-reject")
+    assert ungated_candidates(catalog, audit) == {}
+
+
+def test_a_sweep_acts_on_pending_versions_only_and_needs_no_form(catalog: Catalog) -> None:
+    assert plan_versions(catalog=catalog, events=[], model=None, model_version=None, sweep=True) == []
+    swept = plan_versions(
+        catalog=catalog,
+        events=[],
+        model=None,
+        model_version=None,
+        sweep=True,
+        pending={DIABETES: "3", CTR: "2"},
+    )
+    assert swept == [{"model": CTR, "model_version": "2"}, {"model": DIABETES, "model_version": "3"}]

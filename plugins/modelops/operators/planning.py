@@ -103,11 +103,15 @@ def version_plan(
     def make() -> list[dict[str, Any]]:
         catalog = _catalog()
         events = triggering_extras(context, asset)
+        # The DAG's periodic run: no events and no form, it only catches up on what events were lost.
+        sweep = str(context["dag_run"].run_type) == "scheduled"
         pending = None
-        if serving_only and events:
-            from modelops.stages.deployment import undeployed_approvals
-
-            pending = undeployed_approvals(catalog, AuditHook().get_conn())
+        if events or sweep:
+            if serving_only:
+                from modelops.stages.deployment import undeployed_approvals as still_owed
+            else:
+                from modelops.stages.compliance import ungated_candidates as still_owed
+            pending = still_owed(catalog, AuditHook().get_conn())
         return plan_versions(
             catalog=catalog,
             events=events,
@@ -115,6 +119,7 @@ def version_plan(
             model_version=model_version,
             serving_only=serving_only,
             pending=pending,
+            sweep=sweep,
         )
 
     return _planned(make)

@@ -6,9 +6,10 @@ from typing import TYPE_CHECKING, Any
 
 from modelops.errors import GateFailed
 from modelops.settings import Catalog
-from modelops.vocabulary import Alias, EventField
+from modelops.vocabulary import Alias, EventField, model_subject
 
 if TYPE_CHECKING:
+    from modelops.audit import AuditStore
     from modelops.registry import ModelRegistry
 
 
@@ -32,11 +33,13 @@ def plan_versions(
     model_version: int | str | None,
     serving_only: bool = False,
     pending: dict[str, str] | None = None,
+    sweep: bool = False,
 ) -> list[dict[str, Any]]:
     """One entry per model a version-stage (gate, deployment) acts on: ``{"model", "model_version"}``.
 
-    ``pending`` (model -> version): versions the record says are still to act on, added to an
-    event-triggered run whatever its events (see :func:`modelops.stages.deployment.undeployed_approvals`).
+    ``pending`` (model -> version): versions the record says are still to act on (see
+    :func:`newest_unacted_version`), added to an event-triggered run whatever its events, and all a
+    ``sweep`` (the DAG's periodic run, no events, no form) acts on.
 
     From the triggering events, the newest version per model a spec declares (an event of an unknown
     model, or with a version that is not a number, is ignored; with ``serving_only``, so is a model whose
@@ -57,7 +60,40 @@ def plan_versions(
             if name in catalog.models and (name not in newest or int(version) > int(newest[name])):
                 newest[name] = version
         return [{"model": name, "model_version": newest[name]} for name in sorted(newest)]
+    if sweep and not model:
+        return [
+            {"model": name, "model_version": version} for name, version in sorted((pending or {}).items())
+        ]
     if not model:
         raise GateFailed("a manual run needs a model: pick one in the trigger form")
     catalog.model(model)
     return [{"model": model, "model_version": None if model_version in (None, "") else str(model_version)}]
+
+
+def newest_unacted_version(
+    audit: AuditStore, model: str, *, wanted: tuple[str, str], acted_on_by: str, above: int = 0
+) -> str | None:
+    """The newest version of ``model`` above ``above`` with an authentic record ``wanted`` (action,
+    decision) and no authentic record of action ``acted_on_by``: what a stage still owes a version.
+
+    Airflow 3.3 drops Asset events that arrive while their DAG is at ``max_active_runs``
+    (apache/airflow#56050; the 20-model benchmark lost ten of twenty candidates that way), so the gate
+    and deployment plans ask the record, not only the events, what is left to do.
+    """
+    prefix = model_subject(model, "")
+    acted = {
+        r.subject for r in audit.records(action=acted_on_by, subject_prefix=prefix) if audit.authentic(r)
+    }
+    action, decision = wanted
+    newest = above
+    for record in audit.records(action=action, subject_prefix=prefix):
+        version = record.subject.rpartition("@")[2]
+        if (
+            version.isdigit()
+            and int(version) > newest
+            and record.decision == decision
+            and record.subject not in acted
+            and audit.authentic(record)
+        ):
+            newest = int(version)
+    return str(newest) if newest > above else None

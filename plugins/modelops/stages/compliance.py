@@ -40,7 +40,7 @@ from modelops.evidence import (
     registration_record,
 )
 from modelops.settings import Catalog, CompliancePolicy, ModelSpec
-from modelops.stages.common import resolve_version
+from modelops.stages.common import newest_unacted_version, resolve_version
 from modelops.stages.outcome import AuditEntry, StageOutcome, dataset_evidence, sha256_json
 from modelops.vocabulary import (
     Alias,
@@ -626,3 +626,25 @@ def _log_report(
     registry.log_text(
         run_id, model_card(spec, policy, version, details, status), f"compliance/model_card_v{version}.md"
     )
+
+
+def ungated_candidates(catalog: Catalog, audit: AuditStore) -> dict[str, str]:
+    """Model -> its newest registered version (authentic registration record) the gate has not decided
+    on, newer than any version it has: what a lost ``modelops_model_candidate`` event left behind."""
+    pending: dict[str, str] = {}
+    for name in catalog.models:
+        decided = [
+            int(r.subject.rpartition("@")[2])
+            for r in audit.records(action=AuditAction.GATE_DECIDED, subject_prefix=model_subject(name, ""))
+            if r.subject.rpartition("@")[2].isdigit() and audit.authentic(r)
+        ]
+        version = newest_unacted_version(
+            audit,
+            name,
+            wanted=(AuditAction.MODEL_REGISTERED, Decision.CANDIDATE),
+            acted_on_by=AuditAction.GATE_DECIDED,
+            above=max(decided, default=0),
+        )
+        if version is not None:
+            pending[name] = version
+    return pending

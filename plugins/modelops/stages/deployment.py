@@ -33,7 +33,7 @@ from modelops.evidence import (
     version_files_and_mlmodel,
 )
 from modelops.settings import Catalog, ModelSpec
-from modelops.stages.common import resolve_version
+from modelops.stages.common import newest_unacted_version, resolve_version
 from modelops.stages.outcome import AuditEntry, Recorder, StageOutcome, dataset_evidence, sha256_json
 from modelops.storage import read_dataset
 from modelops.vocabulary import (
@@ -84,41 +84,24 @@ class DeploymentResult:
 
 
 def undeployed_approvals(catalog: Catalog, audit: AuditStore) -> dict[str, str]:
-    """Model -> its newest version the gate approved (authentic record) that no deployment has acted on
-    and that is newer than the version the champion record names.
-
-    Airflow 3.3 drops Asset events that arrive while ``modelops_deployment`` waits for its one run slot:
-    the run it starts later consumes only the events up to the first one queued
-    (``benchmarks/bench_stack_models.py`` lost two of four approvals that way). The deployment plan
-    therefore asks the record, not only the events, what is still to deploy.
-    """
+    """Model -> its newest version the gate approved that no deployment has acted on, newer than the
+    version the champion record names (serving models only)."""
     pending: dict[str, str] = {}
     for spec in catalog.models.values():
         if not spec.serving.enabled:
             continue
-        prefix = model_subject(spec.name, "")
         champion = champion_record(audit, spec.name)
-        floor = _version_of(champion.subject) if champion is not None else 0
-        acted = {
-            record.subject
-            for record in audit.records(action=AuditAction.MODEL_DEPLOYED, subject_prefix=prefix)
-            if audit.authentic(record)
-        }
-        for record in audit.records(action=AuditAction.GATE_DECIDED, subject_prefix=prefix):
-            version = _version_of(record.subject)
-            if (
-                record.decision == Decision.APPROVED
-                and version > max(floor, int(pending.get(spec.name, 0)))
-                and record.subject not in acted
-                and audit.authentic(record)
-            ):
-                pending[spec.name] = str(version)
+        live = champion.subject.rpartition("@")[2] if champion is not None else ""
+        version = newest_unacted_version(
+            audit,
+            spec.name,
+            wanted=(AuditAction.GATE_DECIDED, Decision.APPROVED),
+            acted_on_by=AuditAction.MODEL_DEPLOYED,
+            above=int(live) if live.isdigit() else 0,
+        )
+        if version is not None:
+            pending[spec.name] = version
     return pending
-
-
-def _version_of(subject: str) -> int:
-    version = subject.rpartition("@")[2]
-    return int(version) if version.isdigit() else 0
 
 
 def _prediction_problem(spec: ModelSpec, prediction: Any) -> str | None:
