@@ -118,6 +118,8 @@ def test_registered_versions_the_gate_never_decided_are_pending(catalog: Catalog
 
 def test_a_sweep_acts_on_pending_versions_only_and_needs_no_form(catalog: Catalog) -> None:
     assert plan_versions(catalog=catalog, events=[], model=None, model_version=None, sweep=True) == []
+    # The form's default model (a scheduled run has no form) does not turn a sweep into a manual run.
+    assert plan_versions(catalog=catalog, events=[], model=CTR, model_version=None, sweep=True) == []
     swept = plan_versions(
         catalog=catalog,
         events=[],

@@ -60,7 +60,8 @@ def plan_versions(
             if name in catalog.models and (name not in newest or int(version) > int(newest[name])):
                 newest[name] = version
         return [{"model": name, "model_version": newest[name]} for name in sorted(newest)]
-    if sweep and not model:
+    if sweep:
+        # A scheduled run's form holds only its defaults: it acts on what the record says is owed.
         return [
             {"model": name, "model_version": version} for name, version in sorted((pending or {}).items())
         ]
