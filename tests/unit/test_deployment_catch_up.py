@@ -129,3 +129,21 @@ def test_a_sweep_acts_on_pending_versions_only_and_needs_no_form(catalog: Catalo
         pending={DIABETES: "3", CTR: "2"},
     )
     assert swept == [{"model": CTR, "model_version": "2"}, {"model": DIABETES, "model_version": "3"}]
+
+
+def test_an_event_for_a_version_already_acted_on_is_not_acted_on_again(catalog: Catalog) -> None:
+    """The catch-up deployed (and a canary rolled back) v2 before its event, which Airflow kept, started
+    a run: that run must not put v2 on trial a second time."""
+    events = [
+        {EventField.MODEL_NAME: DIABETES, EventField.VERSION: "2"},
+        {EventField.MODEL_NAME: CTR, EventField.VERSION: "3"},
+    ]
+    plan = plan_versions(
+        catalog=catalog,
+        events=events,
+        model=None,
+        model_version=None,
+        serving_only=True,
+        acted_on={model_subject(DIABETES, 2)},
+    )
+    assert plan == [{"model": CTR, "model_version": "3"}]

@@ -105,13 +105,19 @@ def version_plan(
         events = triggering_extras(context, asset)
         # The DAG's periodic run: no events and no form, it only catches up on what events were lost.
         sweep = str(context["dag_run"].run_type) == "scheduled"
-        pending = None
+        pending, acted_on = None, None
         if events or sweep:
+            from modelops.stages.common import acted_on_subjects
+            from modelops.vocabulary import AuditAction
+
             if serving_only:
                 from modelops.stages.deployment import undeployed_approvals as still_owed
             else:
                 from modelops.stages.compliance import ungated_candidates as still_owed
-            pending = still_owed(catalog, AuditHook().get_conn())
+            audit = AuditHook().get_conn()
+            pending = still_owed(catalog, audit)
+            action = AuditAction.MODEL_DEPLOYED if serving_only else AuditAction.GATE_DECIDED
+            acted_on = acted_on_subjects(audit, action)
         return plan_versions(
             catalog=catalog,
             events=events,
@@ -120,6 +126,7 @@ def version_plan(
             serving_only=serving_only,
             pending=pending,
             sweep=sweep,
+            acted_on=acted_on,
         )
 
     return _planned(make)

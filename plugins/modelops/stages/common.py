@@ -34,12 +34,15 @@ def plan_versions(
     serving_only: bool = False,
     pending: dict[str, str] | None = None,
     sweep: bool = False,
+    acted_on: set[str] | None = None,
 ) -> list[dict[str, Any]]:
     """One entry per model a version-stage (gate, deployment) acts on: ``{"model", "model_version"}``.
 
     ``pending`` (model -> version): versions the record says are still to act on (see
     :func:`newest_unacted_version`), added to an event-triggered run whatever its events, and all a
-    ``sweep`` (the DAG's periodic run, no events, no form) acts on.
+    ``sweep`` (the DAG's periodic run, no events, no form) acts on. ``acted_on``: subjects
+    (``model:NAME@VERSION``) the stage has already decided on: an event for one of them is not acted on
+    twice (a catch-up may have acted on it before its event, which Airflow kept, started a run).
 
     From the triggering events, the newest version per model a spec declares (an event of an unknown
     model, or with a version that is not a number, is ignored; with ``serving_only``, so is a model whose
@@ -50,6 +53,8 @@ def plan_versions(
     for event in events:
         name, version = event.get(EventField.MODEL_NAME), str(event.get(EventField.VERSION, ""))
         if name not in catalog.models or not version.isdigit():
+            continue
+        if acted_on and model_subject(name, version) in acted_on:
             continue
         if serving_only and not catalog.models[name].serving.enabled:
             continue
@@ -98,3 +103,8 @@ def newest_unacted_version(
         ):
             newest = int(version)
     return str(newest) if newest > above else None
+
+
+def acted_on_subjects(audit: AuditStore, action: str) -> set[str]:
+    """Subjects of the authentic records of ``action``: the versions a stage has decided on."""
+    return {record.subject for record in audit.records(action=action) if audit.authentic(record)}
