@@ -147,3 +147,13 @@ def test_an_event_for_a_version_already_acted_on_is_not_acted_on_again(catalog: 
         acted_on={model_subject(DIABETES, 2)},
     )
     assert plan == [{"model": CTR, "model_version": "3"}]
+
+
+def test_the_task_sdk_run_type_of_a_timetable_run_is_a_sweep() -> None:
+    from airflow.sdk.api.datamodels._generated import DagRunType
+
+    from modelops.operators.planning import is_scheduled
+
+    assert str(DagRunType.SCHEDULED) != "scheduled"  # why the value is compared (found on the stack)
+    assert is_scheduled(DagRunType.SCHEDULED) and is_scheduled("scheduled")
+    assert not is_scheduled(DagRunType.ASSET_TRIGGERED) and not is_scheduled(DagRunType.MANUAL)

@@ -90,6 +90,12 @@ def training_plan(context: Context, *, model: str | None, dataset_sha256: str | 
     return _planned(make)
 
 
+def is_scheduled(run_type: object) -> bool:
+    """Whether a run is the DAG's timetable run. The task SDK's ``DagRunType`` is a str enum whose
+    ``str()`` is ``"DagRunType.SCHEDULED"``, not its value: compare the value."""
+    return getattr(run_type, "value", run_type) == "scheduled"
+
+
 def version_plan(
     context: Context,
     *,
@@ -104,7 +110,7 @@ def version_plan(
         catalog = _catalog()
         events = triggering_extras(context, asset)
         # The DAG's periodic run: no events and no form, it only catches up on what events were lost.
-        sweep = str(context["dag_run"].run_type) == "scheduled"
+        sweep = is_scheduled(context["dag_run"].run_type)
         pending, acted_on = None, None
         if events or sweep:
             from modelops.stages.common import acted_on_subjects
