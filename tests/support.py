@@ -117,6 +117,20 @@ def serve_in_thread(app: Any, *, timeout: float = 30.0, **config: Any) -> Iterat
         thread.join(timeout=10)
 
 
+@contextmanager
+def moto_s3_server() -> Iterator[str]:
+    """moto's S3 server on a free loopback port: a real S3 endpoint; yields its URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (for "unreachable" tests)."""
     import socket

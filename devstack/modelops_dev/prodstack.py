@@ -30,7 +30,8 @@ import secrets
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from modelops_dev.stack import (
     ensure_gateway_keys,
     ensure_passwords,
     gateway_keys_env,
+    ports_from_env,
     spec_teams,
 )
 
@@ -137,23 +139,7 @@ class StackPorts:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> StackPorts:
-        values = {}
-        for key, (name, default) in PORT_VARIABLES.items():
-            raw = env.get(name, "").strip() or str(default)
-            if not raw.isdigit() or not 0 < int(raw) < 65536:
-                raise ConfigurationError(
-                    f"{name}={raw!r} is not a TCP port; set it to a number like {default}"
-                )
-            values[key] = int(raw)
-        taken: dict[int, str] = {}
-        for key, number in values.items():
-            if number in taken:
-                raise ConfigurationError(
-                    f"{PORT_VARIABLES[taken[number]][0]} and {PORT_VARIABLES[key][0]} are both {number}; "
-                    "give every service a port of its own"
-                )
-            taken[number] = key
-        return cls(**values)
+        return cls(**ports_from_env(PORT_VARIABLES, env))
 
     def url(self, name: str) -> str:
         return f"http://{LOOPBACK}:{getattr(self, name)}"
@@ -742,37 +728,35 @@ def _admin_engine(config: StackConfig) -> Any:
     return sa.create_engine(config.pg_url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
 
 
-def masked(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
-
-
 def check_postgres(url: str, what: str) -> None:
-    """Connect once; a refusal becomes one sentence naming the server, the user and the fix."""
+    """Connect once. A refused log-in is modelops.db's one ConfigurationError naming the store, its URL
+    without the password and the fix; a server that does not answer is one too."""
     import sqlalchemy as sa
 
-    engine = sa.create_engine(url)
+    from modelops.db import create_engine, safe_url
+
+    engine = create_engine(url, what=f"PostgreSQL as {what}")
     try:
         with engine.connect() as conn:
             conn.execute(sa.text("select 1"))
     except sa.exc.OperationalError as exc:
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc).splitlines()[0]
+        reason = str(exc.orig or exc).strip().splitlines()[0]
         raise ConfigurationError(
-            f"{what}: cannot connect to PostgreSQL at {masked(url)}: {reason}. Fix the user, password, host "
-            "or port in that URL (MODELOPS_STACK_PG_URL for the stack's administrator; the stack creates the "
-            "other roles itself), or start the server"
+            f"{what}: cannot connect to PostgreSQL at {safe_url(url)}: {reason}; start the server or fix the "
+            "host and port of MODELOPS_STACK_PG_URL"
         ) from None
     finally:
         engine.dispose()
 
 
-def check_redis(url: str) -> None:
+@contextmanager
+def redis_client(url: str) -> Iterator[Any]:
+    """A client of the stack's Redis database; a server that does not answer is a ConfigurationError."""
     import redis
 
     client = redis.Redis.from_url(url, socket_connect_timeout=3)
     try:
-        client.ping()
+        yield client
     except redis.RedisError as exc:
         raise ConfigurationError(
             f"cannot reach Redis at {url} ({exc}); start it or set MODELOPS_STACK_REDIS_URL"
@@ -781,14 +765,14 @@ def check_redis(url: str) -> None:
         client.close()
 
 
-def flush_redis(url: str) -> None:
-    import redis
+def check_redis(url: str) -> None:
+    with redis_client(url) as client:
+        client.ping()
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=3)
-    try:
+
+def flush_redis(url: str) -> None:
+    with redis_client(url) as client:
         client.flushdb()
-    finally:
-        client.close()
 
 
 def create_databases(config: StackConfig, databases: Iterable[Database]) -> None:
@@ -887,7 +871,7 @@ def up(
         raise ConfigurationError(
             f"the stack in {config.root} still runs ({', '.join(still)}); run `make stack-down`"
         )
-    check_postgres(config.pg_url, "MODELOPS_STACK_PG_URL")
+    check_postgres(config.pg_url, "the stack's administrator (MODELOPS_STACK_PG_URL)")
     check_redis(config.redis_url)
     the_plan = plan(config, base)
     for service in the_plan.services:

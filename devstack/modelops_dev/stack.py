@@ -67,6 +67,26 @@ PORT_VARIABLES: dict[str, tuple[str, int]] = {
 """Ports field -> (the variable that sets it, its default)."""
 
 
+def ports_from_env(variables: Mapping[str, tuple[str, int]], env: Mapping[str, str]) -> dict[str, int]:
+    """field -> port, each from its variable in ``env`` (else its default); a value that is no TCP port,
+    or two fields on one port, is a ``ConfigurationError`` naming the variables. ``make demo`` and
+    ``make stack`` read their ports this way."""
+    ports: dict[str, int] = {}
+    seen: dict[int, str] = {}
+    for field_name, (name, default) in variables.items():
+        raw = env.get(name, "").strip()
+        if raw and (not raw.isdigit() or not 0 < int(raw) < 65536):
+            raise ConfigurationError(f"{name}={raw!r} is not a TCP port; set it to a number like {default}")
+        number = int(raw) if raw else default
+        if number in seen:
+            raise ConfigurationError(
+                f"{seen[number]} and {name} are both {number}; every service needs a port of its own"
+            )
+        seen[number] = name
+        ports[field_name] = number
+    return ports
+
+
 @dataclass(frozen=True)
 class Ports:
     """Every TCP port the stack binds (all on 127.0.0.1)."""
@@ -79,25 +99,7 @@ class Ports:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Ports:
-        def port(name: str, default: int) -> int:
-            raw = env.get(name, "").strip()
-            if not raw:
-                return default
-            if not raw.isdigit() or not 0 < int(raw) < 65536:
-                raise ConfigurationError(
-                    f"{name}={raw!r} is not a TCP port; set it to a number like {default}"
-                )
-            return int(raw)
-
-        ports = cls(**{key: port(name, default) for key, (name, default) in PORT_VARIABLES.items()})
-        seen: dict[int, str] = {}
-        for name, number in ports.by_variable().items():
-            if number in seen:
-                raise ConfigurationError(
-                    f"{seen[number]} and {name} are both {number}; every service needs a port of its own"
-                )
-            seen[number] = name
-        return ports
+        return cls(**ports_from_env(PORT_VARIABLES, env))
 
     def by_variable(self) -> dict[str, int]:
         """``{"MODELOPS_AIRFLOW_PORT": 8080, ...}``: each port under the variable that sets it."""

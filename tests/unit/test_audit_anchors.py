@@ -37,7 +37,7 @@ from modelops.audit.anchors import ANCHORS_ENV
 from modelops.errors import AuditChainBroken, ConfigurationError
 from modelops.hooks.audit import AuditHook
 from modelops.vocabulary import AuditAction, Decision
-from tests.support import TEST_KEY_ID, keyring_for_tests
+from tests.support import TEST_KEY_ID, keyring_for_tests, moto_s3_server
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -465,15 +465,8 @@ CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
+    with moto_s3_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

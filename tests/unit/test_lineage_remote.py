@@ -23,7 +23,7 @@ from modelops.lineage import Lineage, Link, lineage, render_text
 from modelops.stages.outcome import sha256_json
 from modelops.vocabulary import AuditAction, Decision, Tag, dataset_subject, model_subject
 from tests.conftest import PROJECT_ROOT
-from tests.support import free_port, keyring_for_tests
+from tests.support import free_port, keyring_for_tests, moto_s3_server
 
 BUCKET = "modelops-evidence"
 CREDENTIALS = {
@@ -49,15 +49,8 @@ class RemoteLife:
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
+    with moto_s3_server() as endpoint:
+        yield endpoint
 
 
 def _clear_fs_cache() -> None:

@@ -121,9 +121,9 @@ def version_plan(
             else:
                 from modelops.stages.compliance import ungated_candidates as still_owed
             audit = AuditHook().get_conn()
-            pending = still_owed(catalog, audit)
             action = AuditAction.MODEL_DEPLOYED if serving_only else AuditAction.GATE_DECIDED
-            acted_on = acted_on_subjects(audit, action)
+            acted_on = acted_on_subjects(audit, action)  # read once: the catch-up and the events use it
+            pending = still_owed(catalog, audit, acted_on)
         return plan_versions(
             catalog=catalog,
             events=events,

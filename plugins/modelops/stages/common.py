@@ -77,32 +77,35 @@ def plan_versions(
 
 
 def newest_unacted_version(
-    audit: AuditStore, model: str, *, wanted: tuple[str, str], acted_on_by: str, above: int = 0
+    audit: AuditStore, model: str, *, wanted: tuple[str, str], acted_on: set[str], above: int = 0
 ) -> str | None:
     """The newest version of ``model`` above ``above`` with an authentic record ``wanted`` (action,
-    decision) and no authentic record of action ``acted_on_by``: what a stage still owes a version.
+    decision) whose subject is not in ``acted_on`` (see :func:`acted_on_subjects`): what a stage still
+    owes a version.
 
     Airflow 3.3 drops Asset events that arrive while their DAG is at ``max_active_runs``
     (apache/airflow#56050; the 20-model benchmark lost ten of twenty candidates that way), so the gate
     and deployment plans ask the record, not only the events, what is left to do.
     """
-    prefix = model_subject(model, "")
-    acted = {
-        r.subject for r in audit.records(action=acted_on_by, subject_prefix=prefix) if audit.authentic(r)
-    }
     action, decision = wanted
     newest = above
-    for record in audit.records(action=action, subject_prefix=prefix):
+    for record in audit.records(action=action, subject_prefix=model_subject(model, "")):
         version = record.subject.rpartition("@")[2]
         if (
             version.isdigit()
             and int(version) > newest
             and record.decision == decision
-            and record.subject not in acted
+            and record.subject not in acted_on
             and audit.authentic(record)
         ):
             newest = int(version)
     return str(newest) if newest > above else None
+
+
+def version_number(subject: str) -> int:
+    """The version of a ``model:NAME@VERSION`` subject; 0 when it names none."""
+    version = subject.rpartition("@")[2]
+    return int(version) if version.isdigit() else 0
 
 
 def acted_on_subjects(audit: AuditStore, action: str) -> set[str]:

@@ -40,7 +40,7 @@ from modelops.evidence import (
     registration_record,
 )
 from modelops.settings import Catalog, CompliancePolicy, ModelSpec
-from modelops.stages.common import newest_unacted_version, resolve_version
+from modelops.stages.common import acted_on_subjects, newest_unacted_version, resolve_version, version_number
 from modelops.stages.outcome import AuditEntry, StageOutcome, dataset_evidence, sha256_json
 from modelops.vocabulary import (
     Alias,
@@ -628,21 +628,23 @@ def _log_report(
     )
 
 
-def ungated_candidates(catalog: Catalog, audit: AuditStore) -> dict[str, str]:
+def ungated_candidates(
+    catalog: Catalog, audit: AuditStore, acted_on: set[str] | None = None
+) -> dict[str, str]:
     """Model -> its newest registered version (authentic registration record) the gate has not decided
-    on, newer than any version it has: what a lost ``modelops_model_candidate`` event left behind."""
+    on, newer than any version it has: what a lost ``modelops_model_candidate`` event left behind.
+    ``acted_on``: the subjects of the gate's authentic decisions, when the caller has read them."""
+    if acted_on is None:
+        acted_on = acted_on_subjects(audit, AuditAction.GATE_DECIDED)
     pending: dict[str, str] = {}
     for name in catalog.models:
-        decided = [
-            int(r.subject.rpartition("@")[2])
-            for r in audit.records(action=AuditAction.GATE_DECIDED, subject_prefix=model_subject(name, ""))
-            if r.subject.rpartition("@")[2].isdigit() and audit.authentic(r)
-        ]
+        prefix = model_subject(name, "")
+        decided = [version_number(subject) for subject in acted_on if subject.startswith(prefix)]
         version = newest_unacted_version(
             audit,
             name,
             wanted=(AuditAction.MODEL_REGISTERED, Decision.CANDIDATE),
-            acted_on_by=AuditAction.GATE_DECIDED,
+            acted_on=acted_on,
             above=max(decided, default=0),
         )
         if version is not None:

@@ -33,7 +33,7 @@ from modelops.evidence import (
     version_files_and_mlmodel,
 )
 from modelops.settings import Catalog, ModelSpec
-from modelops.stages.common import newest_unacted_version, resolve_version
+from modelops.stages.common import acted_on_subjects, newest_unacted_version, resolve_version, version_number
 from modelops.stages.outcome import AuditEntry, Recorder, StageOutcome, dataset_evidence, sha256_json
 from modelops.storage import read_dataset
 from modelops.vocabulary import (
@@ -83,21 +83,25 @@ class DeploymentResult:
         return {**asdict(self), "smoke_test": {**asdict(self.smoke_test), "passed": self.smoke_test.passed}}
 
 
-def undeployed_approvals(catalog: Catalog, audit: AuditStore) -> dict[str, str]:
+def undeployed_approvals(
+    catalog: Catalog, audit: AuditStore, acted_on: set[str] | None = None
+) -> dict[str, str]:
     """Model -> its newest version the gate approved that no deployment has acted on, newer than the
-    version the champion record names (serving models only)."""
+    version the champion record names (serving models only). ``acted_on``: the subjects of the
+    authentic deployment records, when the caller has read them."""
+    if acted_on is None:
+        acted_on = acted_on_subjects(audit, AuditAction.MODEL_DEPLOYED)
     pending: dict[str, str] = {}
     for spec in catalog.models.values():
         if not spec.serving.enabled:
             continue
         champion = champion_record(audit, spec.name)
-        live = champion.subject.rpartition("@")[2] if champion is not None else ""
         version = newest_unacted_version(
             audit,
             spec.name,
             wanted=(AuditAction.GATE_DECIDED, Decision.APPROVED),
-            acted_on_by=AuditAction.MODEL_DEPLOYED,
-            above=int(live) if live.isdigit() else 0,
+            acted_on=acted_on,
+            above=version_number(champion.subject) if champion is not None else 0,
         )
         if version is not None:
             pending[spec.name] = version
