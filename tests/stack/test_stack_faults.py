@@ -158,7 +158,13 @@ def decisions(stack: Stack, action: str, version: str) -> Counter[str]:
 def assert_recorded_once(stack: Stack, version: str) -> None:
     registered = decisions(stack, "model.registered", version)
     assert registered.get("candidate") == 1 and max(registered.values()) == 1, registered
-    deployed = decisions(stack, "model.deployed", version)
+    # The alias moves between the "promoted" record and the "deployed" one (after the reload is verified):
+    # a champion seen is not yet a deployment recorded.
+    deployed = wait_until(
+        lambda: (d := decisions(stack, "model.deployed", version)).get("deployed") and d,
+        120,
+        "the deployment record",
+    )
     assert deployed.get("deployed") == 1 and max(deployed.values()) == 1, deployed
 
 
