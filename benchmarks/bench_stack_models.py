@@ -44,6 +44,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -237,9 +238,7 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
             lines=lines,
             samples=[manymodels.as_data(s) for s in sampler.samples if s.t >= t_drive],
             sampler_errors=sampler.errors,
-            instances=manymodels.task_instances_since(
-                config.ports.url("airflow"), "admin", the_plan.admin_password, since
-            ),
+            instances=api.task_instances_since(since),
             runs={dag_id: api.runs_since(dag_id, since) for dag_id in DAG_IDS},
             stage_seconds={r.stage: r.seconds for r in report.stages} if report else {},
             traffic={
@@ -252,6 +251,10 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
         )
         return result
     finally:
+        # A second Ctrl-C or a SIGTERM must not cut the teardown short: it would leave the stack's
+        # processes, databases and Redis database behind (they run in sessions of their own).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             if sampler is not None:
                 sampler.stop()
@@ -406,9 +409,18 @@ def run_child(args: argparse.Namespace, label: str, models: list[str]) -> dict[s
         *(["--keep"] if args.keep else []),
         *([] if args.rescue_lost_approvals else ["--no-rescue"]),
     ]
-    completed = subprocess.run(argv, check=False)
+    # Ctrl-C reaches the phase too (same process group) and a SIGTERM to this script is passed on: either
+    # way the phase tears its stack down in its `finally` before this script exits.
+    child = subprocess.Popen(argv)
+    try:
+        child.wait()
+    except BaseException:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+            child.wait()
+        raise
     if not out.is_file():
-        raise SystemExit(f"phase {label} failed (exit {completed.returncode}); see its output above")
+        raise SystemExit(f"phase {label} failed (exit {child.returncode}); see its output above")
     return json.loads(out.read_text())
 
 
@@ -530,8 +542,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # runs the `finally` blocks: a phase tears its stack down
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if args.child:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         record = run_phase(args)

@@ -25,6 +25,7 @@ DAG_PARSE_TIMEOUT_SECONDS = 180
 PROBLEM_TASK_STATES = ("failed", "up_for_retry")
 # A human-in-the-loop task waiting for its form's answer (Airflow 3.3; its run stays "running").
 AWAITING_INPUT = "awaiting_input"
+PAGE_SIZE = 100  # Airflow's default maximum_page_limit: a listing of more entries is read page by page
 
 
 class StageFailed(ModelOpsError):
@@ -222,6 +223,27 @@ class AirflowApi:
             raise ConfigurationError(f"Airflow does not know {what}; check the Airflow UI and `make status`")
         return answer.json()
 
+    def _every(self, path: str, key: str, params: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+        """Every entry of a listing, page by page: Airflow answers at most ``limit`` entries per call
+        (``maximum_page_limit``, 100 by default), and many models' runs have more task instances than
+        that. None when Airflow does not know the listing's DAG or run (404)."""
+        found: list[dict[str, Any]] = []
+        while True:
+            answer = self._call("GET", path, params={**params, "limit": PAGE_SIZE, "offset": len(found)})
+            if answer.status_code == 404:
+                return None
+            body = answer.json()
+            page = body[key]
+            found += page
+            if not page or len(found) >= int(body.get("total_entries", 0)):
+                return found
+
+    def _every_found(self, path: str, what: str, key: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        found = self._every(path, key, params)
+        if found is None:
+            raise ConfigurationError(f"Airflow does not know {what}; check the Airflow UI and `make status`")
+        return found
+
     def dag_exists(self, dag_id: str) -> bool:
         return self._call("GET", f"/dags/{dag_id}").status_code == 200
 
@@ -248,10 +270,17 @@ class AirflowApi:
             raise ConfigurationError(f"cannot trigger {dag_id}: Airflow does not know the DAG")
         return str(answer.json()["dag_run_id"])
 
-    def runs_since(self, dag_id: str, since: datetime, limit: int = 100) -> list[dict[str, Any]]:
+    def runs_since(self, dag_id: str, since: datetime) -> list[dict[str, Any]]:
         """Runs of ``dag_id`` due at or after ``since``, newest first (Asset-triggered ones included)."""
-        params = {"run_after_gte": since.isoformat(), "order_by": "-run_after", "limit": limit}
-        return self._found(f"/dags/{dag_id}/dagRuns", f"DAG {dag_id}", params=params)["dag_runs"]
+        params = {"run_after_gte": since.isoformat(), "order_by": "-run_after"}
+        return self._every_found(f"/dags/{dag_id}/dagRuns", f"DAG {dag_id}", "dag_runs", params)
+
+    def task_instances_since(self, since: datetime) -> list[dict[str, Any]]:
+        """Every task instance of every DAG's runs due at or after ``since``, each map index on its own."""
+        found = self._every(
+            "/dags/~/dagRuns/~/taskInstances", "task_instances", {"run_after_gte": since.isoformat()}
+        )
+        return found or []
 
     def run(self, dag_id: str, run_id: str) -> dict[str, Any]:
         return self._found(f"/dags/{dag_id}/dagRuns/{run_id}", f"run {run_id} of {dag_id}")
@@ -259,7 +288,7 @@ class AirflowApi:
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
         """Every task instance of the run, each map index of a mapped task on its own."""
         path = f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances"
-        return self._found(path, f"run {run_id} of {dag_id}", params={"limit": 100})["task_instances"]
+        return self._every_found(path, f"run {run_id} of {dag_id}", "task_instances", {})
 
     def return_value(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> Any | None:
         path = f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value"
@@ -317,12 +346,12 @@ class AirflowApi:
     def awaiting_input(self, dag_id: str) -> list[dict[str, Any]]:
         """The unanswered human-in-the-loop forms of ``dag_id``'s task instances that wait in
         ``awaiting_input``, every run (each with its ``task_instance``)."""
-        answer = self._call(
-            "GET",
+        found = self._every(
             f"/dags/{dag_id}/dagRuns/~/hitlDetails",
-            params={"response_received": "false", "state": AWAITING_INPUT, "limit": 100},
+            "hitl_details",
+            {"response_received": "false", "state": AWAITING_INPUT},
         )
-        return answer.json()["hitl_details"] if answer.status_code == 200 else []
+        return found or []
 
     def respond(
         self,

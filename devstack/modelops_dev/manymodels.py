@@ -10,8 +10,7 @@ What the benchmark needs beside the stack and the driver:
   CPU, how many task instances run, wait in the queue or sit in the scheduler (the stack's Airflow
   metadata database, read directly: one cheap query, not an API call per state) and the Celery broker's
   queue depth;
-- :func:`task_instances_since`: every task instance since the drops through Airflow's REST API, and
-  :func:`latency_stats`: the scheduler latency (``start_date - queued_when``) per DAG and overall;
+- :func:`latency_stats` (of ``AirflowApi.task_instances_since``, every task instance since the drops): the scheduler latency (``start_date - queued_when``) per DAG and overall;
 - :func:`saturation`: the plain statement of where it saturates, from the samples.
 """
 
@@ -29,7 +28,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
 
 from modelops.settings import PROJECT_ROOT
@@ -358,25 +356,6 @@ class LostApprovalRescue(threading.Thread):
 
 
 # --- task instances and their scheduler latency --------------------------------------------------
-
-
-def task_instances_since(base_url: str, user: str, password: str, since: datetime) -> list[dict[str, Any]]:
-    """Every task instance of every DAG run due at or after ``since`` (all map indexes), paged."""
-    with httpx.Client(base_url=base_url, timeout=60, trust_env=False) as client:
-        token = client.post("/auth/token", json={"username": user, "password": password})
-        token.raise_for_status()
-        client.headers["Authorization"] = f"Bearer {token.json()['access_token']}"
-        found: list[dict[str, Any]] = []
-        while True:
-            answer = client.get(
-                "/api/v2/dags/~/dagRuns/~/taskInstances",
-                params={"run_after_gte": since.isoformat(), "limit": 100, "offset": len(found)},
-            )
-            answer.raise_for_status()
-            page = answer.json()["task_instances"]
-            found += page
-            if len(page) < 100:
-                return found
 
 
 def _when(value: Any) -> datetime | None:

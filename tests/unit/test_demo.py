@@ -829,6 +829,13 @@ class TriggerBody(BaseModel):
     conf: dict[str, Any] = {}
 
 
+def _page(items: list[Any], query: dict[str, str]) -> list[Any]:
+    """One page of a listing as Airflow answers it: ``limit`` defaults to 50 and is capped at its
+    ``maximum_page_limit`` (100); ``total_entries`` counts the whole listing."""
+    offset = int(query.get("offset", 0))
+    return items[offset : offset + min(int(query.get("limit", 50)), 100)]
+
+
 def _not_found(detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=404)
 
@@ -922,8 +929,7 @@ def _airflow_app(fake: FakeAirflow) -> FastAPI:
             runs.append(run)
         assert query.get("order_by") == "-run_after", "the stand-in only sorts by -run_after"
         runs.sort(key=lambda r: r.run_after, reverse=True)
-        runs = runs[: int(query.get("limit", 50))]
-        return {"dag_runs": [r.read() for r in runs], "total_entries": len(runs)}
+        return {"dag_runs": [r.read() for r in _page(runs, query)], "total_entries": len(runs)}
 
     @app.get(prefix + "/{run_id}")
     def get_run(dag_id: str, run_id: str) -> Any:
@@ -933,12 +939,18 @@ def _airflow_app(fake: FakeAirflow) -> FastAPI:
         return run.read()
 
     @app.get(prefix + "/{run_id}/taskInstances")
-    def task_instances(dag_id: str, run_id: str) -> Any:
+    def task_instances(dag_id: str, run_id: str, request: Request) -> Any:
+        query = dict(request.query_params)
+        if (dag_id, run_id) == ("~", "~"):  # every DAG's runs, due at or after run_after_gte
+            gte = datetime.fromisoformat(query["run_after_gte"])
+            runs = [r for r in fake.runs if r.run_after >= gte]
+            items = [_ti_answer(r, t) for r in runs for t in r.tasks]
+            return {"task_instances": _page(items, query), "total_entries": len(items)}
         run = fake.find(dag_id, run_id)
         if run is None:
             return _not_found("DagRun not found")
         items = [_ti_answer(run, t) for t in run.tasks]
-        return {"task_instances": items, "total_entries": len(items)}
+        return {"task_instances": _page(items, query), "total_entries": len(items)}
 
     @app.get(prefix + "/{run_id}/hitlDetails")
     def forms(dag_id: str, run_id: str, request: Request) -> Any:
@@ -975,7 +987,7 @@ def _airflow_app(fake: FakeAirflow) -> FastAPI:
                     }
                 )
                 found.append(detail.model_dump(mode="json", by_alias=True))
-        return {"hitl_details": found, "total_entries": len(found)}
+        return {"hitl_details": _page(found, query), "total_entries": len(found)}
 
     @app.patch(prefix + "/{run_id}/taskInstances/{task_id}/{map_index}/hitlDetails")
     def answer_form(
@@ -1212,6 +1224,36 @@ def test_runs_since_lists_asset_triggered_runs_newest_first(airflow: tuple[FakeA
     assert datetime.fromisoformat(fake.list_queries[-1]["run_after_gte"]) == since
 
 
+def test_listings_longer_than_a_page_are_read_whole(airflow: tuple[FakeAirflow, str]) -> None:
+    """Airflow answers at most 100 entries per call: monitoring 130 models maps 130 task instances into
+    one run, and a busy day has more than 100 runs of a DAG. Every listing is read page by page."""
+    fake, url = airflow
+    since = datetime.now(UTC)
+    tasks = [
+        FakeTask("monitor_model", map_index=i, rendered_map_index=f"model_{i:03d}", return_value={"i": i})
+        for i in range(130)
+    ]
+    fake.runs.append(
+        FakeRun(driver.DRIFT_DAG, "many", since + timedelta(seconds=1), ["success"], tasks=tasks)
+    )
+    fake.runs += [
+        FakeRun(driver.TRAINING_DAG, f"run_{i:03d}", since + timedelta(seconds=i), ["success"])
+        for i in range(120)
+    ]
+    fake.runs[-1].tasks = [FakeTask("train_and_register")]
+    api = AirflowApi(url, "admin", PASSWORD)
+    listed = api.task_instances(driver.DRIFT_DAG, "many")
+    assert [ti["map_index"] for ti in listed] == list(range(130))
+    runs = api.runs_since(driver.TRAINING_DAG, since)
+    assert [run["dag_run_id"] for run in runs] == [f"run_{i:03d}" for i in reversed(range(120))]
+    assert [q.get("offset") for q in fake.list_queries] == ["0", "100"]
+    everything = api.task_instances_since(since)
+    assert len(everything) == 131 and {ti["dag_id"] for ti in everything} == {
+        driver.DRIFT_DAG,
+        driver.TRAINING_DAG,
+    }
+
+
 # --- the gate's human approval, answered through the REST API ----------------------------------------
 
 COMMENT = approvals.DEMO_COMMENT
@@ -1297,7 +1339,12 @@ def test_answering_a_form_through_the_rest_api(airflow: tuple[FakeAirflow, str])
     (detail,) = admin.awaiting_input(driver.GATE_DAG)
     assert detail["task_instance"]["rendered_map_index"] == HIGH_RISK
     assert detail["assigned_users"] == [{"id": "risk_officer", "name": "risk_officer"}]
-    assert fake.form_queries[-1] == {"response_received": "false", "state": "awaiting_input", "limit": "100"}
+    assert fake.form_queries[-1] == {
+        "response_received": "false",
+        "state": "awaiting_input",
+        "limit": "100",
+        "offset": "0",
+    }
 
     def answer(api: AirflowApi, options: list[str], map_index: int = 1) -> Any:
         return api.respond(
@@ -1851,6 +1898,7 @@ def test_drive_runs_both_models_through_the_six_stages(
         "response_received": "false",
         "state": "awaiting_input",
         "limit": "100",
+        "offset": "0",
     }
     approval_lines = [line for line in lines if line.startswith("  approval     ")]
     assert approval_lines == [
