@@ -146,6 +146,10 @@ class AuditAction(StrEnum):
     DATASET_VALIDATED = "dataset.validated"
     MODEL_REGISTERED = "model.registered"
     GATE_DECIDED = "gate.decided"
+    GATE_TAKEN_UP = "gate.taken_up"
+    """A gate run took a version up: no other run evaluates it while that run is queued or running, or after
+    it decided. The gate runs up to 8 runs at once (one may wait hours for a person), and each run's catch-up
+    and the 5-minute sweep see the same undecided versions (see :func:`modelops.stages.common.take_up`)."""
     MODEL_DEPLOYED = "model.deployed"
     DRIFT_ASSESSED = "drift.assessed"
     RETRAINING_REQUESTED = "retraining.requested"
@@ -198,6 +202,8 @@ class Decision(StrEnum):
     AWAITING_APPROVAL = "awaiting_approval"
     """Every check passed and the policy asks a person to approve: the gate waits in the Airflow UI."""
     QUARANTINED = "quarantined"
+    TAKEN_UP = "taken_up"
+    """A run took a version up for its stage (see ``AuditAction.GATE_TAKEN_UP``)."""
     SENT = "sent"
     SUPPRESSED = "suppressed"
     SCORED = "scored"

@@ -144,6 +144,12 @@ def test_the_high_risk_model_waited_for_its_approver_and_the_record_says_who(
         action=AuditAction.GATE_DECIDED, subject=model_subject(CTR, chain.versions[CTR])
     )
     assert ctr.decision == "approved" and ctr.details["approval"]["mode"] == "automatic"
+    # Each version was taken up by one gate run, the run that decided on it.
+    for name in (CTR, DIABETES):
+        subject = model_subject(name, chain.versions[name])
+        (taken,) = audit(stack).records(action=AuditAction.GATE_TAKEN_UP, subject=subject)
+        decided = audit(stack).records(action=AuditAction.GATE_DECIDED, subject=subject)
+        assert {r.run_id for r in decided} == {taken.run_id} and taken.seq < decided[0].seq
 
 
 def test_validation_snapshots_each_file_under_its_own_dataset(stack: Stack, chain: Chain) -> None:
@@ -501,6 +507,12 @@ def test_rejected_version_moves_no_alias(stack: Stack, chain: Chain, monkeypatch
     decision = audit(stack).last(action=AuditAction.GATE_DECIDED, subject=model_subject(CTR, candidate))
     assert decision.decision == "rejected"
     assert decision.details["failed"] == ["metrics"]
+    # A person asks the gate again: the failed run no longer holds the version, the manual run takes it up.
+    again = stack.run("modelops_compliance_gate", {"model": CTR, "model_version": int(candidate)})
+    assert again.state == DagRunState.FAILED
+    taken = audit(stack).records(action=AuditAction.GATE_TAKEN_UP, subject=model_subject(CTR, candidate))
+    assert [r.run_id for r in taken] == [gate.run_id, again.run_id]
+    assert taken[-1].details == {"after_run": gate.run_id}
 
     # Deployment refuses a version the gate did not approve, and the champion keeps serving.
     run = stack.run("modelops_deployment", {"model": CTR, "model_version": int(candidate)})

@@ -46,10 +46,15 @@ def test_the_lifecycle_runs_on_the_production_stack(production_stack, lifecycle_
     try:
         verification = store.verify()
         assert verification.ok, verification
-        actions = {record.action for record in store.records()}
+        records = store.records()
     finally:
         store.dispose()
-    assert {"dataset.validated", "model.registered", "model.deployed"} <= {str(a) for a in actions}
+    actions = {str(record.action) for record in records}
+    assert {"dataset.validated", "model.registered", "model.deployed"} <= actions
+    # The gate took each version up once and decided on it once, whatever its events and sweeps.
+    for action in ("gate.taken_up", "gate.decided"):
+        subjects = [r.subject for r in records if str(r.action) == action]
+        assert subjects and len(subjects) == len(set(subjects)), (action, subjects)
     engine = sa.create_engine(env["MODELOPS_PREDICTIONS_URL"])
     try:
         with engine.connect() as conn:

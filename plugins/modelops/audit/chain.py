@@ -37,7 +37,7 @@ import json
 import random
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -363,6 +363,85 @@ class AuditStore:
     ) -> AuditRecord:
         """Append one record and return it; a retry of the same decision in the same task run returns
         the record already written instead of writing another."""
+        record, _ = self._append(
+            None,
+            actor=actor,
+            action=action,
+            subject=subject,
+            decision=decision,
+            details=details,
+            evidence=evidence,
+            dag_id=dag_id,
+            run_id=run_id,
+            task_id=task_id,
+        )
+        assert record is not None  # without a condition, _append always appends (or finds the retry's)
+        return record
+
+    def append_if_newest(
+        self,
+        *,
+        expected: AuditRecord | None,
+        watch: Sequence[str],
+        actor: str,
+        action: str,
+        subject: str,
+        decision: str,
+        details: Mapping[str, Any] | None = None,
+        evidence: Mapping[str, str] | None = None,
+        dag_id: str | None = None,
+        run_id: str | None = None,
+        task_id: str | None = None,
+    ) -> tuple[AuditRecord | None, bool]:
+        """Compare and append, under the log's write lock: append only if ``subject``'s newest authentic
+        record of an action in ``watch`` is still ``expected`` (None: there is none). Two runs that both
+        saw a version free cannot then both take it up. Returns ``(the record appended, True)``, or
+        ``(the newest such record, which got there first, False)``."""
+        return self._append(
+            (expected.seq if expected is not None else None, tuple(watch)),
+            actor=actor,
+            action=action,
+            subject=subject,
+            decision=decision,
+            details=details,
+            evidence=evidence,
+            dag_id=dag_id,
+            run_id=run_id,
+            task_id=task_id,
+        )
+
+    def newest_authentic(self, subject: str, actions: Sequence[str]) -> AuditRecord | None:
+        """``subject``'s newest authentic record of one of ``actions``; forged or edited ones are passed
+        over, as every reader of the record passes them over."""
+        with self._engine.connect() as conn:
+            return self._newest_authentic(conn, subject, actions)
+
+    def _newest_authentic(self, conn: Connection, subject: str, actions: Sequence[str]) -> AuditRecord | None:
+        query = (
+            sa.select(audit_table)
+            .where(audit_table.c.subject == subject, audit_table.c.action.in_(list(actions)))
+            .order_by(audit_table.c.seq.desc())
+        )
+        for row in conn.execute(query):
+            record = _record_from_row(row)
+            if self.authentic(record):
+                return record
+        return None
+
+    def _append(
+        self,
+        condition: tuple[int | None, tuple[str, ...]] | None,
+        *,
+        actor: str,
+        action: str,
+        subject: str,
+        decision: str,
+        details: Mapping[str, Any] | None,
+        evidence: Mapping[str, str] | None,
+        dag_id: str | None,
+        run_id: str | None,
+        task_id: str | None,
+    ) -> tuple[AuditRecord | None, bool]:
         keyring = self._require_keyring("append to")
         for name, value in (
             ("actor", actor),
@@ -386,7 +465,12 @@ class AuditStore:
                             sa.select(audit_table).where(audit_table.c.idempotency_key == key)
                         ).first()
                         if existing is not None:
-                            return _record_from_row(existing)
+                            return _record_from_row(existing), True
+                    if condition is not None:
+                        expected_seq, watch = condition
+                        newest = self._newest_authentic(conn, subject, watch)
+                        if (newest.seq if newest is not None else None) != expected_seq:
+                            return newest, False
                     tail_seq, tail_hash = self._tail(conn)
                     tail_key_id = self._key_id_at(conn, tail_seq)
                     if tail_key_id is not None and tail_key_id != keyring.current:
@@ -411,7 +495,7 @@ class AuditStore:
                             idempotency=None,
                         )
                         tail_seq, tail_hash = rotation.seq, rotation.record_hash
-                    return self._insert(
+                    record = self._insert(
                         conn,
                         self._signed_fields(
                             keyring,
@@ -429,6 +513,7 @@ class AuditStore:
                         ),
                         idempotency=key,
                     )
+                    return record, True
             except sa.exc.IntegrityError as exc:
                 # A racing writer took this seq/prev_hash (or wrote the same decision): re-read and retry.
                 last_error = exc

@@ -121,6 +121,30 @@ class AuditHook(BaseHook):
     def get_conn(self) -> AuditStore:
         return self.store
 
+    def run_identity(self, context: Mapping[str, Any] | None = None) -> tuple[str, str, str, str]:
+        """``(actor, dag_id, run_id, task_id)`` of the running task, as its audit records name it."""
+        if context is None:
+            try:
+                context = get_current_context()
+            except RuntimeError as exc:
+                raise ConfigurationError(
+                    "an audit record was asked for outside a running Airflow task; pass context= "
+                    "explicitly, or use modelops.audit.AuditStore directly outside Airflow"
+                ) from exc
+        dag_run = context["dag_run"]
+        task_instance = context.get("ti") or context.get("task_instance")
+        if task_instance is None:
+            raise ConfigurationError(
+                "the Airflow context has no 'ti' or 'task_instance'; pass the task's context"
+            )
+        dag_id, run_id, task_id = dag_run.dag_id, dag_run.run_id, task_instance.task_id
+        actor = f"airflow:{dag_id}.{task_id}"
+        # The runtime DagRun of Airflow 3.3 (task SDK) carries who triggered the run, if anyone did.
+        triggering_user = getattr(dag_run, "triggering_user_name", None)
+        if triggering_user:
+            actor += f" (triggered by {triggering_user})"
+        return actor, dag_id, run_id, task_id
+
     def record(
         self,
         *,
@@ -139,26 +163,7 @@ class AuditHook(BaseHook):
         :class:`~modelops.audit.anchors.AnchorError` naming the store, after the record was written: the
         task fails loudly, and its retry finds the record already written and anchors the head.
         """
-        if context is None:
-            try:
-                context = get_current_context()
-            except RuntimeError as exc:
-                raise ConfigurationError(
-                    "AuditHook.record() was called outside a running Airflow task; pass context= "
-                    "explicitly, or use modelops.audit.AuditStore directly outside Airflow"
-                ) from exc
-        dag_run = context["dag_run"]
-        task_instance = context.get("ti") or context.get("task_instance")
-        if task_instance is None:
-            raise ConfigurationError(
-                "the Airflow context has no 'ti' or 'task_instance'; pass the task's context"
-            )
-        dag_id, run_id, task_id = dag_run.dag_id, dag_run.run_id, task_instance.task_id
-        actor = f"airflow:{dag_id}.{task_id}"
-        # The runtime DagRun of Airflow 3.3 (task SDK) carries who triggered the run, if anyone did.
-        triggering_user = getattr(dag_run, "triggering_user_name", None)
-        if triggering_user:
-            actor += f" (triggered by {triggering_user})"
+        actor, dag_id, run_id, task_id = self.run_identity(context)
         record = self.store.append(
             actor=actor,
             action=action,

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from modelops.errors import GateFailed
 from modelops.settings import Catalog
-from modelops.vocabulary import Alias, EventField, model_subject
+from modelops.vocabulary import Alias, Decision, EventField, model_subject
 
 if TYPE_CHECKING:
-    from modelops.audit import AuditStore
+    from modelops.audit import AuditRecord, AuditStore
     from modelops.registry import ModelRegistry
 
 
@@ -111,3 +112,58 @@ def version_number(subject: str) -> int:
 def acted_on_subjects(audit: AuditStore, action: str) -> set[str]:
     """Subjects of the authentic records of ``action``: the versions a stage has decided on."""
     return {record.subject for record in audit.records(action=action) if audit.authentic(record)}
+
+
+def take_up(
+    audit: AuditStore,
+    *,
+    subject: str,
+    taken_up: str,
+    decided: str,
+    actor: str,
+    dag_id: str,
+    run_id: str,
+    task_id: str,
+    run_is_live: Callable[[str, str], bool],
+    redo_decided: bool = False,
+) -> str | None:
+    """Take ``subject`` up for this run, so that it is the only run that acts on it; None when taken,
+    else why not.
+
+    A stage that runs several runs at once (the gate: one may wait hours for a person) sees the same
+    undecided version in each run's catch-up and in its sweep. The run's ``taken_up`` record is appended
+    only if nothing newer was recorded for the version meanwhile (:meth:`AuditStore.append_if_newest`),
+    so two runs never both take it. A version taken up by a run that is still queued or running
+    (``run_is_live(dag_id, run_id)``) is not taken; nor is one already ``decided`` unless ``redo_decided``
+    (a person's manual run asks again). A run that ended without deciding (its task failed) leaves the
+    version to the next run.
+    """
+    watch = (taken_up, decided)
+    for _ in range(3):  # each lost race means another run recorded something new: look again
+        claim = audit.newest_authentic(subject, (taken_up,))
+        decision = audit.newest_authentic(subject, (decided,))
+        if claim is not None and (claim.dag_id, claim.run_id) == (dag_id, run_id):
+            return None  # this run took it up (its plan task is being retried)
+        if claim is not None and claim.dag_id and claim.run_id and run_is_live(claim.dag_id, claim.run_id):
+            return f"run {claim.run_id} took it up (audit record {claim.seq}) and has not finished"
+        if decision is not None and not redo_decided:
+            return f"already decided: {decision.decision} (audit record {decision.seq})"
+        newest: AuditRecord | None = max(
+            (r for r in (claim, decision) if r is not None), key=lambda r: r.seq, default=None
+        )
+        details = {"after_run": claim.run_id} if claim is not None else {}
+        _, appended = audit.append_if_newest(
+            expected=newest,
+            watch=watch,
+            actor=actor,
+            action=taken_up,
+            subject=subject,
+            decision=Decision.TAKEN_UP,
+            details=details,
+            dag_id=dag_id,
+            run_id=run_id,
+            task_id=task_id,
+        )
+        if appended:
+            return None
+    return "other runs kept recording decisions on it at the same moment"
