@@ -185,6 +185,9 @@ def taken_up(context: Context, plan: list[dict[str, Any]], *, manual: bool) -> l
         )
         if why_not is None:
             taken.append({**entry, "model_version": str(version)})
+            log.info(
+                "%s v%s is taken up by this run (audit record %s)", name, version, AuditAction.GATE_TAKEN_UP
+            )
         elif manual:
             raise GateFailed(
                 f"{name} v{version} is not gated by this run: {why_not}. Wait for that run (an approval "
@@ -192,6 +195,9 @@ def taken_up(context: Context, plan: list[dict[str, Any]], *, manual: bool) -> l
             )
         else:
             log.info("%s v%s is left out of this run: %s", name, version, why_not)
+    if taken:
+        # The take-ups are on the chain now: anchor its head, as every task that records does.
+        hook.anchor_head()
     return taken
 
 
