@@ -488,6 +488,31 @@ def test_retirement_archives_a_superseded_version_and_never_the_champion(
     assert {CTR, DIABETES} <= set(mapped_states(monthly, "retire_versions"))
 
 
+def set_run_state(run, state: DagRunState) -> None:
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        session.execute(
+            sa.update(DagRun)
+            .where(DagRun.dag_id == run.dag_id, DagRun.run_id == run.run_id)
+            .values(state=state)
+        )
+
+
+def task_states(run) -> dict[str, str | None]:
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = session.execute(
+            sa.select(TaskInstance.task_id, TaskInstance.state).where(
+                TaskInstance.dag_id == run.dag_id, TaskInstance.run_id == run.run_id
+            )
+        ).all()
+    return {task_id: state for task_id, state in rows}
+
+
 def test_rejected_version_moves_no_alias(stack: Stack, chain: Chain, monkeypatch: pytest.MonkeyPatch) -> None:
     strict = stack.root / f"include-strict-{uuid.uuid4().hex[:6]}"
     shutil.copytree(PROJECT_ROOT / "include", strict)
@@ -507,7 +532,14 @@ def test_rejected_version_moves_no_alias(stack: Stack, chain: Chain, monkeypatch
     decision = audit(stack).last(action=AuditAction.GATE_DECIDED, subject=model_subject(CTR, candidate))
     assert decision.decision == "rejected"
     assert decision.details["failed"] == ["metrics"]
-    # A person asks the gate again: the failed run no longer holds the version, the manual run takes it up.
+    # While the run that took the version up is still running (as a run awaiting its approver is), a
+    # person's manual run is refused at its plan, naming that run; nothing is evaluated or recorded twice.
+    set_run_state(gate, DagRunState.RUNNING)
+    held = stack.run("modelops_compliance_gate", {"model": CTR, "model_version": int(candidate)})
+    set_run_state(gate, DagRunState.FAILED)
+    assert held.state == DagRunState.FAILED
+    assert task_states(held) == {"plan_gate": TaskInstanceState.FAILED, "evaluate_policy": "upstream_failed"}
+    # Once that run has ended without a new decision, the manual run takes the version up.
     again = stack.run("modelops_compliance_gate", {"model": CTR, "model_version": int(candidate)})
     assert again.state == DagRunState.FAILED
     taken = audit(stack).records(action=AuditAction.GATE_TAKEN_UP, subject=model_subject(CTR, candidate))
