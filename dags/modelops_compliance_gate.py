@@ -24,9 +24,9 @@ in case its event was lost (Airflow 3.3 drops events that arrive while the DAG i
 apache/airflow#56050). Usually there is none, and the run maps over nothing.
 
 **One run per version:** `plan_gate` takes each version up (audit record `gate.taken_up`) before it is
-evaluated. A version another run has taken up is left to it while that run is queued or running; a run
-that ended without a decision leaves it to the next run. A manual run of a version another run holds
-fails, naming the run.
+evaluated. A version another run has taken up is left to it while that run is queued or running and has
+not recorded its decision (or waits for the approver); a run that ended without recording anything leaves
+it to the next run. A manual run of a version another run holds fails, naming the run.
 
 **Trigger form** (a manual run): `model`, `model_version` (empty = the model's alias `candidate`).
 """

@@ -147,8 +147,8 @@ class AuditAction(StrEnum):
     MODEL_REGISTERED = "model.registered"
     GATE_DECIDED = "gate.decided"
     GATE_TAKEN_UP = "gate.taken_up"
-    """A gate run took a version up: no other run evaluates it while that run is queued or running, or after
-    it decided. The gate runs up to 8 runs at once (one may wait hours for a person), and each run's catch-up
+    """A gate run took a version up: no other run evaluates it while that run is queued or running and has
+    not decided (or waits for the approver), nor automatically after a decision. The gate runs up to 8 runs at once (one may wait hours for a person), and each run's catch-up
     and the 5-minute sweep see the same undecided versions (see :func:`modelops.stages.common.take_up`)."""
     MODEL_DEPLOYED = "model.deployed"
     DRIFT_ASSESSED = "drift.assessed"

@@ -18,6 +18,7 @@ from tests.support import keyring_for_tests
 
 SUBJECT = model_subject("ctr_recommender", 3)
 GATE = "modelops_compliance_gate"
+WAITING = (Decision.AWAITING_APPROVAL,)
 
 
 def store_at(url: str) -> AuditStore:
@@ -91,8 +92,23 @@ def test_a_decided_version_is_not_gated_again_unless_a_person_asks(audit: AuditS
 def test_a_version_awaiting_approval_is_not_gated_by_a_manual_run_meanwhile(audit: AuditStore) -> None:
     assert by_run(audit, "asset_1", live()) is None
     decide(audit, "asset_1", Decision.AWAITING_APPROVAL)  # its run waits for the approver's answer
-    why = by_run(audit, "manual_2", live("asset_1"), redo_decided=True)
-    assert why is not None and "run asset_1 took it up" in why
+    why = by_run(audit, "manual_2", live("asset_1"), redo_decided=True, still_working=WAITING)
+    assert why is not None and "run asset_1 took it up" in why and why.endswith("which is awaiting_approval")
+    decide(audit, "asset_1", Decision.APPROVED)  # the approver answered
+    assert by_run(audit, "manual_3", live("asset_1"), redo_decided=True, still_working=WAITING) is None
+
+
+def test_a_run_still_waiting_on_another_model_does_not_hold_a_version_whose_evaluation_failed(
+    audit: AuditStore,
+) -> None:
+    """One run gates two models: one waits days for its approver, the other's evaluation failed (MLflow
+    was down through the retries) and recorded its error. A person re-gates the failed one meanwhile; the
+    sweep leaves it alone (an error needs a person, or it would be re-tried and recorded every 5 minutes)."""
+    assert by_run(audit, "asset_1", live()) is None
+    decide(audit, "asset_1", Decision.ERROR)
+    why = by_run(audit, "sweep_2", live("asset_1"), still_working=WAITING)
+    assert why is not None and why.startswith("already decided: error")
+    assert by_run(audit, "manual_3", live("asset_1"), redo_decided=True, still_working=WAITING) is None
 
 
 def test_a_run_that_ended_without_deciding_leaves_the_version_to_the_next(audit: AuditStore) -> None:

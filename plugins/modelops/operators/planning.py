@@ -154,7 +154,7 @@ def taken_up(context: Context, plan: list[dict[str, Any]], *, manual: bool) -> l
     version its form left empty (the alias ``candidate`` now) and fails, naming the run, if another run has
     the version; automatic runs leave such versions to the run that has them."""
     from modelops.stages.common import resolve_version, take_up
-    from modelops.vocabulary import Alias, AuditAction, model_subject
+    from modelops.vocabulary import Alias, AuditAction, Decision, model_subject
 
     hook = AuditHook()
     actor, dag_id, run_id, task_id = hook.run_identity(context)
@@ -182,6 +182,7 @@ def taken_up(context: Context, plan: list[dict[str, Any]], *, manual: bool) -> l
             task_id=task_id,
             run_is_live=run_is_live,
             redo_decided=manual,
+            still_working=(Decision.AWAITING_APPROVAL,),
         )
         if why_not is None:
             taken.append({**entry, "model_version": str(version)})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 from modelops.errors import GateFailed
@@ -126,6 +126,7 @@ def take_up(
     task_id: str,
     run_is_live: Callable[[str, str], bool],
     redo_decided: bool = False,
+    still_working: Collection[str] = (),
 ) -> str | None:
     """Take ``subject`` up for this run, so that it is the only run that acts on it; None when taken,
     else why not.
@@ -135,8 +136,11 @@ def take_up(
     only if nothing newer was recorded for the version meanwhile (:meth:`AuditStore.append_if_newest`),
     so two runs never both take it. A version taken up by a run that is still queued or running
     (``run_is_live(dag_id, run_id)``) is not taken; nor is one already ``decided`` unless ``redo_decided``
-    (a person's manual run asks again). A run that ended without deciding (its task failed) leaves the
-    version to the next run.
+    (a person's manual run asks again). A run holds a version only until it records a decision on it
+    (its failure included, so a run that still waits for another model's approver does not hold a version
+    whose evaluation failed), unless that decision is one of ``still_working`` (the gate's
+    ``awaiting_approval``: the run waits for the approver's answer). A run that ended without deciding
+    (its task failed) leaves the version to the next run.
     """
     watch = (taken_up, decided)
     for _ in range(3):  # each lost race means another run recorded something new: look again
@@ -144,8 +148,18 @@ def take_up(
         decision = audit.newest_authentic(subject, (decided,))
         if claim is not None and (claim.dag_id, claim.run_id) == (dag_id, run_id):
             return None  # this run took it up (its plan task is being retried)
-        if claim is not None and claim.dag_id and claim.run_id and run_is_live(claim.dag_id, claim.run_id):
-            return f"run {claim.run_id} took it up (audit record {claim.seq}) and has not finished"
+        since_claim = (
+            decision if claim is not None and decision is not None and decision.seq > claim.seq else None
+        )
+        if (
+            claim is not None
+            and (since_claim is None or since_claim.decision in still_working)
+            and claim.dag_id
+            and claim.run_id
+            and run_is_live(claim.dag_id, claim.run_id)
+        ):
+            doing = f", which is {since_claim.decision}" if since_claim is not None else ""
+            return f"run {claim.run_id} took it up (audit record {claim.seq}) and has not finished{doing}"
         if decision is not None and not redo_decided:
             return f"already decided: {decision.decision} (audit record {decision.seq})"
         newest: AuditRecord | None = max(
