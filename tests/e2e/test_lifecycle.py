@@ -488,15 +488,34 @@ def test_retirement_archives_a_superseded_version_and_never_the_champion(
     assert {CTR, DIABETES} <= set(mapped_states(monthly, "retire_versions"))
 
 
-def set_run_state(run, state: DagRunState) -> None:
+def running_gate_run() -> str:
+    """A compliance gate run in state running in Airflow's metadata database; its run id."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    now = datetime.now(UTC)
+    run_id = f"manual__{now.isoformat()}"
+    with create_session() as session:
+        session.add(
+            DagRun(
+                dag_id="modelops_compliance_gate",
+                run_id=run_id,
+                run_type="manual",
+                state=DagRunState.RUNNING,
+                run_after=now,
+                start_date=now,
+            )
+        )
+    return run_id
+
+
+def set_run_state(dag_id: str, run_id: str, state: DagRunState) -> None:
     from airflow.models.dagrun import DagRun
     from airflow.utils.session import create_session
 
     with create_session() as session:
         session.execute(
-            sa.update(DagRun)
-            .where(DagRun.dag_id == run.dag_id, DagRun.run_id == run.run_id)
-            .values(state=state)
+            sa.update(DagRun).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id).values(state=state)
         )
 
 
@@ -532,19 +551,37 @@ def test_rejected_version_moves_no_alias(stack: Stack, chain: Chain, monkeypatch
     decision = audit(stack).last(action=AuditAction.GATE_DECIDED, subject=model_subject(CTR, candidate))
     assert decision.decision == "rejected"
     assert decision.details["failed"] == ["metrics"]
-    # While the run that took the version up is still running (as a run awaiting its approver is), a
-    # person's manual run is refused at its plan, naming that run; nothing is evaluated or recorded twice.
-    set_run_state(gate, DagRunState.RUNNING)
-    held = stack.run("modelops_compliance_gate", {"model": CTR, "model_version": int(candidate)})
-    set_run_state(gate, DagRunState.FAILED)
-    assert held.state == DagRunState.FAILED
-    assert task_states(held) == {"plan_gate": TaskInstanceState.FAILED, "evaluate_policy": "upstream_failed"}
-    # Once that run has ended without a new decision, the manual run takes the version up.
+    # A person asks the gate again: the rejected run decided, so it no longer holds the version.
+    subject = model_subject(CTR, candidate)
     again = stack.run("modelops_compliance_gate", {"model": CTR, "model_version": int(candidate)})
     assert again.state == DagRunState.FAILED
-    taken = audit(stack).records(action=AuditAction.GATE_TAKEN_UP, subject=model_subject(CTR, candidate))
+    taken = audit(stack).records(action=AuditAction.GATE_TAKEN_UP, subject=subject)
     assert [r.run_id for r in taken] == [gate.run_id, again.run_id]
     assert taken[-1].details == {"after_run": gate.run_id}
+    # A run that took the version up and has not decided yet holds it while it runs: a person's manual run
+    # is refused at its plan, naming that run. (Its take-up is written as its plan task writes one.)
+    busy = running_gate_run()
+    audit(stack).append(
+        actor="airflow:modelops_compliance_gate.plan_gate",
+        action=AuditAction.GATE_TAKEN_UP,
+        subject=subject,
+        decision=Decision.TAKEN_UP,
+        dag_id="modelops_compliance_gate",
+        run_id=busy,
+        task_id="plan_gate",
+    )
+    held = stack.run("modelops_compliance_gate", {"model": CTR, "model_version": int(candidate)})
+    assert held.state == DagRunState.FAILED
+    assert task_states(held)["plan_gate"] == TaskInstanceState.FAILED
+    # Once that run has ended without deciding, the version is free again.
+    set_run_state("modelops_compliance_gate", busy, DagRunState.FAILED)
+    third = stack.run("modelops_compliance_gate", {"model": CTR, "model_version": int(candidate)})
+    assert third.state == DagRunState.FAILED  # rejected again, by the same strict metric bound
+    taken = audit(stack).records(action=AuditAction.GATE_TAKEN_UP, subject=subject)
+    assert [r.run_id for r in taken] == [gate.run_id, again.run_id, busy, third.run_id]
+    assert taken[-1].details == {"after_run": busy}
+    decided = audit(stack).records(action=AuditAction.GATE_DECIDED, subject=subject)
+    assert [r.run_id for r in decided] == [gate.run_id, again.run_id, third.run_id]
 
     # Deployment refuses a version the gate did not approve, and the champion keeps serving.
     run = stack.run("modelops_deployment", {"model": CTR, "model_version": int(candidate)})
