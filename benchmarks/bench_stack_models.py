@@ -416,7 +416,7 @@ def run_child(args: argparse.Namespace, label: str, models: list[str]) -> dict[s
     child = subprocess.Popen(argv)
     try:
         child.wait()
-    except BaseException:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (see _exit_on_sigterm)
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
             child.wait()

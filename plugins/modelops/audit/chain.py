@@ -42,7 +42,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, NotRequired, TypedDict, Unpack
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -139,6 +139,20 @@ def idempotency_key(
         return None
     identity = [dag_id, run_id, task_id, action, subject, decision]
     return hashlib.sha256(canonical_json(identity).encode("utf-8")).hexdigest()
+
+
+class RecordFields(TypedDict):
+    """What a caller gives for a record (:meth:`AuditStore.append`); the store adds seq, time and hashes."""
+
+    actor: str
+    action: str
+    subject: str
+    decision: str
+    details: NotRequired[Mapping[str, Any] | None]
+    evidence: NotRequired[Mapping[str, str] | None]
+    dag_id: NotRequired[str | None]
+    run_id: NotRequired[str | None]
+    task_id: NotRequired[str | None]
 
 
 @dataclass(frozen=True)
@@ -348,67 +362,21 @@ class AuditStore:
 
     # --- writing ---------------------------------------------------------------------------------
 
-    def append(
-        self,
-        *,
-        actor: str,
-        action: str,
-        subject: str,
-        decision: str,
-        details: Mapping[str, Any] | None = None,
-        evidence: Mapping[str, str] | None = None,
-        dag_id: str | None = None,
-        run_id: str | None = None,
-        task_id: str | None = None,
-    ) -> AuditRecord:
+    def append(self, **record: Unpack[RecordFields]) -> AuditRecord:
         """Append one record and return it; a retry of the same decision in the same task run returns
         the record already written instead of writing another."""
-        record, _ = self._append(
-            None,
-            actor=actor,
-            action=action,
-            subject=subject,
-            decision=decision,
-            details=details,
-            evidence=evidence,
-            dag_id=dag_id,
-            run_id=run_id,
-            task_id=task_id,
-        )
-        assert record is not None  # without a condition, _append always appends (or finds the retry's)
-        return record
+        appended, _ = self._append(None, **record)
+        assert appended is not None  # without a condition, _append always appends (or finds the retry's)
+        return appended
 
     def append_if_newest(
-        self,
-        *,
-        expected: AuditRecord | None,
-        watch: Sequence[str],
-        actor: str,
-        action: str,
-        subject: str,
-        decision: str,
-        details: Mapping[str, Any] | None = None,
-        evidence: Mapping[str, str] | None = None,
-        dag_id: str | None = None,
-        run_id: str | None = None,
-        task_id: str | None = None,
+        self, *, expected: AuditRecord | None, watch: Sequence[str], **record: Unpack[RecordFields]
     ) -> tuple[AuditRecord | None, bool]:
         """Compare and append, under the log's write lock: append only if ``subject``'s newest authentic
         record of an action in ``watch`` is still ``expected`` (None: there is none). Two runs that both
         saw a version free cannot then both take it up. Returns ``(the record appended, True)``, or
         ``(the newest such record, which got there first, False)``."""
-        return self._append(
-            (expected.seq if expected is not None else None, tuple(watch)),
-            actor=actor,
-            action=action,
-            subject=subject,
-            decision=decision,
-            details=details,
-            evidence=evidence,
-            dag_id=dag_id,
-            run_id=run_id,
-            task_id=task_id,
-        )
+        return self._append((expected.seq if expected is not None else None, tuple(watch)), **record)
 
     def newest_authentic(self, subject: str, actions: Sequence[str]) -> AuditRecord | None:
         """``subject``'s newest authentic record of one of ``actions``; forged or edited ones are passed
@@ -436,11 +404,11 @@ class AuditStore:
         action: str,
         subject: str,
         decision: str,
-        details: Mapping[str, Any] | None,
-        evidence: Mapping[str, str] | None,
-        dag_id: str | None,
-        run_id: str | None,
-        task_id: str | None,
+        details: Mapping[str, Any] | None = None,
+        evidence: Mapping[str, str] | None = None,
+        dag_id: str | None = None,
+        run_id: str | None = None,
+        task_id: str | None = None,
     ) -> tuple[AuditRecord | None, bool]:
         keyring = self._require_keyring("append to")
         for name, value in (

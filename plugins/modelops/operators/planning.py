@@ -186,9 +186,7 @@ def taken_up(context: Context, plan: list[dict[str, Any]], *, manual: bool) -> l
         )
         if why_not is None:
             taken.append({**entry, "model_version": str(version)})
-            log.info(
-                "%s v%s is taken up by this run (audit record %s)", name, version, AuditAction.GATE_TAKEN_UP
-            )
+            log.info("%s v%s is taken up by this run (%s)", name, version, AuditAction.GATE_TAKEN_UP)
         elif manual:
             raise GateFailed(
                 f"{name} v{version} is not gated by this run: {why_not}. Wait for that run (an approval "
