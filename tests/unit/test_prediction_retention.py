@@ -43,6 +43,9 @@ OLD = NOW - timedelta(days=500)  # batches 1 and 2: past a year's retention
 RECENT = NOW - timedelta(days=10)  # batch 3: kept for about another 355 days
 YEAR = timedelta(days=365)
 
+# Seven decimals: no timestamp (six) or hash can contain it by chance, so finding it means a leak.
+RAW_SCORE = 0.7531246
+
 
 def _record(at: datetime, i: int) -> PredictionRecord:
     return PredictionRecord(
@@ -55,7 +58,7 @@ def _record(at: datetime, i: int) -> PredictionRecord:
         latency_ms=1.5 + i,
         n_rows=1,
         inputs=[{"user_age": 30 + i}],
-        outputs=[[0.75, 0.25]],
+        outputs=[[RAW_SCORE, 1 - RAW_SCORE]],
         traceparent=None,
         flags=None,
     )
@@ -146,7 +149,7 @@ def test_expiry_removes_whole_due_batches_on_record_and_verify_stays_ok(
     assert (first["records"], first["labels"]) == (10, 1)
     assert records[0].evidence == {"merkle_root": seals[0].details["root"]}
     text = json.dumps([record.to_dict() for record in records])
-    assert "user_age" not in text and "0.75" not in text and "shop:k1" not in text
+    assert "user_age" not in text and str(RAW_SCORE) not in text and "shop:k1" not in text
 
     # Whole batches gone (rows, their labels, seal rows); batch 3 and its label untouched.
     assert _count(log, "modelops_predictions") == 5 and _count(log, "modelops_labels") == 1

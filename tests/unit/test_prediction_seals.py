@@ -38,6 +38,9 @@ from tests.support import keyring_for_tests
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 NOW = T0 + timedelta(hours=1)
 
+# Seven decimals: no timestamp (six) or hash can contain it by chance, so finding it means a leak.
+RAW_SCORE = 0.7531246
+
 
 def _record(at: datetime, i: int) -> PredictionRecord:
     return PredictionRecord(
@@ -50,7 +53,7 @@ def _record(at: datetime, i: int) -> PredictionRecord:
         latency_ms=1.5 + i,
         n_rows=1,
         inputs=[{"user_age": 30 + i}],
-        outputs=[[0.75, 0.25]],
+        outputs=[[RAW_SCORE, 1 - RAW_SCORE]],
         traceparent=None,
         flags=None,
     )
@@ -171,7 +174,7 @@ def test_seal_records_each_batch_root_in_the_chain_and_verifies(
     assert records[0].evidence == {"merkle_root": records[0].details["root"]}
     # No data value reaches the audit log: ids, timestamps, counts and hashes only.
     text = json.dumps([record.to_dict() for record in records])
-    assert "user_age" not in text and "0.75" not in text and "shop:k1" not in text
+    assert "user_age" not in text and str(RAW_SCORE) not in text and "shop:k1" not in text
 
     result = verify_seals(log.engine, store)
     assert result.ok, result.problem
