@@ -379,6 +379,7 @@ _STAGES = {
     AuditAction.DATASET_VALIDATED: "dataset",
     AuditAction.DATASET_QUARANTINED: "dataset",
     AuditAction.MODEL_REGISTERED: "training",
+    AuditAction.GATE_TAKEN_UP: "gate",
     AuditAction.GATE_DECIDED: "gate",
     AuditAction.MODEL_DEPLOYED: "deployment",
     AuditAction.TRAFFIC_SHARE_SET: "traffic",
@@ -408,6 +409,9 @@ def _summary(record: AuditRecord, version: str) -> str:
             f"{tags.get(Tag.FRAMEWORK)} {tags.get(Tag.FRAMEWORK_VERSION)} on Python {tags.get(Tag.PYTHON_VERSION)}, "
             f"code {tags.get(Tag.CODE_COMMIT)}, {len(d.get(ARTIFACTS_FIELD) or {})} files"
         )
+    if action == AuditAction.GATE_TAKEN_UP:
+        after = f", after run {d['after_run']}" if d.get("after_run") else ""
+        return f"taken up for evaluation by run {record.run_id}{after}"
     if action == AuditAction.GATE_DECIDED:
         approval = d.get("approval") or {}
         who = f" by {approval['by']}" if approval.get("by") else ""

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from modelops import cli
 from modelops.errors import RegistryError
 from modelops.lineage import LineageError, lineage, parse_model_version, render_text
+from modelops.vocabulary import AuditAction, Decision, model_subject
 from tests.conftest import PROJECT_ROOT
 from tests.lifecycle_records import APPROVER, MODEL, Lifecycle, build_lifecycle
 
@@ -120,6 +121,25 @@ def test_the_earlier_version_shows_where_the_champion_went_and_came_back(life: L
     assert ("previous_champion", "set", None, life.seqs["promoted_v2"]) in moves
     assert ("champion", "set", None, life.seqs["rollback_v2"]) in moves
     assert life.seqs["retired_v2"] not in [link.seq for link in result.links]  # v2's retirement is v2's
+
+
+def test_a_gate_take_up_is_a_gate_link_naming_its_run(life: Lifecycle) -> None:
+    """The record by which one gate run took the version up reads as the gate's, with the runs it names."""
+    life.store.append(
+        actor="airflow:modelops_compliance_gate.plan_gate",
+        action=AuditAction.GATE_TAKEN_UP,
+        subject=model_subject(MODEL, 2),
+        decision=Decision.TAKEN_UP,
+        details={"after_run": "manual__earlier"},
+        dag_id="modelops_compliance_gate",
+        run_id="manual__again",
+        task_id="plan_gate",
+    )
+    result = lineage(life.store, _Registry(_registered_tags(life)), MODEL, 2)
+    (link,) = [link for link in result.links if link.action == AuditAction.GATE_TAKEN_UP]
+    assert (link.stage, link.decision) == ("gate", Decision.TAKEN_UP) and link.verifies
+    assert link.summary == "taken up for evaluation by run manual__again, after run manual__earlier"
+    assert "[ok] gate: " in render_text(result) and "[ok] other: " not in render_text(result)
 
 
 def test_an_altered_gate_record_is_named_as_not_verifying(
