@@ -151,6 +151,10 @@ class AuditAction(StrEnum):
     not decided (or waits for the approver), nor automatically after a decision. The gate runs up to 8 runs at once (one may wait hours for a person), and each run's catch-up
     and the 5-minute sweep see the same undecided versions (see :func:`modelops.stages.common.take_up`)."""
     MODEL_DEPLOYED = "model.deployed"
+    DEPLOYMENT_TAKEN_UP = "deployment.taken_up"
+    """A deployment run took a model up (subject ``model:NAME``): no other run deploys it or watches its
+    canary while that run is queued or running. Deployment runs several runs at once, so that one model's
+    canary soaking for hours does not hold every other model's deployment back."""
     DRIFT_ASSESSED = "drift.assessed"
     RETRAINING_REQUESTED = "retraining.requested"
     MODEL_RETIRED = "model.retired"
@@ -203,7 +207,8 @@ class Decision(StrEnum):
     """Every check passed and the policy asks a person to approve: the gate waits in the Airflow UI."""
     QUARANTINED = "quarantined"
     TAKEN_UP = "taken_up"
-    """A run took a version up for its stage (see ``AuditAction.GATE_TAKEN_UP``)."""
+    """A run took a version (the gate) or a model (deployment) up for its stage (see
+    ``AuditAction.GATE_TAKEN_UP`` and ``AuditAction.DEPLOYMENT_TAKEN_UP``)."""
     SENT = "sent"
     SUPPRESSED = "suppressed"
     SCORED = "scored"

@@ -130,9 +130,9 @@ def test_a_forged_take_up_does_not_hold_a_version(audit: AuditStore, tmp_path: P
     assert by_run(audit, "sweep_2", live("forever")) is None
 
 
-def race(audit_url: str, runs: int) -> list[str | None]:
-    """``runs`` plan tasks, each with a store of its own, take the same version up at the same moment,
-    every one of them live."""
+def race(audit_url: str, runs: int, *, whole_model: bool = False) -> list[str | None]:
+    """``runs`` plan tasks, each with a store of its own, take the same version (or, as deployment does,
+    the same model) up at the same moment, every one of them live."""
     barrier = threading.Barrier(runs)
     answers: list[str | None] = [None] * runs
     everyone = live(*[f"run_{i}" for i in range(runs)])
@@ -142,7 +142,10 @@ def race(audit_url: str, runs: int) -> list[str | None]:
         try:
             store.count()  # connect before the barrier: the race is over the take-up, not the connection
             barrier.wait()
-            answers[i] = by_run(store, f"run_{i}", everyone)
+            if whole_model:
+                answers[i] = deploy_by_run(store, f"run_{i}", *[f"run_{j}" for j in range(runs)])
+            else:
+                answers[i] = by_run(store, f"run_{i}", everyone)
         finally:
             store.dispose()
 
@@ -172,4 +175,57 @@ def test_runs_racing_for_one_version_on_postgresql_one_takes_it(postgres_url: st
     assert all(f"run {winner} took it up" in why for why in answers if why is not None)
     store = store_at(postgres_url)
     assert taken_up_records(store) == [winner] and store.verify().ok
+    store.dispose()
+
+
+# --- deployment: a whole model, held exactly while its run is live --------------------------------------
+
+DEPLOYMENT = "modelops_deployment"
+MODEL = model_subject("ctr_recommender")
+
+
+def deploy_by_run(audit: AuditStore, run_id: str, *live_runs: str) -> str | None:
+    return take_up(
+        audit,
+        subject=MODEL,
+        taken_up=AuditAction.DEPLOYMENT_TAKEN_UP,
+        decided=None,
+        actor=f"airflow:{DEPLOYMENT}.plan_deployment",
+        dag_id=DEPLOYMENT,
+        run_id=run_id,
+        task_id="plan_deployment",
+        run_is_live=lambda dag_id, run_id: dag_id == DEPLOYMENT and run_id in live_runs,
+    )
+
+
+def test_a_model_is_deployed_by_one_live_run_whatever_that_run_records_meanwhile(audit: AuditStore) -> None:
+    assert deploy_by_run(audit, "asset_1") is None
+    # Its deployment and canary records (other actions, other subjects) do not end the hold: the run does.
+    audit.append(
+        actor="deploy",
+        action=AuditAction.MODEL_DEPLOYED,
+        subject=model_subject("ctr_recommender", 3),
+        decision=Decision.CANARY_STARTED,
+        dag_id=DEPLOYMENT,
+        run_id="asset_1",
+    )
+    why = deploy_by_run(audit, "sweep_2", "asset_1")
+    assert why is not None and "run asset_1 took it up" in why
+    assert deploy_by_run(audit, "asset_1", "asset_1") is None  # its plan task retried
+    assert deploy_by_run(audit, "sweep_3") is None  # asset_1 ended: the model is free
+    records = audit.records(action=AuditAction.DEPLOYMENT_TAKEN_UP, subject=MODEL)
+    assert [(r.run_id, r.details) for r in records] == [
+        ("asset_1", {}),
+        ("sweep_3", {"after_run": "asset_1"}),
+    ]
+    assert not audit.records(action=AuditAction.GATE_TAKEN_UP)
+
+
+def test_runs_racing_for_one_model_on_postgresql_one_takes_it(postgres_url: str) -> None:
+    store_at(postgres_url).dispose()
+    answers = race(postgres_url, 6, whole_model=True)
+    assert answers.count(None) == 1, answers
+    store = store_at(postgres_url)
+    records = store.records(action=AuditAction.DEPLOYMENT_TAKEN_UP, subject=MODEL)
+    assert [r.run_id for r in records] == [f"run_{answers.index(None)}"] and store.verify().ok
     store.dispose()

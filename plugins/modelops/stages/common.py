@@ -119,7 +119,7 @@ def take_up(
     *,
     subject: str,
     taken_up: str,
-    decided: str,
+    decided: str | None,
     actor: str,
     dag_id: str,
     run_id: str,
@@ -140,12 +140,13 @@ def take_up(
     (its failure included, so a run that still waits for another model's approver does not hold a version
     whose evaluation failed), unless that decision is one of ``still_working`` (the gate's
     ``awaiting_approval``: the run waits for the approver's answer). A run that ended without deciding
-    (its task failed) leaves the version to the next run.
+    (its task failed) leaves the version to the next run. With ``decided`` None (deployment takes a whole
+    model up, and its run decides many things on it), the hold lasts exactly while the run is live.
     """
-    watch = (taken_up, decided)
+    watch = (taken_up,) if decided is None else (taken_up, decided)
     for _ in range(3):  # each lost race means another run recorded something new: look again
         claim = audit.newest_authentic(subject, (taken_up,))
-        decision = audit.newest_authentic(subject, (decided,))
+        decision = None if decided is None else audit.newest_authentic(subject, (decided,))
         if claim is not None and (claim.dag_id, claim.run_id) == (dag_id, run_id):
             return None  # this run took it up (its plan task is being retried)
         since_claim = (
