@@ -16,6 +16,12 @@ p95 latency and, once labels have arrived, the business metric and ROC AUC (RMSE
 good or better promotes it (`champion` moves, 100 %), worse rolls it back (0 %). Every share change is an
 audit record. To roll a canary or a champion back by hand, trigger `modelops_rollback`.
 
+**One run per model:** up to 8 runs at once, so that one model's canary soaking for hours does not hold
+every other model's deployment back. `plan_deployment` takes each model up (audit record
+`deployment.taken_up`, subject `model:<name>`); a model another run holds is left to it while that run is
+queued or running, and the sweep after it ends deploys what is still owed. A manual run of a model another
+run holds fails, naming the run.
+
 **Trigger form** (a manual run): `model`, `model_version` (empty = the model's alias `challenger`).
 
 **Sweep** (every 5 minutes, and in every event-triggered run): deploys each model's newest approved
@@ -44,7 +50,8 @@ from modelops.params import model_param, version_param
     ),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
-    max_active_runs=1,
+    # A canary soaks inside its run: several runs, each holding its own models (plan_deployment's take-up).
+    max_active_runs=8,
     render_template_as_native_obj=True,
     tags=["modelops", "stage-4", "deployment"],
     default_args={"owner": "ml-platform", "retries": 1, "retry_delay": timedelta(seconds=30)},

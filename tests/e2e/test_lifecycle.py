@@ -488,8 +488,8 @@ def test_retirement_archives_a_superseded_version_and_never_the_champion(
     assert {CTR, DIABETES} <= set(mapped_states(monthly, "retire_versions"))
 
 
-def running_gate_run() -> str:
-    """A compliance gate run in state running in Airflow's metadata database; its run id."""
+def running_run(dag_id: str) -> str:
+    """A run of ``dag_id`` in state running in Airflow's metadata database; its run id."""
     from airflow.models.dagrun import DagRun
     from airflow.utils.session import create_session
 
@@ -498,7 +498,7 @@ def running_gate_run() -> str:
     with create_session() as session:
         session.add(
             DagRun(
-                dag_id="modelops_compliance_gate",
+                dag_id=dag_id,
                 run_id=run_id,
                 run_type="manual",
                 state=DagRunState.RUNNING,
@@ -560,7 +560,7 @@ def test_rejected_version_moves_no_alias(stack: Stack, chain: Chain, monkeypatch
     assert taken[-1].details == {"after_run": gate.run_id}
     # A run that took the version up and has not decided yet holds it while it runs: a person's manual run
     # is refused at its plan, naming that run. (Its take-up is written as its plan task writes one.)
-    busy = running_gate_run()
+    busy = running_run("modelops_compliance_gate")
     audit(stack).append(
         actor="airflow:modelops_compliance_gate.plan_gate",
         action=AuditAction.GATE_TAKEN_UP,
@@ -583,9 +583,31 @@ def test_rejected_version_moves_no_alias(stack: Stack, chain: Chain, monkeypatch
     decided = audit(stack).records(action=AuditAction.GATE_DECIDED, subject=subject)
     assert [r.run_id for r in decided] == [gate.run_id, again.run_id, third.run_id]
 
+    # Deployment holds a whole model while its run is live (a canary may soak for hours): a manual run of
+    # a model another live deployment run took up fails at its plan and records nothing on the version.
+    deploying = running_run("modelops_deployment")
+    audit(stack).append(
+        actor="airflow:modelops_deployment.plan_deployment",
+        action=AuditAction.DEPLOYMENT_TAKEN_UP,
+        subject=model_subject(CTR),
+        decision=Decision.TAKEN_UP,
+        dag_id="modelops_deployment",
+        run_id=deploying,
+        task_id="plan_deployment",
+    )
+    held = stack.run("modelops_deployment", {"model": CTR, "model_version": int(candidate)})
+    assert held.state == DagRunState.FAILED
+    assert task_states(held)["plan_deployment"] == TaskInstanceState.FAILED
+    assert audit(stack).last(action=AuditAction.MODEL_DEPLOYED, subject=subject) is None
+    set_run_state("modelops_deployment", deploying, DagRunState.SUCCESS)
+
     # Deployment refuses a version the gate did not approve, and the champion keeps serving.
     run = stack.run("modelops_deployment", {"model": CTR, "model_version": int(candidate)})
     assert run.state == DagRunState.FAILED
+    taken = audit(stack).records(action=AuditAction.DEPLOYMENT_TAKEN_UP, subject=model_subject(CTR))
+    assert [r.run_id for r in taken][-2:] == [deploying, run.run_id] and taken[-1].details[
+        "after_run"
+    ] == deploying
     assert reg.version_by_alias(CTR, Alias.CHAMPION).version == champion
     refusal = audit(stack).last(action=AuditAction.MODEL_DEPLOYED, subject=model_subject(CTR, candidate))
     assert refusal.decision == "refused"

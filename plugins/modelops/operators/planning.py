@@ -135,10 +135,9 @@ def version_plan(
             sweep=sweep,
             acted_on=acted_on,
         )
-        if serving_only:
-            # Deployment runs one run at a time (max_active_runs=1): a plan sees every earlier run's records.
-            return plan
-        return taken_up(context, plan, manual=not (events or sweep))
+        return taken_up(
+            context, plan, manual=not (events or sweep), stage="deployment" if serving_only else "gate"
+        )
 
     return _planned(make)
 
@@ -147,13 +146,20 @@ log = logging.getLogger(__name__)
 LIVE_RUN_STATES = ["queued", "running"]
 
 
-def taken_up(context: Context, plan: list[dict[str, Any]], *, manual: bool) -> list[dict[str, Any]]:
-    """The entries of a gate plan this run takes up (:func:`modelops.stages.common.take_up`): the gate runs
-    up to 8 runs at once, and without this each run's catch-up and every sweep gated the same undecided
-    versions again (the 20-model benchmark recorded 42 approvals of 10 versions). A manual run pins the
-    version its form left empty (the alias ``candidate`` now) and fails, naming the run, if another run has
-    the version; automatic runs leave such versions to the run that has them."""
-    from modelops.stages.common import resolve_version, take_up
+def taken_up(
+    context: Context, plan: list[dict[str, Any]], *, manual: bool, stage: str
+) -> list[dict[str, Any]]:
+    """The entries of a gate or deployment plan this run takes up (:func:`modelops.stages.common.take_up`).
+
+    Both stages run several runs at once: a gate run may wait hours for an approver, a deployment run
+    soaks a canary for as long as the model's spec says. Each run's catch-up and every sweep see the same
+    pending work, so without a take-up two runs act on it (the 20-model benchmark recorded 42 approvals of
+    10 versions). The gate takes up a version until its run decides it; deployment takes up a whole model
+    while its run is live, as only one run may move a model's aliases and traffic. A manual run pins the
+    gate version its form left empty (the alias ``candidate`` now) and fails, naming the run, if another
+    run has it; automatic runs leave such entries to the run that has them.
+    """
+    from modelops.stages.common import acted_on_subjects, resolve_version, take_up
     from modelops.vocabulary import Alias, AuditAction, Decision, model_subject
 
     hook = AuditHook()
@@ -168,33 +174,57 @@ def taken_up(context: Context, plan: list[dict[str, Any]], *, manual: bool) -> l
     taken: list[dict[str, Any]] = []
     for entry in plan:
         name, version = entry["model"], entry["model_version"]
-        if version is None:
-            registry = registry or MlflowRegistryHook().get_conn()
-            version = resolve_version(registry, name, None, Alias.CANDIDATE)
+        if stage == "gate":
+            if version is None:
+                registry = registry or MlflowRegistryHook().get_conn()
+                version = resolve_version(registry, name, None, Alias.CANDIDATE)
+            what, subject, action = (
+                f"{name} v{version}",
+                model_subject(name, version),
+                AuditAction.GATE_TAKEN_UP,
+            )
+            rules: dict[str, Any] = {
+                "decided": AuditAction.GATE_DECIDED,
+                "redo_decided": manual,
+                "still_working": (Decision.AWAITING_APPROVAL,),
+            }
+        else:
+            what, subject, action = name, model_subject(name), AuditAction.DEPLOYMENT_TAKEN_UP
+            rules = {"decided": None}
         why_not = take_up(
             hook.store,
-            subject=model_subject(name, version),
-            taken_up=AuditAction.GATE_TAKEN_UP,
-            decided=AuditAction.GATE_DECIDED,
+            subject=subject,
+            taken_up=action,
             actor=actor,
             dag_id=dag_id,
             run_id=run_id,
             task_id=task_id,
             run_is_live=run_is_live,
-            redo_decided=manual,
-            still_working=(Decision.AWAITING_APPROVAL,),
+            **rules,
         )
         if why_not is None:
-            taken.append({**entry, "model_version": str(version)})
-            log.info("%s v%s is taken up by this run (%s)", name, version, AuditAction.GATE_TAKEN_UP)
+            taken.append({**entry, "model_version": None if version is None else str(version)})
+            log.info("%s is taken up by this run (%s)", what, action)
         elif manual:
+            doing = "gated" if stage == "gate" else "deployed"
+            waiting = (
+                "an approval waits in Required actions" if stage == "gate" else "a canary may be soaking"
+            )
             raise GateFailed(
-                f"{name} v{version} is not gated by this run: {why_not}. Wait for that run (an approval "
-                "waits in Required actions), or mark it failed in the Airflow UI and trigger again"
+                f"{what} is not {doing} by this run: {why_not}. Wait for that run ({waiting}), or, if it is "
+                "stuck, mark it failed in the Airflow UI and trigger again"
             )
         else:
-            log.info("%s v%s is left out of this run: %s", name, version, why_not)
-    if taken:
+            log.info("%s is left out of this run: %s", what, why_not)
+    recorded = bool(taken)
+    if taken and stage == "deployment" and not manual:
+        # Read after the take-ups: a run that held a model until just now may have deployed the version this
+        # plan read as owed. Then there is nothing left to do for it.
+        deployed = acted_on_subjects(hook.store, AuditAction.MODEL_DEPLOYED)
+        for entry in [e for e in taken if model_subject(e["model"], e["model_version"]) in deployed]:
+            log.info("%s v%s was deployed by another run meanwhile", entry["model"], entry["model_version"])
+            taken.remove(entry)
+    if recorded:
         # The take-ups are on the chain now: anchor its head, as every task that records does.
         hook.anchor_head()
     return taken
