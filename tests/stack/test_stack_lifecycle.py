@@ -55,6 +55,10 @@ def test_the_lifecycle_runs_on_the_production_stack(production_stack, lifecycle_
     for action in ("gate.taken_up", "gate.decided"):
         subjects = [r.subject for r in records if str(r.action) == action]
         assert subjects and len(subjects) == len(set(subjects)), (action, subjects)
+    # Deployment runs several runs at once, each holding its models: no version is deployed twice.
+    deployed = [(r.subject, str(r.decision)) for r in records if str(r.action) == "model.deployed"]
+    assert deployed and len(deployed) == len(set(deployed)), deployed
+    assert [r for r in records if str(r.action) == "deployment.taken_up"], "deployment took no model up"
     engine = sa.create_engine(env["MODELOPS_PREDICTIONS_URL"])
     try:
         with engine.connect() as conn:
