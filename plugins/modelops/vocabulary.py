@@ -148,8 +148,9 @@ class AuditAction(StrEnum):
     GATE_DECIDED = "gate.decided"
     GATE_TAKEN_UP = "gate.taken_up"
     """A gate run took a version up: no other run evaluates it while that run is queued or running and has
-    not decided (or waits for the approver), nor automatically after a decision. The gate runs up to 8 runs at once (one may wait hours for a person), and each run's catch-up
-    and the 5-minute sweep see the same undecided versions (see :func:`modelops.stages.common.take_up`)."""
+    not decided (or waits for the approver), nor automatically after a decision. The gate runs up to 8
+    runs at once (one may wait hours for a person), and each run's catch-up and the 5-minute sweep see the
+    same undecided versions (see :func:`modelops.stages.common.take_up`)."""
     MODEL_DEPLOYED = "model.deployed"
     DEPLOYMENT_TAKEN_UP = "deployment.taken_up"
     """A deployment run took a model up (subject ``model:NAME``): no other run deploys it or watches its

@@ -509,6 +509,22 @@ def running_run(dag_id: str) -> str:
     return run_id
 
 
+def running_run_holding(stack: Stack, dag_id: str, task_id: str, action: str, subject: str) -> str:
+    """A running run of ``dag_id`` whose plan task took ``subject`` up (the record as that task writes
+    it); its run id."""
+    run_id = running_run(dag_id)
+    audit(stack).append(
+        actor=f"airflow:{dag_id}.{task_id}",
+        action=action,
+        subject=subject,
+        decision=Decision.TAKEN_UP,
+        dag_id=dag_id,
+        run_id=run_id,
+        task_id=task_id,
+    )
+    return run_id
+
+
 def set_run_state(dag_id: str, run_id: str, state: DagRunState) -> None:
     from airflow.models.dagrun import DagRun
     from airflow.utils.session import create_session
@@ -560,15 +576,8 @@ def test_rejected_version_moves_no_alias(stack: Stack, chain: Chain, monkeypatch
     assert taken[-1].details == {"after_run": gate.run_id}
     # A run that took the version up and has not decided yet holds it while it runs: a person's manual run
     # is refused at its plan, naming that run. (Its take-up is written as its plan task writes one.)
-    busy = running_run("modelops_compliance_gate")
-    audit(stack).append(
-        actor="airflow:modelops_compliance_gate.plan_gate",
-        action=AuditAction.GATE_TAKEN_UP,
-        subject=subject,
-        decision=Decision.TAKEN_UP,
-        dag_id="modelops_compliance_gate",
-        run_id=busy,
-        task_id="plan_gate",
+    busy = running_run_holding(
+        stack, "modelops_compliance_gate", "plan_gate", AuditAction.GATE_TAKEN_UP, subject
     )
     held = stack.run("modelops_compliance_gate", {"model": CTR, "model_version": int(candidate)})
     assert held.state == DagRunState.FAILED
@@ -585,15 +594,8 @@ def test_rejected_version_moves_no_alias(stack: Stack, chain: Chain, monkeypatch
 
     # Deployment holds a whole model while its run is live (a canary may soak for hours): a manual run of
     # a model another live deployment run took up fails at its plan and records nothing on the version.
-    deploying = running_run("modelops_deployment")
-    audit(stack).append(
-        actor="airflow:modelops_deployment.plan_deployment",
-        action=AuditAction.DEPLOYMENT_TAKEN_UP,
-        subject=model_subject(CTR),
-        decision=Decision.TAKEN_UP,
-        dag_id="modelops_deployment",
-        run_id=deploying,
-        task_id="plan_deployment",
+    deploying = running_run_holding(
+        stack, "modelops_deployment", "plan_deployment", AuditAction.DEPLOYMENT_TAKEN_UP, model_subject(CTR)
     )
     held = stack.run("modelops_deployment", {"model": CTR, "model_version": int(candidate)})
     assert held.state == DagRunState.FAILED

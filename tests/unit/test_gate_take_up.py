@@ -135,7 +135,8 @@ def race(audit_url: str, runs: int, *, whole_model: bool = False) -> list[str | 
     the same model) up at the same moment, every one of them live."""
     barrier = threading.Barrier(runs)
     answers: list[str | None] = [None] * runs
-    everyone = live(*[f"run_{i}" for i in range(runs)])
+    run_ids = [f"run_{i}" for i in range(runs)]
+    everyone = live(*run_ids)
 
     def plan(i: int) -> None:
         store = store_at(audit_url)
@@ -143,9 +144,9 @@ def race(audit_url: str, runs: int, *, whole_model: bool = False) -> list[str | 
             store.count()  # connect before the barrier: the race is over the take-up, not the connection
             barrier.wait()
             if whole_model:
-                answers[i] = deploy_by_run(store, f"run_{i}", *[f"run_{j}" for j in range(runs)])
+                answers[i] = deploy_by_run(store, run_ids[i], *run_ids)
             else:
-                answers[i] = by_run(store, f"run_{i}", everyone)
+                answers[i] = by_run(store, run_ids[i], everyone)
         finally:
             store.dispose()
 

@@ -159,7 +159,7 @@ def taken_up(
     gate version its form left empty (the alias ``candidate`` now) and fails, naming the run, if another
     run has it; automatic runs leave such entries to the run that has them.
     """
-    from modelops.stages.common import acted_on_subjects, resolve_version, take_up
+    from modelops.stages.common import resolve_version, take_up
     from modelops.vocabulary import Alias, AuditAction, Decision, model_subject
 
     hook = AuditHook()
@@ -220,10 +220,13 @@ def taken_up(
     if taken and stage == "deployment" and not manual:
         # Read after the take-ups: a run that held a model until just now may have deployed the version this
         # plan read as owed. Then there is nothing left to do for it.
-        deployed = acted_on_subjects(hook.store, AuditAction.MODEL_DEPLOYED)
-        for entry in [e for e in taken if model_subject(e["model"], e["model_version"]) in deployed]:
-            log.info("%s v%s was deployed by another run meanwhile", entry["model"], entry["model_version"])
-            taken.remove(entry)
+        for entry in list(taken):
+            subject = model_subject(entry["model"], entry["model_version"])
+            if hook.store.newest_authentic(subject, (AuditAction.MODEL_DEPLOYED,)) is not None:
+                log.info(
+                    "%s v%s was deployed by another run meanwhile", entry["model"], entry["model_version"]
+                )
+                taken.remove(entry)
     if recorded:
         # The take-ups are on the chain now: anchor its head, as every task that records does.
         hook.anchor_head()
