@@ -259,7 +259,9 @@ def test_s3_unreachable_during_an_archive(production_stack, lifecycle_report, s3
         "modelops_retirement",
         {"models": [MODEL], "versions": [int(old)], "reason": "stack fault test", "dry_run": False},
     )
-    # S3 goes away as the archiving task is handed to a worker, and stays away for the first 15 s of it.
+    # S3 goes away as the archiving task is handed to a worker, and stays away for 15 s after the task first
+    # reaches for it: under load a queued task can wait longer than any fixed outage, which then passed
+    # before the task ran (seen once in CI: no connection refused at all).
     wait_until(
         lambda: running_task(
             stack.api, "modelops_retirement", "retire_versions", since, ("queued", "running")
@@ -269,8 +271,11 @@ def test_s3_unreachable_during_an_archive(production_stack, lifecycle_report, s3
         0.2,
     )
     s3_proxy.block()
-    time.sleep(15)
-    s3_proxy.unblock()
+    try:
+        wait_until(lambda: s3_proxy.refused > 0, 240, "the archiving task to reach for S3", 0.2)
+        time.sleep(15)
+    finally:
+        s3_proxy.unblock()
     state = wait_until(
         lambda: (s := stack.api.run("modelops_retirement", run_id)["state"]) in ("success", "failed") and s,
         420,
